@@ -1,0 +1,236 @@
+"""Per-module adapter energies e = ‖ΔW x‖² for every scoring method, plus error bounds.
+
+Input forms per module (DESIGN §3): ``activations`` x (T, d); ``projected`` z = A_m·x (T, r),
+shared-A adapters only; ``moments`` G = ZᵀZ/T (r, r), shared-A, token-mean energy only.
+
+The seqr path runs in float32 and returns, beside e, a rigorous bound on |e − e_f64| (the
+standard γ_n = n·u/(1 − n·u) dot-product bounds), so routing can re-check in float64 exactly
+the candidates whose order the bound leaves in doubt. ``brute_force_f64`` is the reference:
+‖s·B·(A·x)‖² in float64 — the definition every ranking must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .qr_index import LibraryIndex, ModuleIndex, triu_pairs
+
+FORMS = ("activations", "projected", "moments")
+_U32 = 2.0 ** -24
+_F64_SLACK = 1e-12  # QR route vs B route differ in float64 rounding only
+
+
+def gamma(n: int) -> float:
+    return n * _U32 / (1.0 - n * _U32)
+
+
+@dataclass(frozen=True)
+class ModuleInput:
+    """One module's request input. ``tokens`` is T (for moments: the T they were taken over)."""
+
+    form: str
+    data: np.ndarray
+    tokens: int
+
+    @property
+    def pooled(self) -> bool:
+        return self.form == "moments"
+
+
+@dataclass(frozen=True)
+class Energies:
+    """Energies of the adapters ``ids`` on one module: e (T, n), or (1, n) token means if pooled."""
+
+    ids: np.ndarray            # (n,) int64, library order
+    e: np.ndarray              # (T, n) float64
+    bound: np.ndarray | None   # (T, n) float64 |e − e_f64| ≤ bound, None when not tracked
+    pooled: bool
+
+
+def _sym_feat_tokens(z: np.ndarray) -> np.ndarray:
+    iu, ju = triu_pairs(z.shape[1])
+    return z[:, iu] * z[:, ju]                                            # (T, K)
+
+
+def _sym_feat_matrix(G: np.ndarray) -> np.ndarray:
+    iu, ju = triu_pairs(G.shape[0])
+    Gs = 0.5 * (G + G.T)
+    return Gs[iu, ju][None, :]                                            # (1, K)
+
+
+def _norm_cols(mi: ModuleIndex):
+    def build():
+        gn = np.linalg.norm(mi.gram.astype(np.float64), axis=0)          # (Ns,)
+        rf = np.sqrt(np.einsum("nab,nab->n", mi.R, mi.R))                 # (Ns,) ‖R‖_F
+        af = float(np.linalg.norm(mi.shared_a)) if mi.shared_a is not None else 0.0
+        mf = np.sqrt(np.add.reduceat((mi.M.astype(np.float64) ** 2).sum(1), mi.M_offsets[:-1])
+                     ) if mi.general_ids.size else np.zeros(0)
+        return gn, rf, af, mf
+    return mi.cached("norms", build)
+
+
+def _select(ids_all: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    if allowed is None:
+        return np.arange(ids_all.size)
+    return np.flatnonzero(np.isin(ids_all, allowed))
+
+
+def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | None = None,
+                  field: str = "inputs") -> Energies:
+    """SEQR energies of the allowed adapters on one module, float32 compute, with bounds."""
+    gn, rf, af, mf = _norm_cols(mi)
+    s_sel = _select(mi.shared_ids, allowed)
+    g_sel = _select(mi.general_ids, allowed)
+    if inp.form != "activations" and g_sel.size:
+        raise InvalidArgumentError(
+            f"module {mi.name} has adapters with their own A (general path) that need "
+            f"activations; send activations or restrict candidates", field=f"{field}.{inp.form}",
+            actual=int(g_sel.size))
+    parts_e, parts_b, parts_ids = [], [], []
+    if s_sel.size:
+        gram = mi.gram if s_sel.size == mi.shared_ids.size else mi.gram[:, s_sel]
+        K = gram.shape[0]
+        if inp.form == "moments":
+            feat = _sym_feat_matrix(inp.data.astype(np.float32))          # (1, K)
+        elif inp.form == "projected":
+            feat = _sym_feat_tokens(inp.data.astype(np.float32))          # (T, K)
+        else:
+            z = inp.data @ mi.shared_a.T                                  # (T, d)·(d, r) -> (T, r)
+            feat = _sym_feat_tokens(z)                                    # (T, K)
+        e = (feat @ gram).astype(np.float64)                              # (T, K)·(K, Ns) -> (T, Ns)
+        fz = np.linalg.norm(feat.astype(np.float64), axis=1)              # (T,)
+        b = gamma(K + 2) * np.outer(fz, gn[s_sel])
+        b += _F64_SLACK * np.outer(fz, rf[s_sel] ** 2)
+        if inp.form == "activations":
+            d = mi.shared_a.shape[1]
+            delta = gamma(d) * af * np.linalg.norm(inp.data.astype(np.float64), axis=1)  # (T,)
+            re = np.sqrt(np.maximum(e, 0) + b)
+            b = b + 2 * re * np.outer(delta, rf[s_sel]) + np.outer(delta ** 2, rf[s_sel] ** 2)
+        parts_e.append(np.maximum(e, 0.0))
+        parts_b.append(b)
+        parts_ids.append(mi.shared_ids[s_sel])
+    if g_sel.size:
+        x = inp.data
+        if g_sel.size == mi.general_ids.size:
+            M, offs = mi.M, mi.M_offsets
+        else:
+            rows = np.concatenate([np.arange(mi.M_offsets[k], mi.M_offsets[k + 1]) for k in g_sel])
+            M = mi.M[rows]
+            offs = np.concatenate([[0], np.cumsum(np.diff(mi.M_offsets)[g_sel])])
+        y = x @ M.T                                                       # (T, d)·(d, Σr) -> (T, Σr)
+        e = np.add.reduceat(y * y, offs[:-1], axis=1).astype(np.float64)  # (T, Ng)
+        xn = np.linalg.norm(x.astype(np.float64), axis=1)                 # (T,)
+        dl = gamma(x.shape[1] + 1) * np.outer(xn, mf[g_sel])              # (T, Ng) ‖δy‖
+        rmax = int(np.diff(offs).max())
+        b = dl * (2 * np.sqrt(e) + dl) + gamma(rmax + 1) * e + _F64_SLACK * np.outer(xn ** 2, mf[g_sel] ** 2)
+        parts_e.append(e)
+        parts_b.append(b)
+        parts_ids.append(mi.general_ids[g_sel])
+    return _merge(parts_ids, parts_e, parts_b, inp)
+
+
+def _merge(ids, es, bs, inp: ModuleInput) -> Energies:
+    T = 1 if inp.pooled else inp.data.shape[0]
+    if not ids:
+        z = np.zeros((T, 0))
+        return Energies(ids=np.zeros(0, np.int64), e=z, bound=z, pooled=inp.pooled)
+    ids = np.concatenate(ids)
+    order = np.argsort(ids, kind="stable")
+    e = np.concatenate(es, axis=1)[:, order]
+    b = np.concatenate(bs, axis=1)[:, order] if bs[0] is not None else None
+    return Energies(ids=ids[order], e=e, bound=b, pooled=inp.pooled)
+
+
+def _need_activations(inp: ModuleInput, method: str, field: str) -> None:
+    if inp.form != "activations":
+        raise InvalidArgumentError(f"method {method!r} needs activations", field=f"{field}.{inp.form}",
+                                   limit="activations", actual=inp.form)
+
+
+def _factor_ids(index: LibraryIndex, module: str, allowed) -> list:
+    mi = index.modules[module]
+    ids = np.sort(mi.ids)
+    if allowed is not None:
+        ids = ids[np.isin(ids, allowed)]
+    by_id = {a.adapter_id: a for a in index.adapters}
+    return [(int(i), by_id[int(i)].adapter.factors[module]) for i in ids]
+
+
+def exact_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
+                   allowed: np.ndarray | None = None, field: str = "inputs") -> Energies:
+    """Brute force in float32: ‖s·B·(A·x)‖² per adapter (the baseline, N·(r·d + o·r) per token)."""
+    _need_activations(inp, "exact", field)
+    x = inp.data
+    pairs = _factor_ids(index, module, allowed)
+    cols = [(((x @ f.A.T) @ f.B.T) * np.float32(f.scale)) for _, f in pairs]  # (T, o) each
+    e = np.stack([np.einsum("to,to->t", y, y) for y in cols], 1) if cols else np.zeros((x.shape[0], 0))
+    return Energies(ids=np.array([i for i, _ in pairs], np.int64), e=e.astype(np.float64),
+                    bound=None, pooled=False)
+
+
+def _svd_factors(index: LibraryIndex, module: str):
+    mi = index.modules[module]
+
+    def build():
+        ids, svs, v1 = [], [], []
+        for i, f in _factor_ids(index, module, None):
+            dW_row = np.linalg.qr(f.scale * f.B.astype(np.float64), mode="r") @ f.A.astype(np.float64)
+            _, S, Vt = np.linalg.svd(dW_row, full_matrices=False)         # ΔW = Q·U·S·Vᵀ
+            ids.append(i)
+            svs.append((S[:, None] * Vt).astype(np.float32))               # (r, d)
+            v1.append(Vt[0].astype(np.float32))                            # (d,)
+        d = index.signature.spec(module).d_in
+        return (np.array(ids, np.int64),
+                np.concatenate(svs, 0) if svs else np.zeros((0, d), np.float32),
+                np.array([s.shape[0] for s in svs], np.int64),
+                np.stack(v1) if v1 else np.zeros((0, d), np.float32))
+    return mi.cached("svd", build)
+
+
+def spectr_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
+                    allowed: np.ndarray | None = None, field: str = "inputs") -> Energies:
+    """SpectR: e = ‖S·Vᵀ·x‖² from the SVD of ΔW (equal to exact, N·r·d per token)."""
+    _need_activations(inp, "spectr", field)
+    ids, SV, ranks, _ = _svd_factors(index, module)
+    sel = _select(ids, allowed)
+    offs = np.concatenate([[0], np.cumsum(ranks)])
+    rows = np.concatenate([np.arange(offs[k], offs[k + 1]) for k in sel]) if sel.size else np.zeros(0, int)
+    y = inp.data @ SV[rows].T                                             # (T, Σr)
+    starts = np.concatenate([[0], np.cumsum(ranks[sel])])[:-1]
+    e = np.add.reduceat(y * y, starts, axis=1) if sel.size else np.zeros((inp.data.shape[0], 0))
+    return Energies(ids=ids[sel], e=e.astype(np.float64), bound=None, pooled=False)
+
+
+def arrow_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
+                   allowed: np.ndarray | None = None, field: str = "inputs") -> Energies:
+    """Arrow: (v₁ᵀx)² with v₁ the top right singular vector of ΔW. Not norm-maximising."""
+    _need_activations(inp, "arrow", field)
+    ids, _, _, V1 = _svd_factors(index, module)
+    sel = _select(ids, allowed)
+    p = inp.data @ V1[sel].T                                              # (T, d)·(d, n) -> (T, n)
+    return Energies(ids=ids[sel], e=(p * p).astype(np.float64), bound=None, pooled=False)
+
+
+def brute_force_f64(index: LibraryIndex, module: str, inp: ModuleInput, ids: np.ndarray,
+                    *, tokens: np.ndarray | None = None) -> np.ndarray:
+    """The reference: e = ‖s·B·(A·x)‖² in float64 for adapters ``ids``. Returns (T, n)."""
+    by_id = {a.adapter_id: a for a in index.adapters}
+    data = inp.data.astype(np.float64)
+    if tokens is not None and not inp.pooled:
+        data = data[tokens]
+    out = []
+    for i in ids:
+        f = by_id[int(i)].adapter.factors[module]
+        A, B, s = f.A.astype(np.float64), f.B.astype(np.float64), float(f.scale)
+        if inp.form == "moments":
+            G = 0.5 * (data + data.T)
+            out.append(np.array([s * s * float(np.sum((B.T @ B) * G))]))   # tr(sB G Bᵀs)
+            continue
+        z = data if inp.form == "projected" else data @ A.T                # (T, r)
+        y = s * (z @ B.T)                                                  # (T, o)
+        out.append(np.einsum("to,to->t", y, y))
+    T = 1 if inp.pooled else data.shape[0]
+    return np.stack(out, 1) if out else np.zeros((T, 0))

@@ -1,0 +1,162 @@
+"""Normalisation and aggregation: per-module energies -> one score per adapter (or per token).
+
+Definitions (u is the normalised per-token, per-module score of adapter i on module m):
+  none        u = e
+  frobenius   u = e / ‖ΔW_im‖_F²                        (data-free)
+  activation  u = e / μ_im, μ_im = calibration mean of e  (data-aware frobenius)
+  zscore      adapter_module: u = (f(e) − μ^f_im) / σ^f_im
+              adapter:        S_i = (Σ_m mean_t f(e) − μ^f_i) / σ^f_i
+Sequence score S_i = mean over the supplied modules adapter i targets of mean_t u.
+Token score S_ti = the same mean over modules, per token (adapter-level z: token stats).
+Every function also carries an absolute error bound so routing can decide what to re-check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .calibration import LOG_FLOOR, TRANSFORMS, transform, transform_bound
+from .energies import Energies
+from .errors import FailedPreconditionError, InvalidArgumentError
+from .qr_index import LibraryIndex
+
+KINDS = ("none", "frobenius", "activation", "zscore")
+GRANULARITIES = ("adapter_module", "adapter")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    kind: str = "frobenius"
+    granularity: str = "adapter_module"
+    transform: str = "e"
+
+    def __post_init__(self) -> None:
+        for f, val, ok in (("kind", self.kind, KINDS), ("granularity", self.granularity, GRANULARITIES),
+                           ("transform", self.transform, TRANSFORMS)):
+            if val not in ok:
+                raise InvalidArgumentError(f"must be one of {ok}", field=f"normalisation.{f}",
+                                           actual=val)
+
+    @property
+    def label(self) -> str:
+        if self.kind != "zscore":
+            return self.kind
+        return f"zscore/{self.granularity}/{self.transform}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind in ("activation", "zscore")
+
+
+def uncalibrated(index: LibraryIndex, names, modules, norm: Normalisation) -> list[str]:
+    """Adapters among ``names`` lacking the stats ``norm`` needs on the supplied ``modules``."""
+    if not norm.needs_calibration:
+        return []
+    cal = index.calibration
+    out = []
+    for n in names:
+        st = cal.get(n) if cal is not None else None
+        targeted = set(index.entry(n).adapter.factors) & set(modules)
+        if st is None or not targeted <= set(st.modules):
+            out.append(n)
+    return out
+
+
+def _module_constants(index: LibraryIndex, module: str, en: Energies, names, norm: Normalisation):
+    """Per-column (scale c, offset μ, floor δ) so u = (f(e) − μ)/c."""
+    ids, f2all = index.frob2(module)
+    order = np.argsort(ids)
+    f2 = f2all[order][np.searchsorted(ids[order], en.ids)]
+    delta = LOG_FLOOR * f2 + 1e-30
+    n = en.ids.size
+    mu, c = np.zeros(n), np.ones(n)
+    if norm.kind == "frobenius":
+        c = np.maximum(f2, 1e-30)
+    elif norm.kind == "activation" or (norm.kind == "zscore" and norm.granularity == "adapter_module"):
+        t = "e" if norm.kind == "activation" else norm.transform
+        for j, name in enumerate(names):
+            st = index.calibration.get(name)
+            m_, s_ = st.mean_std(st.module_stats[module], t)
+            if norm.kind == "activation":
+                c[j] = max(m_, 1e-30)
+            else:
+                mu[j], c[j] = m_, s_
+    return mu, c, delta
+
+
+def _check_pooled(norm: Normalisation, module: str) -> None:
+    if norm.kind == "zscore" and norm.transform != "e":
+        raise InvalidArgumentError("moments give the token mean of e only; "
+                                   f"zscore of {norm.transform} needs activations or projected",
+                                   field=f"inputs.{module}.moments", actual=norm.transform)
+
+
+def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray,
+            norm: Normalisation, *, per_token: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and bounds for adapters ``ids`` (library order): (N,) or (T, N) if per_token.
+
+    Adapters absent from every block get NaN (not routable for this request).
+    """
+    pos_of = {int(i): k for k, i in enumerate(ids)}
+    by_id = {a.adapter_id: a.name for a in index.adapters}
+    T = None
+    for m, en in blocks.items():
+        if per_token and en.pooled:
+            raise InvalidArgumentError("per-token routing needs per-token inputs, not moments",
+                                       field=f"inputs.{m}.moments")
+        if not en.pooled:
+            T = en.e.shape[0]
+    shape = (T, ids.size) if per_token else (ids.size,)
+    S, B, cnt = np.zeros(shape), np.zeros(shape), np.zeros(ids.size)
+    adapter_level = norm.kind == "zscore" and norm.granularity == "adapter"
+    for m, en in sorted(blocks.items()):
+        keep = np.array([int(i) in pos_of for i in en.ids], dtype=bool)
+        if not keep.any():
+            continue
+        e, b = en.e[:, keep], (en.bound[:, keep] if en.bound is not None else np.zeros_like(en.e[:, keep]))
+        sub = Energies(ids=en.ids[keep], e=e, bound=b, pooled=en.pooled)
+        cols = np.array([pos_of[int(i)] for i in sub.ids])
+        names = [by_id[int(i)] for i in sub.ids]
+        if en.pooled:
+            _check_pooled(norm, m)
+        mu, c, delta = _module_constants(index, m, sub, names, norm)
+        t = norm.transform if norm.kind == "zscore" else "e"
+        fe, fb = transform(e, t, delta), transform_bound(e, b, t, delta)
+        if not adapter_level:
+            fe, fb = (fe - mu) / c, fb / c
+        if per_token:
+            S[:, cols] += fe
+            B[:, cols] += fb
+        else:
+            S[cols] += fe.mean(axis=0)
+            B[cols] += fb.mean(axis=0)
+        cnt[cols] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if adapter_level:
+            for k, i in enumerate(ids):
+                if cnt[k] == 0:
+                    continue
+                st = index.calibration.get(by_id[int(i)])
+                mu, sd = st.mean_std(st.tok_stats if per_token else st.seq_stats, norm.transform)
+                S[..., k] = (S[..., k] - mu) / sd
+                B[..., k] = B[..., k] / sd
+        else:
+            S, B = S / cnt, B / cnt
+    S[..., cnt == 0] = np.nan
+    B[..., cnt == 0] = np.nan
+    return S, B
+
+
+def check_adapter_level_modules(index: LibraryIndex, names, modules) -> None:
+    """Adapter-level z-scores compare sums over modules: the request must cover the same set."""
+    for n in names:
+        st = index.calibration.get(n)
+        targeted = tuple(sorted(set(index.entry(n).adapter.factors) & set(modules)))
+        if targeted and targeted != st.modules:
+            raise FailedPreconditionError(
+                f"adapter-level zscore for {n!r} was calibrated on {len(st.modules)} modules; "
+                "the request must supply the same modules", field="inputs",
+                limit=len(st.modules), actual=len(targeted))

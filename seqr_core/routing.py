@@ -1,0 +1,250 @@
+"""Routing decisions: inputs + options -> ranked adapter choices, exact w.r.t. float64.
+
+The float32 scores come with error bounds; the candidates whose order (or top-k membership)
+those bounds leave in doubt are re-scored with the float64 brute force, so the returned
+ranking equals the float64 brute-force ranking. Ties break by adapter id (older first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from . import energies as E
+from .errors import InvalidArgumentError, NotFoundError
+from .normalise import Normalisation, check_adapter_level_modules, combine, uncalibrated
+from .qr_index import LibraryIndex
+
+METHODS = ("seqr", "exact", "spectr", "arrow", "lag")
+GRANULARITY = ("sequence", "token")
+AGGREGATION = ("mean", "vote")
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    method: str = "seqr"
+    normalisation: Normalisation = Normalisation()
+    granularity: str = "sequence"
+    aggregation: str = "mean"
+    top_k: int = 1
+    temperature: float = 1.0
+    candidates: tuple[str, ...] | None = None
+    lag_k: int = 4
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        for f, val, ok in (("method", self.method, METHODS), ("granularity", self.granularity, GRANULARITY),
+                           ("aggregation", self.aggregation, AGGREGATION)):
+            if val not in ok:
+                raise InvalidArgumentError(f"must be one of {ok}", field=f"options.{f}", actual=val)
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise InvalidArgumentError("top_k must be >= 1", field="top_k", limit=">=1", actual=self.top_k)
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise InvalidArgumentError("temperature must be finite and > 0", field="temperature",
+                                       actual=self.temperature)
+        if self.lag_k < 1:
+            raise InvalidArgumentError("lag_k must be >= 1", field="lag_k", actual=self.lag_k)
+        if self.method == "arrow" and self.normalisation.kind != "none":
+            raise InvalidArgumentError("arrow scores |v₁ᵀx| are scale-free; use normalisation none",
+                                       field="normalisation.kind", limit="none",
+                                       actual=self.normalisation.kind)
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    adapter_id: int
+    score: float
+    weight: float
+
+
+@dataclass(frozen=True)
+class TokenDecisions:
+    ids: np.ndarray      # (T, k) adapter ids, -1 where fewer than k candidates
+    scores: np.ndarray   # (T, k)
+
+
+@dataclass(frozen=True)
+class Decision:
+    choices: tuple[Choice, ...]
+    margin: float
+    version: int
+    method: str
+    normalisation: str
+    fallback: str
+    rechecked: int
+    candidate_ids: np.ndarray      # (N,) adapters considered, library order
+    scores: np.ndarray             # (N,) their sequence scores (NaN: no supplied module)
+    tokens: TokenDecisions | None = None
+
+
+def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> dict[str, E.ModuleInput]:
+    """Validate shapes, forms and values; return float32 copies. Names the offending field."""
+    if not inputs:
+        raise InvalidArgumentError("at least one module input is required", field="inputs",
+                                   limit=">=1", actual=0)
+    out, T = {}, None
+    for m, inp in sorted(inputs.items()):
+        f = f"inputs.{m}"
+        if not index.signature.has(m):
+            raise InvalidArgumentError(f"unknown module for base model {index.signature.base_model!r}",
+                                       field=f, actual=m)
+        if inp.form not in E.FORMS:
+            raise InvalidArgumentError(f"form must be one of {E.FORMS}", field=f, actual=inp.form)
+        data = np.asarray(inp.data)
+        if data.dtype.kind != "f":
+            raise InvalidArgumentError("tensor must be floating point", field=f"{f}.{inp.form}",
+                                       actual=str(data.dtype))
+        spec, A = index.signature.spec(m), index.shared_a.get(m)
+        if inp.form != "activations" and A is None:
+            raise InvalidArgumentError("module has no shared A; send activations",
+                                       field=f"{f}.{inp.form}", limit="activations", actual=inp.form)
+        want = {"activations": (None, spec.d_in), "projected": (None, A.shape[0] if A is not None else 0),
+                "moments": (A.shape[0] if A is not None else 0,) * 2}[inp.form]
+        if data.ndim != 2 or (want[0] is not None and data.shape[0] != want[0]) or data.shape[1] != want[1] \
+                or data.shape[0] < 1:
+            raise InvalidArgumentError("wrong shape", field=f"{f}.{inp.form}.shape",
+                                       limit=("T" if want[0] is None else want[0], want[1]), actual=data.shape)
+        if not np.isfinite(data).all():
+            raise InvalidArgumentError("non-finite values (NaN/Inf)", field=f"{f}.{inp.form}")
+        tokens = int(inp.tokens) if inp.form == "moments" else data.shape[0]
+        if tokens < 1:
+            raise InvalidArgumentError("token count must be >= 1", field=f"{f}.tokens", actual=tokens)
+        if inp.form != "moments":
+            if T is not None and T != data.shape[0]:
+                raise InvalidArgumentError("all per-token inputs need the same token count",
+                                           field=f"{f}.{inp.form}.shape", limit=T, actual=data.shape[0])
+            T = data.shape[0]
+        out[m] = E.ModuleInput(form=inp.form, data=np.ascontiguousarray(data, dtype=np.float32),
+                               tokens=tokens)
+    return out
+
+
+def candidate_ids(index: LibraryIndex, candidates) -> np.ndarray:
+    if candidates is None:
+        return index.ids
+    if len(candidates) == 0:
+        raise InvalidArgumentError("candidates, when given, must name at least one adapter",
+                                   field="candidates", limit=">=1", actual=0)
+    ids = {index.entry(n, field="candidates").adapter_id for n in candidates}
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def _energy_fn(index: LibraryIndex, method: str) -> Callable:
+    if method == "seqr":
+        return lambda m, inp, allowed: E.seqr_energies(index.modules[m], inp, allowed=allowed,
+                                                       field=f"inputs.{m}")
+    fn = {"exact": E.exact_energies, "spectr": E.spectr_energies, "arrow": E.arrow_energies,
+          "lag": E.spectr_energies}[method]
+    return lambda m, inp, allowed: fn(index, m, inp, allowed=allowed, field=f"inputs.{m}")
+
+
+def _uncertain(S: np.ndarray, B: np.ndarray, ids: np.ndarray, kk: int) -> np.ndarray | None:
+    """Positions whose top-kk membership/order the bounds leave open; None if all certain."""
+    valid = ~np.isnan(S)
+    lower, upper = np.where(valid, S - B, -np.inf), np.where(valid, S + B, -np.inf)
+    Lk = np.sort(lower)[-kk]
+    R = np.flatnonzero(valid & (upper >= Lk))
+    if R.size == kk:
+        o = R[np.argsort(-S[R], kind="stable")]
+        if np.all(lower[o[:-1]] > upper[o[1:]]):
+            return None
+    return R
+
+
+def _order(S: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    valid = np.flatnonzero(~np.isnan(S))
+    return valid[np.lexsort((ids[valid], -S[valid]))]
+
+
+def _exact_rank(S, B, ids, k, recheck) -> tuple[np.ndarray, np.ndarray, int]:
+    """(order of positions, scores with re-checked entries exact, number re-checked)."""
+    S = S.copy()
+    nvalid = int((~np.isnan(S)).sum())
+    kk = min(max(k, 2), nvalid)
+    n = 0
+    if B is not None and kk > 0:
+        R = _uncertain(S, B, ids, kk)
+        if R is not None:
+            S[R] = recheck(R)
+            n = R.size
+    return _order(S, ids), S, n
+
+
+def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
+          options: RouteOptions = RouteOptions()) -> Decision:
+    """Rank the candidate adapters for one request. See the module docstring for exactness."""
+    inputs = check_inputs(index, inputs)
+    ids = candidate_ids(index, options.candidates)
+    norm, fallback = options.normalisation, ""
+    by_id = {a.adapter_id: a for a in index.adapters}
+    targeted = [by_id[int(i)].name for i in ids if set(by_id[int(i)].adapter.factors) & set(inputs)]
+    if not targeted:
+        raise InvalidArgumentError("no candidate adapter targets any supplied module",
+                                   field="inputs", actual=sorted(inputs)[:4])
+    missing = uncalibrated(index, targeted, inputs, norm)
+    if missing:
+        fallback = f"uncalibrated adapters {missing[:8]}: fell back to frobenius"
+        norm = Normalisation("frobenius")
+    elif norm.kind == "zscore" and norm.granularity == "adapter":
+        check_adapter_level_modules(index, targeted, inputs)
+    per_token = options.granularity == "token" or options.aggregation == "vote"
+    energy = _energy_fn(index, options.method)
+    method = options.method
+    if method == "lag":
+        arrow = _energy_fn(index, "arrow")
+        ab = {m: arrow(m, inp, ids) for m, inp in inputs.items()}
+        Sa, _ = combine(index, ab, ids, Normalisation("none"), per_token=False)
+        keep = _order(Sa, ids)[: max(options.lag_k, options.top_k)]
+        ids = np.sort(ids[keep])
+    blocks = {m: energy(m, inp, ids) for m, inp in inputs.items()}
+    verify = options.verify and method == "seqr"
+
+    def exact_scores(pos: np.ndarray, tokens=None) -> np.ndarray:
+        sub = ids[pos]
+        fb = {}
+        for m, inp in inputs.items():
+            here = sub[_present(index, m, sub)]
+            fb[m] = E.Energies(ids=here, e=E.brute_force_f64(index, m, inp, here, tokens=tokens),
+                               bound=None, pooled=inp.pooled)
+        s, _ = combine(index, fb, sub, norm, per_token=tokens is not None)
+        return s[0] if tokens is not None else s
+
+    tokens = None
+    rechecked = 0
+    if per_token:
+        S_t, B_t = combine(index, blocks, ids, norm, per_token=True)     # (T, N)
+        T, k = S_t.shape[0], min(options.top_k, ids.size)
+        tid, tsc = np.full((T, k), -1, np.int64), np.full((T, k), np.nan)
+        for t in range(T):
+            o, s, n = _exact_rank(S_t[t], B_t[t] if verify else None, ids, k,
+                                  lambda R, t=t: exact_scores(R, tokens=np.array([t])))
+            rechecked += n
+            tid[t, : min(k, o.size)] = ids[o[:k]]
+            tsc[t, : min(k, o.size)] = s[o[:k]]
+        tokens = TokenDecisions(ids=tid, scores=tsc)
+        votes = np.array([(tid[:, 0] == i).sum() for i in ids], dtype=np.float64)
+        mean_s = np.nanmean(S_t, axis=0) if T else np.zeros(ids.size)
+        valid = ~np.isnan(S_t).all(axis=0)
+        S = np.where(valid, votes / max(T, 1), np.nan)
+        order = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))]
+    else:
+        S, B = combine(index, blocks, ids, norm, per_token=False)
+        order, S, rechecked = _exact_rank(S, B if verify else None, ids, options.top_k,
+                                          lambda R: exact_scores(R))
+    top = order[: options.top_k]
+    sc = S[top]
+    w = np.exp((sc - sc.max()) / options.temperature) if sc.size else sc
+    w = w / w.sum() if sc.size else w
+    choices = tuple(Choice(name=by_id[int(ids[p])].name, adapter_id=int(ids[p]), score=float(S[p]),
+                           weight=float(wi)) for p, wi in zip(top, w))
+    margin = float(S[order[0]] - S[order[1]]) if order.size > 1 else float("inf")
+    return Decision(choices=choices, margin=margin, version=index.version, method=method,
+                    normalisation=norm.label, fallback=fallback, rechecked=rechecked,
+                    candidate_ids=ids, scores=S, tokens=tokens)
+
+
+def _present(index: LibraryIndex, module: str, ids: np.ndarray) -> np.ndarray:
+    return np.isin(ids, index.modules[module].ids)
