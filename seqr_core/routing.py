@@ -154,9 +154,18 @@ def _uncertain(S: np.ndarray, B: np.ndarray, ids: np.ndarray, kk: int) -> np.nda
     return R
 
 
+TIE_RTOL = 1e-12  # float64 scores this close are ties: different exact formulas disagree there
+
+
 def _order(S: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions by score descending; scores within TIE_RTOL (relative) tie and go by id."""
     valid = np.flatnonzero(~np.isnan(S))
-    return valid[np.lexsort((ids[valid], -S[valid]))]
+    o = valid[np.lexsort((ids[valid], -S[valid]))]
+    if o.size < 2:
+        return o
+    tol = TIE_RTOL * float(np.abs(S[o]).max())
+    groups = np.concatenate([[0], np.cumsum(np.diff(S[o]) < -tol)])  # new group on a real drop
+    return o[np.lexsort((ids[o], groups))]
 
 
 def _exact_rank(S, B, ids, k, recheck) -> tuple[np.ndarray, np.ndarray, int]:

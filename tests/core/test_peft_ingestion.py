@@ -1,0 +1,119 @@
+"""PEFT ingestion on adapters produced by the real `peft` library, and table-driven refusals."""
+
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from seqr_core import (InvalidArgumentError, LimitExceededError, NotFoundError, SharedARecipe,
+                       generate_shared_a, parse_peft_adapter, read_safetensors, write_safetensors)
+
+from ..peft_factory import make_peft_adapter, read_dir, signature, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory):
+    return read_dir(make_peft_adapter(model, tmp_path_factory.mktemp("a"), seed=1,
+                                      shared_a=SharedARecipe(seed=7)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_peft_adapter_parses_to_its_own_factors(model, tmp_path, dtype):
+    path = make_peft_adapter(model, tmp_path, seed=3, dtype=dtype, alpha=12)
+    parsed = parse_peft_adapter(read_dir(path), name="x", signature=signature(model))
+    from safetensors.torch import load_file
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    assert parsed.upload_dtype == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+    assert sorted(parsed.adapter.modules) == sorted(f"model.layers.{i}.self_attn.{p}"
+                                                     for i in range(2) for p in ("q_proj", "v_proj"))
+    for m, f in parsed.adapter.factors.items():
+        A = sd[f"base_model.model.{m}.lora_A.weight"].float().numpy()
+        B = sd[f"base_model.model.{m}.lora_B.weight"].float().numpy()
+        np.testing.assert_array_equal(f.A, A)
+        np.testing.assert_array_equal(f.B, B)
+        assert f.scale == pytest.approx(12 / 4)
+
+
+def test_rslora_scale_is_alpha_over_sqrt_r(model, tmp_path):
+    path = make_peft_adapter(model, tmp_path, seed=2, alpha=8, rank=4, use_rslora=True)
+    parsed = parse_peft_adapter(read_dir(path), name="rs", signature=signature(model))
+    assert all(f.scale == pytest.approx(8 / 2) for f in parsed.adapter.factors.values())
+
+
+def test_shared_a_adapter_carries_the_generated_a(files, model):
+    parsed = parse_peft_adapter(files, name="s", signature=signature(model))
+    for m, f in parsed.adapter.factors.items():
+        np.testing.assert_array_equal(f.A, generate_shared_a(SharedARecipe(seed=7), module=m,
+                                                             rank=4, d_in=f.A.shape[1]))
+
+
+def _with_weights(files, mutate):
+    tensors, _ = read_safetensors(files["adapter_model.safetensors"])
+    mutate(tensors)
+    return {**files, "adapter_model.safetensors": write_safetensors(tensors)}
+
+
+def _first(tensors, part):
+    return next(k for k in sorted(tensors) if part in k)
+
+
+def _nan(t):
+    k = _first(t, "lora_B")
+    t[k] = t[k].copy()
+    t[k][0, 0] = np.nan
+
+
+def _inf(t):
+    k = _first(t, "lora_A")
+    t[k] = t[k].copy()
+    t[k][0, 0] = np.inf
+
+
+REFUSALS = [
+    ("raw pickle", lambda f, m: {**f, "adapter_model.safetensors": pickle.dumps({"a": 1})},
+     InvalidArgumentError, "adapter_model.safetensors", "pickle"),
+    ("torch .bin archive", lambda f, m: {**f, "adapter_model.safetensors": b"PK\x03\x04" + b"\0" * 64},
+     InvalidArgumentError, "adapter_model.safetensors", "zip"),
+    ("pickle file beside", lambda f, m: {**f, "adapter_model.bin": b"\x80\x04"},
+     InvalidArgumentError, "files", "unexpected"),
+    ("missing config", lambda f, m: {k: v for k, v in f.items() if k != "adapter_config.json"},
+     InvalidArgumentError, "files.adapter_config.json", "missing"),
+    ("NaN in B", lambda f, m: _with_weights(f, _nan), InvalidArgumentError, "adapter_model.safetensors[model.layers.0", "non-finite"),
+    ("Inf in A", lambda f, m: _with_weights(f, _inf), InvalidArgumentError, "adapter_model.safetensors[model.layers.0", "non-finite"),
+    ("wrong B shape", lambda f, m: _with_weights(f, lambda t: t.__setitem__(_first(t, "lora_B"), np.ones((5, 4), np.float32))),
+     InvalidArgumentError, "adapter.model.layers", "base model mismatch"),
+    ("rank mismatch", lambda f, m: {**f, "adapter_config.json": json.dumps({**json.loads(f["adapter_config.json"]), "r": 8}).encode()},
+     InvalidArgumentError, "adapter_model.safetensors[", "rank mismatch"),
+    ("wrong base model", lambda f, m: read_dir(make_peft_adapter(tiny_llama(hidden=48), m, seed=0)),
+     InvalidArgumentError, "adapter.model.layers", "base model mismatch"),
+    ("unknown module", lambda f, m: _with_weights(f, lambda t: t.update({
+        "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": np.ones((4, 32), np.float32),
+        "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": np.ones((32, 4), np.float32)})),
+     NotFoundError, "adapter.model.layers.9", "not in the base-model signature"),
+    ("bias tensor", lambda f, m: _with_weights(f, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": np.ones(4, np.float32)})),
+     InvalidArgumentError, "adapter_model.safetensors", "not a LoRA"),
+    ("truncated weights", lambda f, m: {**f, "adapter_model.safetensors": f["adapter_model.safetensors"][:-7]},
+     InvalidArgumentError, "adapter_model.safetensors", "out of bounds"),
+    ("huge header", lambda f, m: {**f, "adapter_model.safetensors": struct.pack("<Q", 1 << 40) + b"{}"},
+     LimitExceededError, "adapter_model.safetensors", "header too large"),
+    ("DoRA", lambda f, m: {**f, "adapter_config.json": json.dumps({**json.loads(f["adapter_config.json"]), "use_dora": True}).encode()},
+     InvalidArgumentError, "adapter_config.json.use_dora", "DoRA"),
+    ("config not JSON", lambda f, m: {**f, "adapter_config.json": b"\x00garbage"},
+     InvalidArgumentError, "adapter_config.json", "JSON"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, error, field, text", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_bad_adapter_is_refused_with_a_clear_message(files, model, tmp_path, what, mutate, error, field, text):
+    with pytest.raises(error) as ei:
+        parse_peft_adapter(mutate(files, tmp_path), name="bad", signature=signature(model))
+    assert ei.value.field.startswith(field), ei.value
+    assert text in str(ei.value)
