@@ -41,13 +41,80 @@ class ModuleInput:
 
 
 @dataclass(frozen=True)
-class Energies:
-    """Energies of the adapters ``ids`` on one module: e (T, n), or (1, n) token means if pooled."""
+class Bound:
+    """A separable bound on |e − e_f64| for a block of columns, kept in factored form so the
+    token mean costs O(T + n), not O(T·n):
 
-    ids: np.ndarray            # (n,) int64, library order
-    e: np.ndarray              # (T, n) float64
-    bound: np.ndarray | None   # (T, n) float64 |e − e_f64| ≤ bound, None when not tracked
+        b_ti = a_t·g_i + c_t·h_i + 2·√(e_ti + a_t·g_i)·δ_t·ρ_i + δ_t²·ρ_i² + rel·e_ti
+    """
+
+    a: np.ndarray      # (T,)
+    g: np.ndarray      # (n,)
+    c: np.ndarray      # (T,)
+    h: np.ndarray      # (n,)
+    delta: np.ndarray  # (T,)
+    rho: np.ndarray    # (n,)
+    rel: float = 0.0
+
+    def dense(self, e: np.ndarray) -> np.ndarray:
+        ag = np.outer(self.a, self.g)                                     # (T, n)
+        b = ag + np.outer(self.c, self.h) + self.rel * e
+        if self.delta.any():
+            b += 2 * np.sqrt(np.maximum(e, 0) + ag) * np.outer(self.delta, self.rho)
+            b += np.outer(self.delta ** 2, self.rho ** 2)
+        return b
+
+    def mean(self, e_sum: np.ndarray, T: int) -> np.ndarray:
+        """Upper bound on mean_t b_ti given e_sum = Σ_t e_ti (Cauchy–Schwarz on the √ term)."""
+        b = self.a.mean() * self.g + self.c.mean() * self.h + self.rel * np.maximum(e_sum, 0) / T
+        if self.delta.any():
+            root = np.sqrt(np.maximum(e_sum, 0) + self.a.sum() * self.g) * np.sqrt((self.delta ** 2).sum())
+            b += 2 * root * self.rho / T + (self.delta ** 2).mean() * self.rho ** 2
+        return b
+
+
+@dataclass(frozen=True)
+class Energies:
+    """Energies of adapters ``ids`` on one module: e (T, n), or (1, n) token means if pooled.
+
+    ``bounds`` lists (start, stop, Bound) column blocks; empty when not tracked (baselines,
+    float64 reference) — then the values are taken as they are.
+    """
+
+    ids: np.ndarray            # (n,) int64
+    e: np.ndarray              # (T, n) float32 or float64
     pooled: bool
+    bounds: tuple = ()
+
+    @property
+    def tracked(self) -> bool:
+        return bool(self.bounds)
+
+    def bound_dense(self) -> np.ndarray:
+        out = np.zeros(self.e.shape)
+        for lo, hi, b in self.bounds:
+            out[:, lo:hi] = b.dense(self.e[:, lo:hi].astype(np.float64))
+        return out
+
+    def bound_mean(self, e_sum: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.e.shape[1])
+        for lo, hi, b in self.bounds:
+            out[lo:hi] = b.mean(e_sum[lo:hi], self.e.shape[0])
+        return out
+
+    def take(self, keep: np.ndarray) -> "Energies":
+        """The columns where ``keep`` (bool, (n,)) is set; bounds are re-sliced."""
+        if keep.all():
+            return self
+        bounds, pos = [], 0
+        for lo, hi, b in self.bounds:
+            k = keep[lo:hi]
+            n = int(k.sum())
+            if n:
+                bounds.append((pos, pos + n, Bound(a=b.a, g=b.g[k], c=b.c, h=b.h[k], delta=b.delta,
+                                                   rho=b.rho[k], rel=b.rel)))
+            pos += n
+        return Energies(ids=self.ids[keep], e=self.e[:, keep], pooled=self.pooled, bounds=tuple(bounds))
 
 
 def _sym_feat_tokens(z: np.ndarray) -> np.ndarray:
@@ -100,17 +167,17 @@ def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | No
         else:
             z = inp.data @ mi.shared_a.T                                  # (T, d)·(d, r) -> (T, r)
             feat = _sym_feat_tokens(z)                                    # (T, K)
-        e = (feat @ gram).astype(np.float64)                              # (T, K)·(K, Ns) -> (T, Ns)
-        fz = np.linalg.norm(feat.astype(np.float64), axis=1)              # (T,)
-        b = gamma(K + 2) * np.outer(fz, gn[s_sel])
-        b += _F64_SLACK * np.outer(fz, rf[s_sel] ** 2)
+        parts_e.append(feat @ gram)                                       # (T, K)·(K, Ns) -> (T, Ns)
+        fz = np.sqrt(np.einsum("tk,tk->t", feat, feat, dtype=np.float64))  # (T,) ‖feat‖
+        T = feat.shape[0]
+        delta = np.zeros(T)
         if inp.form == "activations":
+            # z carries the rounding of A·x: ‖δz‖ ≤ γ_d·‖A‖_F·‖x‖ (‖x‖² in fp32 is within γ_d).
+            xn2 = np.einsum("td,td->t", inp.data, inp.data).astype(np.float64)
             d = mi.shared_a.shape[1]
-            delta = gamma(d) * af * np.linalg.norm(inp.data.astype(np.float64), axis=1)  # (T,)
-            re = np.sqrt(np.maximum(e, 0) + b)
-            b = b + 2 * re * np.outer(delta, rf[s_sel]) + np.outer(delta ** 2, rf[s_sel] ** 2)
-        parts_e.append(np.maximum(e, 0.0))
-        parts_b.append(b)
+            delta = gamma(d) * af * np.sqrt(xn2 * (1 + gamma(d)))
+        parts_b.append(Bound(a=fz, g=gamma(K + 2) * gn[s_sel], c=fz, h=_F64_SLACK * rf[s_sel] ** 2,
+                             delta=delta, rho=rf[s_sel]))
         parts_ids.append(mi.shared_ids[s_sel])
     if g_sel.size:
         x = inp.data
@@ -121,27 +188,27 @@ def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | No
             M = mi.M[rows]
             offs = np.concatenate([[0], np.cumsum(np.diff(mi.M_offsets)[g_sel])])
         y = x @ M.T                                                       # (T, d)·(d, Σr) -> (T, Σr)
-        e = np.add.reduceat(y * y, offs[:-1], axis=1).astype(np.float64)  # (T, Ng)
-        xn = np.linalg.norm(x.astype(np.float64), axis=1)                 # (T,)
-        dl = gamma(x.shape[1] + 1) * np.outer(xn, mf[g_sel])              # (T, Ng) ‖δy‖
+        parts_e.append(np.add.reduceat(y * y, offs[:-1], axis=1))         # (T, Ng)
+        xn = np.sqrt(np.einsum("td,td->t", x, x).astype(np.float64) * (1 + gamma(x.shape[1])))
         rmax = int(np.diff(offs).max())
-        b = dl * (2 * np.sqrt(e) + dl) + gamma(rmax + 1) * e + _F64_SLACK * np.outer(xn ** 2, mf[g_sel] ** 2)
-        parts_e.append(e)
-        parts_b.append(b)
+        T = x.shape[0]
+        parts_b.append(Bound(a=np.zeros(T), g=np.zeros(g_sel.size), c=xn ** 2,
+                             h=_F64_SLACK * mf[g_sel] ** 2, delta=gamma(x.shape[1] + 1) * xn,
+                             rho=mf[g_sel], rel=gamma(rmax + 1)))
         parts_ids.append(mi.general_ids[g_sel])
     return _merge(parts_ids, parts_e, parts_b, inp)
 
 
 def _merge(ids, es, bs, inp: ModuleInput) -> Energies:
-    T = 1 if inp.pooled else inp.data.shape[0]
     if not ids:
-        z = np.zeros((T, 0))
-        return Energies(ids=np.zeros(0, np.int64), e=z, bound=z, pooled=inp.pooled)
-    ids = np.concatenate(ids)
-    order = np.argsort(ids, kind="stable")
-    e = np.concatenate(es, axis=1)[:, order]
-    b = np.concatenate(bs, axis=1)[:, order] if bs[0] is not None else None
-    return Energies(ids=ids[order], e=e, bound=b, pooled=inp.pooled)
+        T = 1 if inp.pooled else inp.data.shape[0]
+        return Energies(ids=np.zeros(0, np.int64), e=np.zeros((T, 0), np.float32), pooled=inp.pooled)
+    bounds, pos = [], 0
+    for e, b in zip(es, bs):
+        bounds.append((pos, pos + e.shape[1], b))
+        pos += e.shape[1]
+    e = es[0] if len(es) == 1 else np.concatenate(es, axis=1)
+    return Energies(ids=np.concatenate(ids), e=e, pooled=inp.pooled, bounds=tuple(bounds))
 
 
 def _need_activations(inp: ModuleInput, method: str, field: str) -> None:
@@ -168,7 +235,7 @@ def exact_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
     cols = [(((x @ f.A.T) @ f.B.T) * np.float32(f.scale)) for _, f in pairs]  # (T, o) each
     e = np.stack([np.einsum("to,to->t", y, y) for y in cols], 1) if cols else np.zeros((x.shape[0], 0))
     return Energies(ids=np.array([i for i, _ in pairs], np.int64), e=e.astype(np.float64),
-                    bound=None, pooled=False)
+                    pooled=False)
 
 
 def _svd_factors(index: LibraryIndex, module: str):
@@ -201,7 +268,7 @@ def spectr_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
     y = inp.data @ SV[rows].T                                             # (T, Σr)
     starts = np.concatenate([[0], np.cumsum(ranks[sel])])[:-1]
     e = np.add.reduceat(y * y, starts, axis=1) if sel.size else np.zeros((inp.data.shape[0], 0))
-    return Energies(ids=ids[sel], e=e.astype(np.float64), bound=None, pooled=False)
+    return Energies(ids=ids[sel], e=e.astype(np.float64), pooled=False)
 
 
 def arrow_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
@@ -211,7 +278,7 @@ def arrow_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
     ids, _, _, V1 = _svd_factors(index, module)
     sel = _select(ids, allowed)
     p = inp.data @ V1[sel].T                                              # (T, d)·(d, n) -> (T, n)
-    return Energies(ids=ids[sel], e=(p * p).astype(np.float64), bound=None, pooled=False)
+    return Energies(ids=ids[sel], e=(p * p).astype(np.float64), pooled=False)
 
 
 def brute_force_f64(index: LibraryIndex, module: str, inp: ModuleInput, ids: np.ndarray,

@@ -100,7 +100,6 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
 
     Adapters absent from every block get NaN (not routable for this request).
     """
-    pos_of = {int(i): k for k, i in enumerate(ids)}
     by_id = {a.adapter_id: a.name for a in index.adapters}
     T = None
     for m, en in blocks.items():
@@ -112,27 +111,32 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
     shape = (T, ids.size) if per_token else (ids.size,)
     S, B, cnt = np.zeros(shape), np.zeros(shape), np.zeros(ids.size)
     adapter_level = norm.kind == "zscore" and norm.granularity == "adapter"
+    t = norm.transform if norm.kind == "zscore" else "e"
     for m, en in sorted(blocks.items()):
-        keep = np.array([int(i) in pos_of for i in en.ids], dtype=bool)
-        if not keep.any():
+        sub = en.take(np.isin(en.ids, ids))
+        if not sub.ids.size:
             continue
-        e, b = en.e[:, keep], (en.bound[:, keep] if en.bound is not None else np.zeros_like(en.e[:, keep]))
-        sub = Energies(ids=en.ids[keep], e=e, bound=b, pooled=en.pooled)
-        cols = np.array([pos_of[int(i)] for i in sub.ids])
+        cols = np.searchsorted(ids, sub.ids)
         names = [by_id[int(i)] for i in sub.ids]
         if en.pooled:
             _check_pooled(norm, m)
         mu, c, delta = _module_constants(index, m, sub, names, norm)
-        t = norm.transform if norm.kind == "zscore" else "e"
-        fe, fb = transform(e, t, delta), transform_bound(e, b, t, delta)
+        if t == "e" and not per_token:
+            # Linear in e: the token mean and its bound come from column sums (O(T·n), one pass).
+            T = sub.e.shape[0]
+            e_sum = sub.e.sum(axis=0, dtype=np.float64)                   # (n,)
+            fe = e_sum / T
+            fb = sub.bound_mean(e_sum) if sub.tracked else np.zeros_like(fe)
+        else:
+            e = np.maximum(sub.e.astype(np.float64), 0.0)                 # (T, n)
+            b = sub.bound_dense() if sub.tracked else np.zeros_like(e)
+            fe, fb = transform(e, t, delta), transform_bound(e, b, t, delta)
+            if not per_token:
+                fe, fb = fe.mean(axis=0), fb.mean(axis=0)
         if not adapter_level:
             fe, fb = (fe - mu) / c, fb / c
-        if per_token:
-            S[:, cols] += fe
-            B[:, cols] += fb
-        else:
-            S[cols] += fe.mean(axis=0)
-            B[cols] += fb.mean(axis=0)
+        S[..., cols] += fe
+        B[..., cols] += fb
         cnt[cols] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         if adapter_level:

@@ -103,21 +103,26 @@ def _empty_module(name: str, d: int, shared_a: np.ndarray | None) -> ModuleIndex
                        frob2_general=np.zeros(0))
 
 
-def _add_to_module(mi: ModuleIndex, adapter_id: int, f: ModuleFactors, shared: bool) -> ModuleIndex:
-    R = thin_r(f.scale * f.B.astype(np.float64))                       # (r, r)
-    if shared:
-        RA = R @ mi.shared_a.astype(np.float64)                         # (r, d)
-        Rn = np.concatenate([mi.R, R[None]], axis=0)
-        return replace(mi, shared_ids=np.append(mi.shared_ids, adapter_id), R=Rn,
-                       gram=np.concatenate([mi.gram, gram_weights(R[None]).astype(np.float32)], 1),
-                       frob2_shared=np.append(mi.frob2_shared, float((RA * RA).sum())),
-                       _cache={}, _lock=threading.Lock())
-    RA = R @ f.A.astype(np.float64)                                     # (r, d)
-    return replace(mi, general_ids=np.append(mi.general_ids, adapter_id),
-                   M=np.concatenate([mi.M, RA.astype(np.float32)], axis=0),
-                   M_offsets=np.append(mi.M_offsets, mi.M_offsets[-1] + RA.shape[0]),
-                   frob2_general=np.append(mi.frob2_general, float((RA * RA).sum())),
-                   _cache={}, _lock=threading.Lock())
+def _add_many_to_module(mi: ModuleIndex, adds) -> ModuleIndex:
+    """Append (adapter_id, factors, shared?) in order; arrays are concatenated once."""
+    sh = [(i, f) for i, f, s in adds if s]
+    ge = [(i, f) for i, f, s in adds if not s]
+    out = mi
+    if sh:
+        R = np.stack([thin_r(f.scale * f.B.astype(np.float64)) for _, f in sh])   # (n, r, r)
+        RA = np.einsum("nab,bd->nad", R, mi.shared_a.astype(np.float64))          # (n, r, d)
+        out = replace(out, shared_ids=np.append(out.shared_ids, [i for i, _ in sh]),
+                      R=np.concatenate([out.R, R], axis=0),
+                      gram=np.concatenate([out.gram, gram_weights(R).astype(np.float32)], axis=1),
+                      frob2_shared=np.append(out.frob2_shared, np.einsum("nad,nad->n", RA, RA)))
+    if ge:
+        RAs = [thin_r(f.scale * f.B.astype(np.float64)) @ f.A.astype(np.float64) for _, f in ge]  # (r, d) each
+        offs = out.M_offsets[-1] + np.cumsum([x.shape[0] for x in RAs])
+        out = replace(out, general_ids=np.append(out.general_ids, [i for i, _ in ge]),
+                      M=np.concatenate([out.M] + [x.astype(np.float32) for x in RAs], axis=0),
+                      M_offsets=np.append(out.M_offsets, offs),
+                      frob2_general=np.append(out.frob2_general, [float((x * x).sum()) for x in RAs]))
+    return replace(out, _cache={}, _lock=threading.Lock())
 
 
 def _remove_from_module(mi: ModuleIndex, adapter_id: int) -> ModuleIndex:
@@ -202,30 +207,45 @@ class LibraryIndex:
     def add_adapter(self, adapter: Adapter, *, adapter_id: int, upload_dtype: str = "F32",
                     version: int | None = None) -> tuple["LibraryIndex", AdapterEntry]:
         """Returns (new snapshot, the entry added). Other adapters' R/M are not recomputed."""
-        check_adapter_name(adapter.name)
-        if any(a.name == adapter.name for a in self.adapters):
-            raise AlreadyExistsError(f"adapter {adapter.name!r} already exists",
-                                     field="adapter.name", actual=adapter.name)
-        if self.adapters and adapter_id <= self.adapters[-1].adapter_id:
-            raise InvalidArgumentError("adapter ids must grow (ids are never reused)",
-                                       field="adapter_id", limit=f">{self.adapters[-1].adapter_id}",
-                                       actual=adapter_id)
-        adapter.check_against(self.signature)
-        factors, shared = {}, set()
-        for m, f in adapter.factors.items():
-            snapped = _snap_to_shared(f, self.shared_a.get(m), upload_dtype)
-            factors[m] = snapped or f
-            if snapped is not None:
-                shared.add(m)
-        adapter = Adapter(name=adapter.name, factors=factors, meta=adapter.meta)
-        entry = AdapterEntry(name=adapter.name, adapter_id=int(adapter_id), adapter=adapter,
-                             shared_modules=frozenset(shared), upload_dtype=upload_dtype)
+        new, entries = self.add_adapters([(adapter, adapter_id, upload_dtype)], version=version)
+        return new, entries[0]
+
+    def add_adapters(self, items, *, version: int | None = None) -> tuple["LibraryIndex", tuple[AdapterEntry, ...]]:
+        """Bulk add of (adapter, adapter_id, upload_dtype) triples: one concatenation per module.
+
+        Returns (new snapshot, the entries added). All or nothing: any invalid item raises
+        before the snapshot is built.
+        """
+        names = {a.name for a in self.adapters}
+        last = self.adapters[-1].adapter_id if self.adapters else -1
+        entries, per_module = [], {}
+        for adapter, adapter_id, upload_dtype in items:
+            check_adapter_name(adapter.name)
+            if adapter.name in names:
+                raise AlreadyExistsError(f"adapter {adapter.name!r} already exists",
+                                         field="adapter.name", actual=adapter.name)
+            if adapter_id <= last:
+                raise InvalidArgumentError("adapter ids must grow (ids are never reused)",
+                                           field="adapter_id", limit=f">{last}", actual=adapter_id)
+            adapter.check_against(self.signature)
+            names.add(adapter.name)
+            last = int(adapter_id)
+            factors, shared = {}, set()
+            for m, f in adapter.factors.items():
+                snapped = _snap_to_shared(f, self.shared_a.get(m), upload_dtype)
+                factors[m] = snapped or f
+                if snapped is not None:
+                    shared.add(m)
+                per_module.setdefault(m, []).append((int(adapter_id), factors[m], m in shared))
+            adapter = Adapter(name=adapter.name, factors=factors, meta=adapter.meta)
+            entries.append(AdapterEntry(name=adapter.name, adapter_id=int(adapter_id), adapter=adapter,
+                                        shared_modules=frozenset(shared), upload_dtype=upload_dtype))
         mods = dict(self.modules)
-        for m, f in factors.items():
-            mods[m] = _add_to_module(mods[m], entry.adapter_id, f, m in shared)
-        new = replace(self, adapters=self.adapters + (entry,), modules=MappingProxyType(mods),
+        for m, adds in per_module.items():
+            mods[m] = _add_many_to_module(mods[m], adds)
+        new = replace(self, adapters=self.adapters + tuple(entries), modules=MappingProxyType(mods),
                       version=self.version + 1 if version is None else version)
-        return new, entry
+        return new, tuple(entries)
 
     def remove_adapter(self, name: str, *, version: int | None = None) -> tuple["LibraryIndex", AdapterEntry]:
         """Returns (new snapshot, the entry removed); its calibration stats go with it."""

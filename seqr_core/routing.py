@@ -217,7 +217,7 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
         for m, inp in inputs.items():
             here = sub[_present(index, m, sub)]
             fb[m] = E.Energies(ids=here, e=E.brute_force_f64(index, m, inp, here, tokens=tokens),
-                               bound=None, pooled=inp.pooled)
+                               pooled=inp.pooled)
         s, _ = combine(index, fb, sub, norm, per_token=tokens is not None)
         return s[0] if tokens is not None else s
 
