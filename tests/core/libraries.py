@@ -10,7 +10,8 @@ from seqr_core import (Adapter, BaseModelSignature, Calibrator, LibraryIndex, Mo
 
 def random_library(rng: np.random.Generator, *, n_adapters: int, n_modules: int, d: int, r: int,
                    p_general: float = 0.3, p_near_tie: float = 0.3, p_copy: float = 0.1,
-                   p_skip_module: float = 0.15, shared_only: bool = False) -> LibraryIndex:
+                   p_skip_module: float = 0.15, shared_only: bool = False,
+                   b_dtype: str = "float32") -> LibraryIndex:
     specs = tuple(ModuleSpec(f"model.layers.{i}.q_proj", d, int(rng.integers(1, 2 * d + 1)))
                   for i in range(n_modules))
     sig = BaseModelSignature(base_model="toy", modules=specs)
@@ -35,7 +36,7 @@ def random_library(rng: np.random.Generator, *, n_adapters: int, n_modules: int,
                 if len(specs) > 1 and rng.random() < p_skip_module:
                     continue
                 A = rng.uniform(-1, 1, (r, d)).astype(np.float32) if general else shared[s.name]
-                B = (rng.standard_normal((s.d_out, r)) * rng.uniform(0.1, 3)).astype(np.float32)
+                B = _round(rng.standard_normal((s.d_out, r)) * rng.uniform(0.1, 3), b_dtype).astype(np.float32)
                 factors[s.name] = ModuleFactors(A=A, B=B, scale=float(rng.uniform(0.25, 4)))
             if not factors:
                 factors[specs[0].name] = ModuleFactors(A=shared[specs[0].name],
@@ -47,7 +48,17 @@ def random_library(rng: np.random.Generator, *, n_adapters: int, n_modules: int,
     return idx
 
 
-def random_inputs(rng, index: LibraryIndex, *, T: int, form: str, modules=None) -> dict:
+def _round(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Values exactly representable in ``dtype`` (what an fp16/bf16 host would send)."""
+    if dtype == "float16":
+        return a.astype(np.float16)
+    if dtype == "bfloat16":
+        return ((a.astype(np.float32).view(np.uint32) + 0x8000) & 0xFFFF0000).view(np.float32)
+    return a.astype(np.float32)
+
+
+def random_inputs(rng, index: LibraryIndex, *, T: int, form: str, modules=None,
+                  dtype: str = "float32") -> dict:
     out = {}
     names = modules or index.signature.names
     x = (rng.standard_normal((T, index.signature.modules[0].d_in)) * rng.uniform(0.1, 5)).astype(np.float32)
@@ -55,12 +66,12 @@ def random_inputs(rng, index: LibraryIndex, *, T: int, form: str, modules=None) 
         xm = x if rng.random() < 0.5 else (rng.standard_normal(x.shape)).astype(np.float32)
         A = index.shared_a[m]
         if form == "activations":
-            out[m] = ModuleInput("activations", xm, T)
+            out[m] = ModuleInput("activations", _round(xm, dtype), T)
         elif form == "projected":
-            out[m] = ModuleInput("projected", (xm @ A.T).astype(np.float32), T)
+            out[m] = ModuleInput("projected", _round(xm @ A.T, dtype), T)
         else:
             z = (xm @ A.T).astype(np.float32)
-            out[m] = ModuleInput("moments", (z.T @ z / T).astype(np.float32), T)
+            out[m] = ModuleInput("moments", _round(z.T @ z / T, dtype), T)
     return out
 
 

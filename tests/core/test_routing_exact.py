@@ -24,13 +24,15 @@ def cases(draw, forms=("activations", "projected", "moments")):
     seed = draw(st.integers(0, 2**32 - 1))
     form = draw(st.sampled_from(forms))
     rng = np.random.default_rng(seed)
+    dtypes = ("float32", "float16", "bfloat16")
     idx = random_library(rng, n_adapters=draw(st.integers(1, 9)), n_modules=draw(st.integers(1, 3)),
                          d=draw(st.integers(2, 24)), r=draw(st.integers(1, 6)),
-                         shared_only=form != "activations")
+                         shared_only=form != "activations", b_dtype=draw(st.sampled_from(dtypes)))
     norm = draw(st.sampled_from(NORMS if form != "moments" else NORMS[:4] + [NORMS[6]]))
     if norm[0] in ("activation", "zscore"):
         idx = calibrated(rng, idx)
-    inputs = random_inputs(rng, idx, T=draw(st.integers(1, 6)), form=form)
+    inputs = random_inputs(rng, idx, T=draw(st.integers(1, 6)), form=form,
+                           dtype=draw(st.sampled_from(dtypes)))
     k = draw(st.integers(1, 4))
     return idx, inputs, Normalisation(*norm), k
 
