@@ -1,0 +1,408 @@
+"""LibraryStore: encrypted, durable, versioned storage of libraries and adapters.
+
+Data directory layout::
+
+    <data_dir>/MANIFEST        sealed manifest - the single commit point
+    <data_dir>/LOCK            advisory lock: one store instance per directory
+    <data_dir>/blobs/<hex>.blob   one sealed blob per stored object version (random names)
+
+Every mutating call writes its new blobs (temp file, fsync, rename), fsyncs the blob directory,
+writes the new manifest the same way, fsyncs the data directory, advances the rollback anchor and
+only then publishes the new state in memory and returns: acknowledged means durable. A crash at
+any point leaves the old or the new manifest, never a mix; blobs that lost their reference are
+removed on the next open. Replaced or deleted blobs are unlinked right after the commit: their
+wrapped data keys live only in those files, so unlinking them is the crypto-shred.
+
+Threat model (what the encryption and the anchor do and do not protect):
+
+* An attacker who can read the data directory (a stolen disk, a backup, a shared volume) learns
+  only the number and sizes of blobs (which hint at adapter shapes) and when writes happened.
+  Names, metadata and weights are sealed; data keys exist on disk only wrapped by the KEK, which
+  lives elsewhere.
+* An attacker who can also *write* the data directory can destroy data (we cannot prevent that)
+  but cannot make the store serve anything it did not write for that object: bit flips,
+  truncations, appends, header edits, blobs swapped between objects or versions, and blobs moved
+  from another store all fail with an ``IntegrityError``. Replaying an older MANIFEST, deleting it,
+  or restoring an old copy of the whole directory is caught by the rollback anchor - *provided*
+  the anchor directory (default: ``<key file>.anchors/``; for other providers ``<data_dir>.anchor/``
+  next to the data directory, or ``anchor_dir=``) is not writable by that attacker. Someone who
+  can rewind both the data directory and the anchor (e.g. restore a snapshot of the whole host)
+  can roll the store back to an earlier *genuine* state; only an external monotonic counter
+  (a KMS/TPM) closes that gap, and is not implemented here.
+* An attacker with the KEK and the data directory has everything; the KEK must be protected.
+* Crypto-shredding removes the only copies of a deleted object's wrapped data keys from the live
+  directory. Copies in backups, filesystem journals or SSD spare blocks remain decryptable while
+  the KEK that wrapped them exists: rotate the KEK and retire the old key to finish the job.
+* Plaintext (weights, keys) lives only in process memory (Python cannot wipe it reliably).
+* Crash safety assumes a local POSIX file system that honours fsync and atomic rename (ext4, xfs);
+  network file systems need their own verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from seqr_core.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    IntegrityError,
+    NotFoundError,
+    UnavailableError,
+)
+
+from .anchor import AnchorFile, resolve_anchor_dir
+from .commit import Committer, Txn
+from .durable_io import DurableIO, FailPoints
+from .envelope import open_sealed
+from .errors import MissingBlobError, TamperedBlobError
+from .key_providers import KeyProvider
+from .manifest import (
+    adapter_context,
+    find_adapter,
+    find_library,
+    iter_blob_refs,
+    iter_refs,
+    library_blob_names,
+    object_context,
+    successor,
+    writable_library,
+)
+from .records import AdapterRecord, LibraryRecord, adapter_record, library_record
+from .recovery import BLOBS_DIR, lock_data_dir, recover
+from .rotation import reseal_all, select_primary
+from .rwlock import ReadWriteLock
+from .validation import require_bytes, validate_files, validate_meta, validate_name, validate_objects, validate_role
+
+__all__ = ["LibraryStore"]
+
+_R = TypeVar("_R")
+
+
+class LibraryStore:
+    """Thread-safe store: many concurrent readers, one writer at a time. Create with :meth:`open`."""
+
+    def __init__(self, *, data_dir: Path, keys: KeyProvider, io: DurableIO, lock_fd: int, anchor_file: AnchorFile,
+                 manifest: dict[str, Any], manifest_key_id: str, recovery: dict[str, int]):
+        self._data_dir = data_dir
+        self._blobs_dir = data_dir / BLOBS_DIR
+        self._keys = keys
+        self._io = io
+        self._lock_fd: int | None = lock_fd
+        self._manifest = manifest
+        self._manifest_key_id = manifest_key_id
+        self._committer = Committer(data_dir=data_dir, keys=keys, io=io, anchor_file=anchor_file)
+        self._write_lock = threading.Lock()
+        self._rw = ReadWriteLock()
+        self.recovery = recovery
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        keys: KeyProvider,
+        *,
+        create: bool = True,
+        anchor_dir: str | os.PathLike[str] | None = None,
+        accept_unanchored: bool = False,
+        failpoints: FailPoints | None = None,
+    ) -> LibraryStore:
+        """Open (or create) the store in ``data_dir``; verifies the manifest and cleans up crashes.
+
+        Refuses with ``WrongKeyError`` (a FailedPreconditionError) when the KEK is missing or wrong,
+        ``IntegrityError`` when the manifest was tampered with and ``RollbackError`` when it is older
+        than the rollback anchor. ``anchor_dir`` overrides where the anchor lives (see module doc);
+        ``accept_unanchored`` adopts a store whose anchor is missing (after moving it).
+        """
+        path = Path(data_dir).absolute()
+        io = DurableIO(failpoints=failpoints)
+        if not path.is_dir():
+            if not create:
+                raise FailedPreconditionError(f"data directory {path} does not exist", field="data_dir")
+            path.mkdir(mode=0o700, parents=True)
+            io.fsync_dir(path.parent)
+        with ExitStack() as cleanup:
+            lock_fd = lock_data_dir(path)
+            cleanup.callback(os.close, lock_fd)
+            anchor_file = AnchorFile(resolve_anchor_dir(path, keys.anchor_dir, anchor_dir), path, io)
+            anchor_file.prepare()
+            found = recover(data_dir=path, keys=keys, io=io, anchor_file=anchor_file, create=create,
+                            accept_unanchored=accept_unanchored)
+            store = cls(data_dir=path, keys=keys, io=io, lock_fd=lock_fd, anchor_file=anchor_file,
+                        manifest=found.manifest, manifest_key_id=found.manifest_key_id,
+                        recovery={"temp_files": found.removed_temp_files, "orphan_blobs": found.removed_orphan_blobs})
+            cleanup.pop_all()
+            return store
+
+    # ----------------------------------------------------------------- reads
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    @property
+    def store_id(self) -> str:
+        """Random id of this store, bound into every blob's associated data."""
+        return self._manifest["store_id"]
+
+    @property
+    def manifest_seq(self) -> int:
+        """Sequence number of the last committed manifest (grows by one per commit)."""
+        return self._manifest["seq"]
+
+    def list_libraries(self) -> list[str]:
+        self._check_open()
+        return sorted(self._manifest["libraries"])
+
+    def library(self, name: str) -> LibraryRecord:
+        self._check_open()
+        return library_record(name, find_library(self._manifest, name))
+
+    def adapter(self, library: str, name: str) -> AdapterRecord:
+        self._check_open()
+        return adapter_record(name, find_adapter(self._manifest, library, name))
+
+    def read_adapter_files(self, library: str, name: str) -> dict[str, bytes]:
+        """Decrypt and return the adapter's files exactly as uploaded (checked against their sha256)."""
+        self._check_open()
+        with self._rw.read():
+            manifest = self._manifest
+            entry = find_adapter(manifest, library, name)
+            out = {}
+            for file_name, ref in entry["files"].items():
+                context = adapter_context(manifest["store_id"], library, name, entry["adapter_id"], file_name)
+                what = f"library {library!r} adapter {name!r} file {file_name!r}"
+                data = self._read_blob(ref, context, what)
+                if hashlib.sha256(data).hexdigest() != entry["sha256"][file_name]:
+                    raise TamperedBlobError(f"{what}: plaintext does not match its recorded sha256")
+                out[file_name] = data
+            return out
+
+    def read_library_object(self, library: str, role: str) -> bytes | None:
+        """The library's object for ``role`` (e.g. "calibration"), or None if it has none."""
+        self._check_open()
+        validate_role(role)
+        with self._rw.read():
+            manifest = self._manifest
+            ref = find_library(manifest, library)["objects"].get(role)
+            if ref is None:
+                return None
+            context = object_context(manifest["store_id"], library, role)
+            return self._read_blob(ref, context, f"library {library!r} object {role!r}")
+
+    def key_ids_in_use(self) -> set[str]:
+        """KEK ids any stored object (or the manifest) is wrapped under; retire only keys not listed."""
+        self._check_open()
+        with self._rw.read():  # the manifest and its key id are published together
+            return {ref["key_id"] for ref in iter_refs(self._manifest)} | {self._manifest_key_id}
+
+    def blob_path(self, library: str, *, adapter: str | None = None, file: str | None = None,
+                  role: str | None = None) -> Path:
+        """Where an object's blob lives on disk (for diagnostics and tamper tests)."""
+        self._check_open()
+        if adapter is not None:
+            ref = find_adapter(self._manifest, library, adapter)["files"].get(file)
+        else:
+            ref = find_library(self._manifest, library)["objects"].get(role)
+        if ref is None:
+            raise NotFoundError("no such file or role", field="file" if adapter else "role", actual=file or role)
+        return self._blob_file(ref["blob"])
+
+    def verify(self) -> dict[str, Any]:
+        """Read and authenticate every blob; returns counts and a list of (object, error) failures."""
+        self._check_open()
+        failures: list[tuple[str, str]] = []
+        checked = 0
+        with self._rw.read():
+            for ref, context, what in iter_blob_refs(self._manifest):
+                checked += 1
+                try:
+                    self._read_blob(ref, context, what)
+                except IntegrityError as exc:
+                    failures.append((what, str(exc)))
+        return {"checked": checked, "failed": failures}
+
+    # ---------------------------------------------------------------- writes
+
+    def create_library(self, name: str, *, meta: dict, objects: dict[str, bytes] | None = None) -> LibraryRecord:
+        validate_name(name, field="library")
+        meta = validate_meta(meta)
+        objects = validate_objects(objects or {})
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+            if name in manifest["libraries"]:
+                raise AlreadyExistsError(f"library {name!r} already exists", field="library", actual=name)
+            lib = {"version": 1, "meta": meta, "next_adapter_id": 0, "created_at": _now(), "objects": {},
+                   "adapters": {}}
+            manifest["libraries"][name] = lib
+            for role, data in objects.items():
+                lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], name, role))
+            return library_record(name, lib)
+
+        return self._mutate(edit)
+
+    def delete_library(self, name: str) -> None:
+        """Delete a library and crypto-shred every blob in it."""
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> None:
+            txn.obsolete.extend(library_blob_names(find_library(manifest, name)))
+            del manifest["libraries"][name]
+
+        self._mutate(edit)
+
+    def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict) -> AdapterRecord:
+        """Store a new adapter; it gets the library's next adapter id, never reused after a delete."""
+        validate_name(name, field="adapter")
+        meta = validate_meta(meta)
+        files = validate_files(files)
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> AdapterRecord:
+            lib = writable_library(manifest, library)
+            if name in lib["adapters"]:
+                raise AlreadyExistsError(
+                    f"adapter {name!r} already exists in library {library!r}", field="adapter", actual=name
+                )
+            adapter_id = lib["next_adapter_id"]
+            entry = {"adapter_id": adapter_id, "created_at": _now(), "meta": meta, "files": {},
+                     "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
+                     "size_bytes": sum(len(d) for d in files.values())}
+            for file_name, data in files.items():
+                context = adapter_context(manifest["store_id"], library, name, adapter_id, file_name)
+                entry["files"][file_name] = self._write_blob(txn, data, context)
+            lib["adapters"][name] = entry
+            lib["next_adapter_id"] = adapter_id + 1
+            lib["version"] += 1
+            return adapter_record(name, entry)
+
+        return self._mutate(edit)
+
+    def delete_adapter(self, library: str, name: str) -> LibraryRecord:
+        """Remove an adapter and crypto-shred its files; bumps the library version."""
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+            entry = find_adapter(manifest, library, name)
+            lib = writable_library(manifest, library)
+            txn.obsolete.extend(ref["blob"] for ref in entry["files"].values())
+            del lib["adapters"][name]
+            lib["version"] += 1
+            return library_record(library, lib)
+
+        return self._mutate(edit)
+
+    def put_library_object(self, library: str, role: str, data: bytes) -> LibraryRecord:
+        """Store (or replace) the library's object for ``role``; bumps the library version."""
+        validate_role(role)
+        require_bytes(data, field=role)
+        data = bytes(data)
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+            lib = writable_library(manifest, library)
+            old = lib["objects"].get(role)
+            if old is not None:
+                txn.obsolete.append(old["blob"])
+            lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], library, role))
+            lib["version"] += 1
+            return library_record(library, lib)
+
+        return self._mutate(edit)
+
+    def delete_library_object(self, library: str, role: str) -> LibraryRecord:
+        """Remove (and crypto-shred) the library's object for ``role``; bumps the library version."""
+        validate_role(role)
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+            lib = writable_library(manifest, library)
+            old = lib["objects"].pop(role, None)
+            if old is None:
+                raise NotFoundError(f"library {library!r} has no {role!r} object", field="role", actual=role)
+            txn.obsolete.append(old["blob"])
+            lib["version"] += 1
+            return library_record(library, lib)
+
+        return self._mutate(edit)
+
+    def rotate_kek(self, new_primary_key_id: str | None = None) -> dict:
+        """Re-seal every data key under the provider's primary KEK (optionally making ``new_primary_key_id``
+        primary first). Readers keep working: they use the old blobs until the new manifest is published.
+        Afterwards no object references an older key id, so it can be retired."""
+        self._check_open()
+        target = select_primary(self._keys, new_primary_key_id)
+        result = self._mutate(
+            lambda manifest, txn: reseal_all(
+                manifest, target=target, read=self._read_blob, obsolete=txn.obsolete,
+                write=lambda data, context: self._write_blob(txn, data, context),
+            ),
+            deep=True,  # rotation rewrites references in place
+        )
+        stale = self.key_ids_in_use() - {target}
+        if stale:
+            raise FailedPreconditionError(
+                f"primary key changed during rotation; objects still use {sorted(stale)} - rotate again",
+                field="key_id",
+            )
+        return result
+
+    def close(self) -> None:
+        """Release the directory lock; later calls raise UnavailableError. Idempotent."""
+        with self._write_lock, self._rw.write():
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> LibraryStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise UnavailableError("the store is closed", field="store")
+        self._io.check()
+
+    def _mutate(self, edit: Callable[[dict[str, Any], Txn], _R], *, deep: bool = False) -> _R:
+        """Apply ``edit`` to a successor of the manifest and commit it durably; the only write path."""
+        with self._write_lock:
+            self._check_open()
+            manifest = successor(self._manifest, deep=deep)
+            txn = Txn(version=manifest["seq"])
+            with ExitStack() as undo:
+                undo.callback(self._committer.discard, txn)
+                result = edit(manifest, txn)
+                self._committer.commit(manifest, txn, publish=lambda key_id: self._publish(manifest, key_id))
+                undo.pop_all()
+            return result
+
+    def _publish(self, manifest: dict[str, Any], key_id: str) -> None:
+        with self._rw.write():  # also waits out readers still using blobs of the old manifest
+            self._manifest = manifest
+            self._manifest_key_id = key_id
+
+    def _write_blob(self, txn: Txn, data: bytes, context: bytes) -> dict[str, Any]:
+        return self._committer.write_blob(txn, data, context)
+
+    def _read_blob(self, ref: dict[str, Any], context: bytes, what: str) -> bytes:
+        path = self._blob_file(ref["blob"])
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise MissingBlobError(f"{what}: blob {path.name} is missing from {self._blobs_dir}") from None
+        except OSError as exc:
+            raise UnavailableError(f"{what}: cannot read {path}: {exc.strerror}", field=str(path)) from exc
+        return open_sealed(blob, keys=self._keys, context=context, what=what, expected_version=ref["version"],
+                           expected_key_id=ref["key_id"])
+
+    def _blob_file(self, name: str) -> Path:
+        return self._committer.blob_file(name)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

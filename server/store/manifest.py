@@ -1,0 +1,171 @@
+"""The manifest: the store's single commit point, and the name/meta checks for what goes in it.
+
+The manifest is a JSON document sealed with the envelope format (its own data key, object version
+= its sequence number). It lists every library and adapter and, for each stored object, a
+*blob reference*: the random blob file name, the object version it was sealed at and the key id.
+Writers never mutate a published manifest. A successor shares structure with it (copying a
+1,000-adapter manifest deeply on every put would dominate put latency): :func:`successor` copies
+the top level, :func:`writable_library` copies one library's containers, and edits only add,
+replace or remove entries in those copies - never change an existing entry in place. Rotation,
+which rewrites references everywhere, takes a deep copy instead.
+Blob file names are random so the directory listing reveals nothing but counts and sizes.
+
+Schema::
+
+    {"format": 1, "store_id": str, "seq": int,
+     "libraries": {name: {"version": int, "meta": {...}, "next_adapter_id": int, "created_at": str,
+                          "objects": {role: ref},
+                          "adapters": {name: {"adapter_id": int, "created_at": str, "meta": {...},
+                                              "sha256": {file: hex}, "size_bytes": int,
+                                              "files": {file: ref}}}}}}
+    ref = {"blob": 32 hex chars, "version": int, "key_id": str, "size": plaintext bytes}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from seqr_core.errors import NotFoundError
+
+from .anchor import Anchor
+from .envelope import blob_context, open_sealed, parse_header, seal
+from .errors import TamperedBlobError, WrongKeyError
+from .key_providers import KeyProvider
+
+__all__ = [
+    "MANIFEST_CONTEXT",
+    "MANIFEST_NAME",
+    "adapter_context",
+    "find_adapter",
+    "find_library",
+    "iter_blob_refs",
+    "iter_refs",
+    "library_blob_names",
+    "new_manifest",
+    "object_context",
+    "open_manifest",
+    "seal_manifest",
+    "successor",
+    "writable_library",
+]
+
+MANIFEST_NAME = "MANIFEST"
+MANIFEST_CONTEXT = b'{"object":"manifest"}'
+_FORMAT = 1
+_BLOB_NAME = re.compile(r"[0-9a-f]{32}")
+
+
+def new_manifest(store_id: str) -> dict[str, Any]:
+    return {"format": _FORMAT, "store_id": store_id, "seq": 0, "libraries": {}}
+
+
+def successor(manifest: dict[str, Any], *, deep: bool = False) -> dict[str, Any]:
+    """A copy to edit into the next version (sequence number advanced), sharing unchanged parts."""
+    nxt = copy.deepcopy(manifest) if deep else {**manifest, "libraries": dict(manifest["libraries"])}
+    nxt["seq"] = manifest["seq"] + 1
+    return nxt
+
+
+def writable_library(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """Replace library ``name`` in a successor by a copy whose entry maps may be edited."""
+    lib = find_library(manifest, name)
+    lib = {**lib, "objects": dict(lib["objects"]), "adapters": dict(lib["adapters"])}
+    manifest["libraries"][name] = lib
+    return lib
+
+
+def seal_manifest(manifest: dict[str, Any], keys: KeyProvider) -> bytes:
+    plaintext = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return seal(plaintext, keys=keys, context=MANIFEST_CONTEXT, version=manifest["seq"])
+
+
+def open_manifest(raw: bytes, keys: KeyProvider, *, anchor: Anchor | None) -> dict[str, Any]:
+    """Authenticate and parse a MANIFEST file; fails closed on a wrong KEK or any tampering."""
+    header, _ = parse_header(raw, what="MANIFEST")
+    _check_manifest_key(header.key_id, keys, anchor)
+    plaintext = open_sealed(raw, keys=keys, context=MANIFEST_CONTEXT, what="MANIFEST")
+    try:
+        manifest = json.loads(plaintext)
+    except ValueError:
+        raise TamperedBlobError("MANIFEST decrypted but is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or manifest.get("seq") != header.version:
+        raise TamperedBlobError("MANIFEST contents do not match its authenticated header", field="manifest")
+    return manifest
+
+
+def _check_manifest_key(key_id: str, keys: KeyProvider, anchor: Anchor | None) -> None:
+    held = set(keys.key_ids())
+    if key_id in held:
+        return
+    if anchor is not None and anchor.key_id in held:
+        # The provider is the right one for this store, so the header itself was edited.
+        raise TamperedBlobError(
+            "MANIFEST header names a key id this store was never sealed under (header edited)",
+            field="key_id",
+            limit=anchor.key_id,
+            actual=key_id,
+        )
+    raise WrongKeyError(
+        f"wrong or missing key-encryption key: MANIFEST is sealed under KEK {key_id!r} but the key provider "
+        f"holds {sorted(held)}",
+        field="key_id",
+        actual=key_id,
+    )
+
+
+def adapter_context(store_id: str, library: str, adapter: str, adapter_id: int, file_name: str) -> bytes:
+    return blob_context(store_id, library, role=f"file:{file_name}", adapter=adapter, adapter_id=adapter_id)
+
+
+def object_context(store_id: str, library: str, role: str) -> bytes:
+    return blob_context(store_id, library, role=f"object:{role}")
+
+
+def iter_blob_refs(manifest: dict[str, Any]) -> Iterator[tuple[dict[str, Any], bytes, str]]:
+    """Every blob reference with the context it is sealed for and a human description."""
+    store_id = manifest["store_id"]
+    for lib_name, lib in manifest["libraries"].items():
+        for role, ref in lib["objects"].items():
+            yield ref, object_context(store_id, lib_name, role), f"library {lib_name!r} object {role!r}"
+        for ad_name, ad in lib["adapters"].items():
+            for file_name, ref in ad["files"].items():
+                context = adapter_context(store_id, lib_name, ad_name, ad["adapter_id"], file_name)
+                yield ref, context, f"library {lib_name!r} adapter {ad_name!r} file {file_name!r}"
+
+
+def iter_refs(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every blob reference, without building contexts (cheap enough for open-time scans)."""
+    for lib in manifest["libraries"].values():
+        yield from library_refs(lib)
+
+
+def library_refs(lib: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from lib["objects"].values()
+    for ad in lib["adapters"].values():
+        yield from ad["files"].values()
+
+
+def library_blob_names(lib: dict[str, Any]) -> list[str]:
+    return [ref["blob"] for ref in library_refs(lib)]
+
+
+def is_blob_name(name: str) -> bool:
+    return _BLOB_NAME.fullmatch(name) is not None
+
+
+def find_library(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    lib = manifest["libraries"].get(name)
+    if lib is None:
+        raise NotFoundError(f"library {name!r} does not exist", field="library", actual=name)
+    return lib
+
+
+def find_adapter(manifest: dict[str, Any], library: str, name: str) -> dict[str, Any]:
+    adapter = find_library(manifest, library)["adapters"].get(name)
+    if adapter is None:
+        raise NotFoundError(f"adapter {name!r} does not exist in library {library!r}", field="adapter", actual=name)
+    return adapter

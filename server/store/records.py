@@ -1,0 +1,62 @@
+"""Immutable views of libraries and adapters handed to callers.
+
+Built fresh from a manifest snapshot on each call; mutable fields (``meta``, ``sha256``) are deep
+copies, so callers cannot change the store's state by editing a record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AdapterRecord", "LibraryRecord", "adapter_record", "library_record"]
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored adapter. ``sha256`` maps each uploaded file name to the digest of its plaintext."""
+
+    name: str
+    adapter_id: int
+    created_at: str
+    sha256: dict[str, str]
+    meta: dict
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class LibraryRecord:
+    """One library at one version; ``objects`` are the role names of its library-level objects."""
+
+    name: str
+    version: int
+    meta: dict
+    next_adapter_id: int
+    adapters: tuple[AdapterRecord, ...]
+    objects: tuple[str, ...]
+
+
+def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
+    return AdapterRecord(
+        name=name,
+        adapter_id=entry["adapter_id"],
+        created_at=entry["created_at"],
+        sha256=dict(entry["sha256"]),
+        meta=copy.deepcopy(entry["meta"]),
+        size_bytes=entry["size_bytes"],
+    )
+
+
+def library_record(name: str, entry: dict[str, Any]) -> LibraryRecord:
+    adapters = sorted(
+        (adapter_record(adapter, value) for adapter, value in entry["adapters"].items()), key=lambda a: a.adapter_id
+    )
+    return LibraryRecord(
+        name=name,
+        version=entry["version"],
+        meta=copy.deepcopy(entry["meta"]),
+        next_adapter_id=entry["next_adapter_id"],
+        adapters=tuple(adapters),
+        objects=tuple(sorted(entry["objects"])),
+    )
