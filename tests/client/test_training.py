@@ -1,0 +1,156 @@
+"""Adapter training (seqr_client.training) on a tiny random Llama — fast, CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from seqr_client.hf_models import signature_of, tiny_llama
+from seqr_client.training import (PEFT_FILES, check_shared_a, chunk_text, main, read_seqr_json,
+                                  train_lora)
+from seqr_core.shared_a import SharedARecipe, generate_shared_a
+
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(24)]
+FAST = dict(steps=3, batch_size=4, seq_len=32, progress=False)
+RECIPE = SharedARecipe(seed=11)
+
+
+def _tensors(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.fixture()
+def tiny():
+    return tiny_llama(seed=0)
+
+
+def test_shared_a_training_keeps_a_bitwise_and_changes_b(tiny, tmp_path):
+    model, tok = tiny
+    out = train_lora(model, tok, TEXTS, out_dir=tmp_path / "a", shared_a=RECIPE, domain="py", **FAST)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PEFT_FILES, "seqr.json"])
+    t = _tensors(out)
+    sig = signature_of(model, ("q_proj", "v_proj"))
+    for name, d_in, d_out in sig:
+        a = t[f"base_model.model.{name}.lora_A.weight"]
+        b = t[f"base_model.model.{name}.lora_B.weight"]
+        want = generate_shared_a(RECIPE, module=name, rank=8, d_in=d_in)
+        assert a.dtype == np.float32 and np.array_equal(a.view(np.uint32), want.view(np.uint32))
+        assert b.shape == (d_out, 8) and np.abs(b).max() > 0  # B starts at zero, so it trained
+    assert check_shared_a(out, RECIPE) == len(sig)
+    meta = read_seqr_json(out)
+    assert meta["shared_a"] == RECIPE.to_dict() and meta["kind"] == "shared_a"
+    assert meta["domain"] == "py" and meta["steps"] == 3 and meta["finished"] is True
+    assert len(meta["losses"]) == 3
+
+
+def test_adapter_config_holds_only_peft_keys(tiny, tmp_path):
+    from peft import LoraConfig
+
+    model, tok = tiny
+    out = train_lora(model, tok, TEXTS, out_dir=tmp_path / "a", shared_a=RECIPE, **FAST)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert not [k for k in cfg if "seqr" in k or "shared" in k]
+    loaded = LoraConfig.from_pretrained(str(out))
+    assert loaded.r == 8 and loaded.lora_alpha == 16 and set(loaded.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_training_is_deterministic_in_seed(tiny, tmp_path):
+    model, tok = tiny
+    a = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "a", shared_a=RECIPE, **FAST))
+    b = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "b", shared_a=RECIPE, **FAST))
+    c = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "c", shared_a=RECIPE, seed=1, **FAST))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a if "lora_B" in k)
+
+
+def test_finished_adapter_is_reused_without_training(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    out = train_lora(model, tok, TEXTS, out_dir=tmp_path / "a", shared_a=RECIPE, **FAST)
+    before = (out / "adapter_model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("retrained a finished adapter")
+
+    monkeypatch.setattr(torch.optim, "AdamW", boom)
+    assert train_lora(model, tok, TEXTS, out_dir=out, shared_a=RECIPE, **FAST) == out
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    with pytest.raises(AssertionError, match="retrained"):  # a different recipe does train
+        train_lora(model, tok, TEXTS, out_dir=out, shared_a=RECIPE, lr=1e-3, **FAST)
+
+
+def test_changed_recipe_replaces_the_adapter(tiny, tmp_path):
+    model, tok = tiny
+    out = train_lora(model, tok, TEXTS, out_dir=tmp_path / "a", shared_a=RECIPE, **FAST)
+    h1 = read_seqr_json(out)["recipe_hash"]
+    train_lora(model, tok, TEXTS[:12], out_dir=out, shared_a=RECIPE, **FAST)
+    assert read_seqr_json(out)["recipe_hash"] != h1 and read_seqr_json(out)["n_texts"] == 12
+
+
+def test_refuses_to_replace_a_foreign_folder(tiny, tmp_path):
+    model, tok = tiny
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        train_lora(model, tok, TEXTS, out_dir=tmp_path / "mine", shared_a=RECIPE, **FAST)
+
+
+def test_general_training_trains_its_own_a(tiny, tmp_path):
+    model, tok = tiny
+    out = train_lora(model, tok, TEXTS, out_dir=tmp_path / "g", shared_a=None, **FAST)
+    meta = read_seqr_json(out)
+    assert meta["kind"] == "general" and meta["shared_a"] is None
+    with pytest.raises(ValueError):
+        check_shared_a(out, RECIPE)
+
+
+def test_base_model_is_restored_after_training(tiny, tmp_path):
+    model, tok = tiny
+    ids = tok(["hello world"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    train_lora(model, tok, TEXTS, out_dir=tmp_path / "a", shared_a=RECIPE, **FAST)
+    assert not hasattr(model, "peft_config") and not model.training
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    train_lora(model, tok, TEXTS, out_dir=tmp_path / "b", shared_a=None, **FAST)  # again works
+
+
+def test_cli_trains_a_shared_a_adapter(tmp_path, capsys):
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(TEXTS * 4))
+    rc = main(["--domain-text", str(text), "--out", str(tmp_path / "cli"), "--shared-a-seed", "11",
+               "--model", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+               "--no-progress"])
+    assert rc == 0 and "shared_a adapter" in capsys.readouterr().out
+    assert check_shared_a(tmp_path / "cli", RECIPE) == 4
+    assert read_seqr_json(tmp_path / "cli")["domain"] == "cli"
+
+
+def test_cli_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--domain-text", "--out", "--shared-a-seed", "--general", "--rank", "--alpha",
+                "--target-modules", "--steps", "--batch-size", "--seq-len", "--lr", "--seed"):
+        assert opt in out
+
+
+def test_chunks_are_deterministic_bounded_and_verbatim():
+    text = ("word " * 400 + "\n") + "\n".join(f"line {i} " + "x" * (i % 90) for i in range(300))
+    a, b = chunk_text(text, size=600), chunk_text(text, size=600)
+    assert a == b and len(a) > 5
+    assert all(200 <= len(c) <= 600 for c in a)
+    clean = "\n".join(line.rstrip() for line in text.split("\n"))
+    assert all(c in clean for c in a)  # cut, never rewritten (trailing blanks of lines dropped)
