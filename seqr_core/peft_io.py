@@ -43,12 +43,14 @@ def read_safetensors(data: bytes, *, field: str = WEIGHTS) -> tuple[dict[str, np
         raise InvalidArgumentError("too short for a safetensors file", field=field,
                                    limit=">=8 bytes", actual=len(data))
     (hlen,) = struct.unpack("<Q", data[:8])
+    # Size check first: a text file or a truncated upload reads as an absurd header length,
+    # and that is malformed input, not an oversize request.
+    if 8 + hlen > len(data):
+        raise InvalidArgumentError("not safetensors or truncated: header length exceeds the file",
+                                   field=field, limit=len(data) - 8, actual=hlen)
     if hlen > MAX_HEADER:
         raise LimitExceededError("safetensors header too large", field=field,
                                  limit=MAX_HEADER, actual=hlen)
-    if 8 + hlen > len(data):
-        raise InvalidArgumentError("truncated safetensors header", field=field,
-                                   limit=len(data) - 8, actual=hlen)
     try:
         header = json.loads(data[8:8 + hlen].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
