@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .qr_index import LibraryIndex, ModuleIndex, triu_pairs
+from .qr_index import LibraryIndex, ModuleIndex, gram_weights, triu_pairs
 
 FORMS = ("activations", "projected", "moments")
 _U32 = 2.0 ** -24
@@ -145,9 +145,37 @@ def _select(ids_all: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return np.flatnonzero(np.isin(ids_all, allowed))
 
 
+_U64 = 2.0 ** -53
+
+
+def _gamma64(n: int) -> float:
+    return n * _U64 / (1.0 - n * _U64)
+
+
+def _f64(mi: ModuleIndex):
+    """Float64 copies used by the precise path (built once per snapshot)."""
+    def build():
+        A64 = mi.shared_a.astype(np.float64) if mi.shared_a is not None else None
+        gram64 = gram_weights(mi.R) if mi.shared_ids.size else np.zeros((0, 0))
+        return A64, gram64
+    return mi.cached("f64", build)
+
+
+def _pooled_bound(mean_bound: np.ndarray) -> Bound:
+    n = mean_bound.size
+    one, zero = np.ones(1), np.zeros(1)
+    return Bound(a=one, g=mean_bound, c=zero, h=np.zeros(n), delta=zero, rho=np.zeros(n))
+
+
 def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | None = None,
-                  field: str = "inputs") -> Energies:
-    """SEQR energies of the allowed adapters on one module, float32 compute, with bounds."""
+                  field: str = "inputs", token_mean: bool = False, precise: bool = True) -> Energies:
+    """SEQR energies of the allowed adapters on one module, with rigorous error bounds.
+
+    ``token_mean``: only mean_t e is wanted (sequence routing, linear normalisation): the
+    shared-A part becomes tr(RᵢᵀRᵢ·ZᵀZ/T) — O(T·r² + K·N) in float64 instead of a T×N GEMM.
+    ``precise``: z = A·x (and M·x) in float64, so the bound is set by the float32 Gram GEMM
+    alone; False is the all-float32 kernel (bounds then carry γ_d·‖A‖·‖x‖ and are looser).
+    """
     gn, rf, af, mf = _norm_cols(mi)
     s_sel = _select(mi.shared_ids, allowed)
     g_sel = _select(mi.general_ids, allowed)
@@ -156,59 +184,101 @@ def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | No
             f"module {mi.name} has adapters with their own A (general path) that need "
             f"activations; send activations or restrict candidates", field=f"{field}.{inp.form}",
             actual=int(g_sel.size))
+    pooled = inp.pooled or token_mean
     parts_e, parts_b, parts_ids = [], [], []
+    x64 = inp.data.astype(np.float64) if inp.form == "activations" and (precise or token_mean) else None
     if s_sel.size:
-        gram = mi.gram if s_sel.size == mi.shared_ids.size else mi.gram[:, s_sel]
-        K = gram.shape[0]
-        if inp.form == "moments":
-            feat = _sym_feat_matrix(inp.data.astype(np.float32))          # (1, K)
-        elif inp.form == "projected":
-            feat = _sym_feat_tokens(inp.data.astype(np.float32))          # (T, K)
+        A64, gram64 = _f64(mi)
+        K = mi.gram.shape[0]
+        if pooled:
+            if inp.form == "moments":
+                G = inp.data.astype(np.float64)                                # (r, r)
+                gerr = 0.0
+            else:
+                z = x64 @ A64.T if inp.form == "activations" else inp.data.astype(np.float64)  # (T, r)
+                G = z.T @ z / z.shape[0]                                       # (r, r) ZᵀZ/T
+                zn2 = np.einsum("tr,tr->t", z, z).mean()
+                gerr = _gamma64(z.shape[0] + 2) * zn2
+                if inp.form == "activations":
+                    xn = np.sqrt(np.einsum("td,td->t", x64, x64))
+                    dz = _gamma64(x64.shape[1]) * af * xn                     # (T,) ‖δz‖
+                    gerr += float(np.mean(2 * np.sqrt(np.einsum("tr,tr->t", z, z)) * dz + dz ** 2))
+            w = gram64[:, s_sel]                                               # (K, n)
+            feat = _sym_feat_matrix(G)                                         # (1, K)
+            e = feat @ w                                                       # (1, K)·(K, n) -> (1, n)
+            fn = float(np.linalg.norm(feat))
+            b = (_gamma64(K + 2) * fn + gerr * 2) * np.linalg.norm(w, axis=0) + _F64_SLACK * fn * rf[s_sel] ** 2
+            parts_e.append(e)
+            parts_b.append(_pooled_bound(b))
         else:
-            z = inp.data @ mi.shared_a.T                                  # (T, d)·(d, r) -> (T, r)
-            feat = _sym_feat_tokens(z)                                    # (T, K)
-        parts_e.append(feat @ gram)                                       # (T, K)·(K, Ns) -> (T, Ns)
-        fz = np.sqrt(np.einsum("tk,tk->t", feat, feat, dtype=np.float64))  # (T,) ‖feat‖
-        T = feat.shape[0]
-        delta = np.zeros(T)
-        if inp.form == "activations":
-            # z carries the rounding of A·x: ‖δz‖ ≤ γ_d·‖A‖_F·‖x‖ (‖x‖² in fp32 is within γ_d).
-            xn2 = np.einsum("td,td->t", inp.data, inp.data).astype(np.float64)
-            d = mi.shared_a.shape[1]
-            delta = gamma(d) * af * np.sqrt(xn2 * (1 + gamma(d)))
-        parts_b.append(Bound(a=fz, g=gamma(K + 2) * gn[s_sel], c=fz, h=_F64_SLACK * rf[s_sel] ** 2,
-                             delta=delta, rho=rf[s_sel]))
+            gram = mi.gram if s_sel.size == mi.shared_ids.size else mi.gram[:, s_sel]
+            T = inp.data.shape[0]
+            if inp.form == "projected":
+                z = inp.data.astype(np.float32)
+                delta = np.zeros(T)
+            elif precise:
+                z64 = x64 @ A64.T                                              # (T, d)·(d, r) -> (T, r)
+                z = z64.astype(np.float32)
+                # Rounding z to float32 moves it by ≤ u·‖z‖; the float64 GEMM adds γ64_d·‖A‖·‖x‖.
+                delta = (_U32 * np.sqrt(np.einsum("tr,tr->t", z64, z64))
+                         + _gamma64(x64.shape[1]) * af * np.sqrt(np.einsum("td,td->t", x64, x64)))
+            else:
+                z = inp.data @ mi.shared_a.T                                   # (T, d)·(d, r) -> (T, r)
+                xn2 = np.einsum("td,td->t", inp.data, inp.data).astype(np.float64)
+                d = mi.shared_a.shape[1]
+                delta = gamma(d) * af * np.sqrt(xn2 * (1 + gamma(d)))
+            feat = _sym_feat_tokens(z)                                         # (T, K)
+            parts_e.append(feat @ gram)                                        # (T, K)·(K, Ns) -> (T, Ns)
+            fz = np.sqrt(np.einsum("tk,tk->t", feat, feat, dtype=np.float64))  # (T,) ‖feat‖
+            parts_b.append(Bound(a=fz, g=gamma(K + 2) * gn[s_sel], c=fz, h=_F64_SLACK * rf[s_sel] ** 2,
+                                 delta=delta, rho=rf[s_sel]))
         parts_ids.append(mi.shared_ids[s_sel])
     if g_sel.size:
         x = inp.data
         if g_sel.size == mi.general_ids.size:
-            M, offs = mi.M, mi.M_offsets
+            rows, offs = None, mi.M_offsets
         else:
             rows = np.concatenate([np.arange(mi.M_offsets[k], mi.M_offsets[k + 1]) for k in g_sel])
-            M = mi.M[rows]
             offs = np.concatenate([[0], np.cumsum(np.diff(mi.M_offsets)[g_sel])])
-        y = x @ M.T                                                       # (T, d)·(d, Σr) -> (T, Σr)
-        parts_e.append(np.add.reduceat(y * y, offs[:-1], axis=1))         # (T, Ng)
-        xn = np.sqrt(np.einsum("td,td->t", x, x).astype(np.float64) * (1 + gamma(x.shape[1])))
+        T, d = x.shape
         rmax = int(np.diff(offs).max())
-        T = x.shape[0]
-        parts_b.append(Bound(a=np.zeros(T), g=np.zeros(g_sel.size), c=xn ** 2,
-                             h=_F64_SLACK * mf[g_sel] ** 2, delta=gamma(x.shape[1] + 1) * xn,
-                             rho=mf[g_sel], rel=gamma(rmax + 1)))
+        if precise or token_mean:
+            M64 = mi.cached("M64", lambda: mi.M.astype(np.float64))
+            M = M64 if rows is None else M64[rows]
+            y = x64 @ M.T                                                      # (T, d)·(d, Σr) -> (T, Σr)
+            e = np.add.reduceat(y * y, offs[:-1], axis=1)                      # (T, Ng)
+            xn = np.sqrt(np.einsum("td,td->t", x64, x64))
+            # M is float32-rounded from float64 R·A: that rounding (u) dominates γ64_d.
+            bound = Bound(a=np.zeros(T), g=np.zeros(g_sel.size), c=xn ** 2, h=_F64_SLACK * mf[g_sel] ** 2,
+                          delta=(_U32 + _gamma64(d + 1)) * xn, rho=mf[g_sel], rel=_gamma64(rmax + 1))
+        else:
+            M = mi.M if rows is None else mi.M[rows]
+            y = x @ M.T                                                        # (T, d)·(d, Σr) -> (T, Σr)
+            e = np.add.reduceat(y * y, offs[:-1], axis=1)                      # (T, Ng)
+            xn = np.sqrt(np.einsum("td,td->t", x, x).astype(np.float64) * (1 + gamma(d)))
+            bound = Bound(a=np.zeros(T), g=np.zeros(g_sel.size), c=xn ** 2, h=_F64_SLACK * mf[g_sel] ** 2,
+                          delta=gamma(d + 1) * xn, rho=mf[g_sel], rel=gamma(rmax + 1))
+        if pooled:
+            e_sum = e.sum(axis=0, dtype=np.float64)
+            parts_e.append((e_sum / T)[None, :])
+            parts_b.append(_pooled_bound(bound.mean(e_sum, T)))
+        else:
+            parts_e.append(e)
+            parts_b.append(bound)
         parts_ids.append(mi.general_ids[g_sel])
-    return _merge(parts_ids, parts_e, parts_b, inp)
+    return _merge(parts_ids, parts_e, parts_b, inp, pooled=pooled)
 
 
-def _merge(ids, es, bs, inp: ModuleInput) -> Energies:
+def _merge(ids, es, bs, inp: ModuleInput, *, pooled: bool) -> Energies:
     if not ids:
-        T = 1 if inp.pooled else inp.data.shape[0]
-        return Energies(ids=np.zeros(0, np.int64), e=np.zeros((T, 0), np.float32), pooled=inp.pooled)
+        T = 1 if pooled else inp.data.shape[0]
+        return Energies(ids=np.zeros(0, np.int64), e=np.zeros((T, 0), np.float32), pooled=pooled)
     bounds, pos = [], 0
     for e, b in zip(es, bs):
         bounds.append((pos, pos + e.shape[1], b))
         pos += e.shape[1]
-    e = es[0] if len(es) == 1 else np.concatenate(es, axis=1)
-    return Energies(ids=np.concatenate(ids), e=e, pooled=inp.pooled, bounds=tuple(bounds))
+    e = es[0] if len(es) == 1 else np.concatenate([x.astype(np.float64) for x in es], axis=1)
+    return Energies(ids=np.concatenate(ids), e=e, pooled=pooled, bounds=tuple(bounds))
 
 
 def _need_activations(inp: ModuleInput, method: str, field: str) -> None:
@@ -288,15 +358,20 @@ def brute_force_f64(index: LibraryIndex, module: str, inp: ModuleInput, ids: np.
     data = inp.data.astype(np.float64)
     if tokens is not None and not inp.pooled:
         data = data[tokens]
-    out = []
+    out, zs = [], {}
     for i in ids:
         f = by_id[int(i)].adapter.factors[module]
-        A, B, s = f.A.astype(np.float64), f.B.astype(np.float64), float(f.scale)
+        B, s = f.B.astype(np.float64), float(f.scale)
         if inp.form == "moments":
             G = 0.5 * (data + data.T)
             out.append(np.array([s * s * float(np.sum((B.T @ B) * G))]))   # tr(sB G Bᵀs)
             continue
-        z = data if inp.form == "projected" else data @ A.T                # (T, r)
+        if inp.form == "projected":
+            z = data
+        else:  # shared-A adapters hold the very same A array: compute A·x once for them
+            if id(f.A) not in zs:
+                zs[id(f.A)] = data @ f.A.astype(np.float64).T              # (T, d)·(d, r) -> (T, r)
+            z = zs[id(f.A)]
         y = s * (z @ B.T)                                                  # (T, o)
         out.append(np.einsum("to,to->t", y, y))
     T = 1 if inp.pooled else data.shape[0]

@@ -4,9 +4,17 @@ The graph computes, for the modules and input forms chosen at export, the same n
 scores as ``seqr_core.normalise.combine`` over ``energies.seqr_energies`` — fp32 throughout,
 whatever the input dtype — plus a rigorous per-score error bound (``score_bounds``: the
 float64 score lies within ±bound), so a host can tell which top-k decisions are within
-rounding. The contract (input/output names, shapes, adapter order, normalisation) is written
-into the model's ``metadata_props`` and ``doc_string``; see ``describe`` below and
-docs in ``scorer_doc``. Nothing here does I/O: ``export_scorer`` returns bytes.
+rounding. The contract (input/output names and shapes, adapter order and ids, normalisation)
+is written into the model's ``metadata_props`` (``_metadata``, ``OUTPUT_DOCS``) and
+``doc_string`` (``SCORER_DOC``), so a host needs no project code. No I/O here: bytes out.
+
+How the graph is built, per exported module (shapes beside each op below): shared-A adapters
+go through z = A·x (float64 by default, see ``precise_z``), the upper-triangle features of
+z·zᵀ and one GEMM with the Gram weights; own-A adapters through ‖M_i·x‖² with M rank-padded;
+then the transform (e, √e, log e), the per-column normalisation, a Gather into library
+positions, the sum over modules and the per-adapter division; NaN where an adapter is masked
+or unscored; TopK. For linear transforms and sequence-only outputs the token mean is taken
+before the Gram product (one GEMV instead of a T×N GEMM).
 
 Why onnx.helper and not torch.onnx.export: the server re-exports on every library change,
 so export must be fast and light. The dynamo exporter takes seconds per graph (6.5 s for a
@@ -92,7 +100,7 @@ class _Graph:
 
 # --- planning: which adapters are scored where, and with which constants -----------------
 
-def _resolve(index: LibraryIndex, modules, forms, default_form) -> list[tuple[str, str]]:
+def _resolve(index: LibraryIndex, modules, forms, default_form: str) -> list[tuple[str, str]]:
     if modules is None:
         modules = [m for m in index.signature.names if index.modules[m].ids.size]
     modules = sorted(set(modules))       # combine() sums modules in sorted order too
@@ -180,58 +188,122 @@ def _column_constants(index: LibraryIndex, p: _Plan, norm: Normalisation):
 
 # --- graph pieces ------------------------------------------------------------------------
 
-def _energies(g: _Graph, index: LibraryIndex, p: _Plan, x: str, bounds: bool):
-    """Per-token energies e (B, T, n) and bounds |e − e_f64| ≤ b, as energies.seqr_energies."""
-    mi = index.modules[p.module]
-    es, bs = [], []
-    xn = g.reduce("ReduceL2", x, [2], 1) if bounds and p.form == "activations" else None  # (B, T, 1)
-    if p.shared_k.size:
-        r = mi.shared_a.shape[0]
-        iu, ju = triu_pairs(r)
-        K = iu.size
-        if p.form == "moments":
-            Gs = g.op("Mul", g.op("Add", x, g.op("Transpose", x, perm=[0, 2, 1])), g.scalar(0.5))
-            flat = g.op("Reshape", Gs, g.const(np.array([0, r * r], np.int64), "shape"))  # (B, r·r)
-            feat = g.op("Gather", flat, g.const((iu * r + ju).astype(np.int64), "triu"), axis=1)
-            feat = g.op("Unsqueeze", feat, g.const(np.array([1], np.int64), "axes"))        # (B, 1, K)
+def _z_term(g: _Graph, e: str, q: str, rho: np.ndarray) -> str:
+    """2·√(e·q)·ρ + q·ρ²: the rounding of z (or y) carried into e, q = δ² (Cauchy–Schwarz
+    gives the token mean the same form with q = mean δ²), as energies.Bound."""
+    rho32 = g.const(rho.astype(np.float32), "rho")
+    two_root = g.op("Mul", g.op("Sqrt", g.op("Mul", e, q)), g.scalar(2.0))
+    rho2 = g.const((rho ** 2).astype(np.float32), "rho2")
+    return g.op("Add", g.op("Mul", two_root, rho32), g.op("Mul", q, rho2))
+
+
+def _shared(g: _Graph, mi, p: _Plan, x: str, xn2: str | None, *, bounds: bool, pooled: bool,
+            precise: bool):
+    """Shared-A energies: e (B, T, Ns), or token means (B, Ns) when ``pooled``, and bounds."""
+    r = mi.shared_a.shape[0]
+    iu, ju = triu_pairs(r)
+    K = iu.size
+    if p.form == "moments":
+        Gs = g.op("Mul", g.op("Add", x, g.op("Transpose", x, perm=[0, 2, 1])), g.scalar(0.5))
+        flat = g.op("Reshape", Gs, g.const(np.array([0, r * r], np.int64), "shape"))  # (B, r·r)
+        feat = g.op("Gather", flat, g.const((iu * r + ju).astype(np.int64), "triu"), axis=1)
+        feat = g.op("Unsqueeze", feat, g.const(np.array([1], np.int64), "axes"))        # (B, 1, K)
+    elif p.form == "projected":
+        z = x
+    elif precise:
+        # z = A·x in float64, rounded once: its error is ~u·‖z‖ instead of γ_d·‖A‖·‖x‖
+        # (~1% at d=4096), which would leave most candidates to the float64 re-check.
+        A64 = g.const(mi.shared_a.T.astype(np.float64), "A_T64")
+        z = g.op("Cast", g.op("MatMul", g.op("Cast", x, to=TensorProto.DOUBLE), A64),
+                 to=TensorProto.FLOAT)                       # (B, T, d)·(d, r) -> (B, T, r)
+    else:
+        z = g.op("MatMul", x, g.const(mi.shared_a.T.copy(), "A_T"))  # (B, T, d)·(d, r) -> (B, T, r)
+    if p.form != "moments":
+        feat = g.op("Mul", g.op("Gather", z, g.const(iu.astype(np.int64), "iu"), axis=2),
+                    g.op("Gather", z, g.const(ju.astype(np.int64), "ju"), axis=2))  # (B, T, K)
+    R = mi.R[p.shared_k]
+    rf = np.sqrt(np.einsum("nab,nab->n", R, R))                               # (Ns,) ‖R‖_F
+    gn = np.linalg.norm(mi.gram[:, p.shared_k].astype(np.float64), axis=0)    # (Ns,)
+    delta2 = None                                              # (B, T, 1) bound on ‖δz_t‖²
+    if bounds and p.form == "activations":
+        af = float(np.linalg.norm(mi.shared_a.astype(np.float64)))
+        if precise:
+            g64 = p.d * 2.0 ** -53 / (1 - p.d * 2.0 ** -53)
+            zn = g.reduce("ReduceL2", z, [2], 1)                                  # (B, T, 1)
+            delta = g.op("Add", g.op("Mul", zn, g.scalar(_U32 * (1 + (r + 8) * _U32))),
+                         g.op("Mul", g.op("Sqrt", xn2), g.scalar(g64 * af * 1.01)))
+            delta2 = g.op("Mul", delta, delta)
         else:
-            z = x if p.form == "projected" else \
-                g.op("MatMul", x, g.const(mi.shared_a.T.copy(), "A_T"))          # (B, T, d)·(d, r) -> (B, T, r)
-            feat = g.op("Mul", g.op("Gather", z, g.const(iu.astype(np.int64), "iu"), axis=2),
-                        g.op("Gather", z, g.const(ju.astype(np.int64), "ju"), axis=2))  # (B, T, K)
-        gram = mi.gram[:, p.shared_k]
-        e = g.op("Relu", g.op("MatMul", feat, g.const(gram, "gram")))             # (B, T, K)·(K, Ns) -> (B, T, Ns)
+            delta2 = g.op("Mul", xn2, g.scalar(gamma(p.d) ** 2 * af ** 2 * (1 + gamma(p.d))))
+    if pooled:
+        # The token mean is linear: mean_t(feat)·gram is one (B, K)·(K, Ns) product, not T of
+        # them. Done in float64 (T·K + K·Ns double ops): the only fp32 roundings left are
+        # feat's products, gram's entries and the result's — 4u, not γ_{T+K}.
+        fbar = g.reduce("ReduceMean", g.op("Cast", feat, to=TensorProto.DOUBLE), [1], 0)  # (B, K)
+        gram64 = g.const(mi.gram[:, p.shared_k].astype(np.float64), "gram64")
+        e64 = g.op("MatMul", fbar, gram64)                                        # (B, K)·(K, Ns) -> (B, Ns)
+        e = g.op("Cast", g.op("Relu", e64), to=TensorProto.FLOAT)
+        if not bounds:
+            return e, None
+        mfz = g.reduce("ReduceMean", g.reduce("ReduceL2", feat, [2], 0), [1], 1)  # (B, 1) mean ‖feat_t‖
+        w = g.const((gamma(4) * gn + _SLACK * rf ** 2).astype(np.float32), "w")
+        b = g.op("Add", g.op("Mul", mfz, w), g.op("Mul", e, g.scalar(2 * _U32)))  # (B, Ns)
+        if delta2 is not None:
+            q = g.reduce("ReduceMean", delta2, [1], 0)                            # (B, 1) mean δ²
+            b = g.op("Add", b, _z_term(g, g.op("Add", e, b), q, rf))
+        return e, b
+    gram = g.const(mi.gram[:, p.shared_k], "gram")
+    e = g.op("Relu", g.op("MatMul", feat, gram))                # (B, T, K)·(K, Ns) -> (B, T, Ns)
+    if not bounds:
+        return e, None
+    w1 = g.const((gamma(K + 2) * gn + _SLACK * rf ** 2).astype(np.float32), "w1")
+    b = g.op("Mul", g.reduce("ReduceL2", feat, [2], 1), w1)                      # (B, T, Ns)
+    if delta2 is not None:
+        b = g.op("Add", b, _z_term(g, g.op("Add", e, b), delta2, rf))
+    return e, b
+
+
+def _general(g: _Graph, mi, p: _Plan, x: str, xn2: str | None, *, bounds: bool, pooled: bool):
+    """Own-A energies ‖M_i x‖² (ranks zero-padded to rmax: exact), token means if ``pooled``."""
+    rows = [np.arange(mi.M_offsets[k], mi.M_offsets[k + 1]) for k in p.general_k]
+    rmax = max(r_.size for r_ in rows)
+    ng = p.general_k.size
+    Mp = np.zeros((ng * rmax, p.d), np.float32)
+    for j, r_ in enumerate(rows):
+        Mp[j * rmax: j * rmax + r_.size] = mi.M[r_]
+    y = g.op("MatMul", x, g.const(Mp.T.copy(), "M_T"))  # (B, T, d)·(d, Ng·rmax) -> (B, T, Ng·rmax)
+    y4 = g.op("Reshape", y, g.const(np.array([0, 0, ng, rmax], np.int64), "shape"))
+    e = g.reduce("ReduceSumSquare", y4, [3], 0)                                   # (B, T, Ng)
+    if pooled:
+        e = g.reduce("ReduceMean", e, [1], 0)                                     # (B, Ng)
+        xn2 = g.reduce("ReduceMean", xn2, [1], 0) if bounds else None            # (B, 1)
+    if not bounds:
+        return e, None
+    mf = np.sqrt((Mp.astype(np.float64) ** 2).reshape(ng, rmax * p.d).sum(1))    # (Ng,) ‖M_i‖_F
+    b = g.op("Add", g.op("Mul", xn2, g.const((_SLACK * mf ** 2).astype(np.float32), "slack")),
+             g.op("Mul", e, g.scalar(gamma(rmax + 1))))
+    q = g.op("Mul", xn2, g.scalar(gamma(p.d + 1) ** 2))                          # δ² = γ²·‖x‖²
+    return e, g.op("Add", b, _z_term(g, e, q, mf))
+
+
+def _energies(g: _Graph, index: LibraryIndex, p: _Plan, x: str, *, bounds: bool, pooled: bool,
+              precise: bool):
+    """Module energies in column order (shared, then general) and their bounds."""
+    mi = index.modules[p.module]
+    xn2 = None
+    if bounds and p.form == "activations":
+        # ‖x_t‖² in fp32 is within γ_d of the true value: scale up once, as energies does.
+        xn2 = g.op("Mul", g.reduce("ReduceSumSquare", x, [2], 1), g.scalar(1 + gamma(p.d)))  # (B, T, 1)
+    es, bs = [], []
+    if p.shared_k.size:
+        e, b = _shared(g, mi, p, x, xn2, bounds=bounds, pooled=pooled, precise=precise)
         es.append(e)
-        if bounds:
-            R = mi.R[p.shared_k]
-            rf = np.sqrt(np.einsum("nab,nab->n", R, R))                           # (Ns,) ‖R‖_F
-            gn = np.linalg.norm(gram.astype(np.float64), axis=0)                  # (Ns,)
-            w1 = gamma(K + 2) * gn + _SLACK * rf ** 2
-            b = g.op("Mul", g.reduce("ReduceL2", feat, [2], 1), g.const(w1.astype(np.float32), "w1"))
-            if p.form == "activations":
-                af = float(np.linalg.norm(mi.shared_a.astype(np.float64)))
-                dr = g.op("Mul", xn, g.const((gamma(p.d) * af * rf).astype(np.float32), "arf"))  # (B, T, Ns)
-                re = g.op("Sqrt", g.op("Add", e, b))
-                b = g.op("Add", b, g.op("Mul", dr, g.op("Add", g.op("Mul", re, g.scalar(2.0)), dr)))
-            bs.append(b)
+        bs.append(b)
     if p.general_k.size:
-        rows = [np.arange(mi.M_offsets[k], mi.M_offsets[k + 1]) for k in p.general_k]
-        rmax = max(r_.size for r_ in rows)
-        Mp = np.zeros((p.general_k.size * rmax, p.d), np.float32)   # zero rows pad ranks: exact
-        for j, r_ in enumerate(rows):
-            Mp[j * rmax: j * rmax + r_.size] = mi.M[r_]
-        y = g.op("MatMul", x, g.const(Mp.T.copy(), "M_T"))                       # (B, T, d)·(d, Ng·rmax) -> (B, T, Ng·rmax)
-        y4 = g.op("Reshape", y, g.const(np.array([0, 0, p.general_k.size, rmax], np.int64), "shape"))
-        e = g.reduce("ReduceSumSquare", y4, [3], 0)                               # (B, T, Ng)
+        e, b = _general(g, mi, p, x, xn2, bounds=bounds, pooled=pooled)
         es.append(e)
-        if bounds:
-            mf = np.sqrt((Mp.astype(np.float64) ** 2).reshape(-1, rmax, p.d).sum((1, 2)))  # (Ng,)
-            dl = g.op("Mul", xn, g.const((gamma(p.d + 1) * mf).astype(np.float32), "gmf"))
-            b = g.op("Mul", dl, g.op("Add", g.op("Mul", g.op("Sqrt", e), g.scalar(2.0)), dl))
-            b = g.op("Add", b, g.op("Mul", e, g.scalar(gamma(rmax + 1))))
-            b = g.op("Add", b, g.op("Mul", g.op("Mul", xn, xn), g.const((_SLACK * mf ** 2).astype(np.float32), "smf")))
-            bs.append(b)
-    cat = (lambda ts: ts[0] if len(ts) == 1 else g.op("Concat", *ts, axis=2))
+        bs.append(b)
+    cat = (lambda ts: ts[0] if len(ts) == 1 else g.op("Concat", *ts, axis=-1))
     return cat(es), (cat(bs) if bounds else None)
 
 
@@ -241,10 +313,13 @@ def _transform(g: _Graph, e: str, b: str | None, t: str, delta: np.ndarray):
         return e, b, e
     if t == "sqrt":
         f = g.op("Sqrt", e)
-        tb = None if b is None else g.op("Min", g.op("Sqrt", b), g.op("Div", b, g.op("Max", f, g.scalar(1e-30))))
+        # |√(e±b) − √e| ≤ min(√b, b/√e)
+        tb = None if b is None else g.op("Min", g.op("Sqrt", b),
+                                         g.op("Div", b, g.op("Max", f, g.scalar(1e-30))))
         return f, tb, f
     delta = g.const(delta.astype(np.float32), "delta")
     f = g.op("Log", g.op("Add", e, delta))
+    # |log(e±b+δ) − log(e+δ)| ≤ b / (max(e−b, 0) + δ)
     tb = None if b is None else g.op("Div", b, g.op("Add", g.op("Relu", g.op("Sub", e, b)), delta))
     return f, tb, g.op("Add", g.op("Abs", f), g.scalar(1.0))
 
@@ -328,66 +403,73 @@ OUTPUT_DOCS = {
 
 
 def _build(index: LibraryIndex, mforms, norm: Normalisation, *, k: int, per_token: bool,
-           bounds: bool, input_dtype: str, skip: dict[str, str], opset: int):
+           bounds: bool, input_dtype: str, skip: dict[str, str], opset: int, tokens: int | None,
+           precise: bool):
     g = _Graph(opset)
     N = len(index.adapters)
     plans = _plans(index, mforms, set(skip))
     t = norm.transform if norm.kind == "zscore" else "e"
     adapter_level = norm.kind == "zscore" and norm.granularity == "adapter"
+    # Linear transform, sequence only: energies arrive already token-averaged (cheap path).
+    pooled = t == "e" and not per_token
+    first = next((p for p in plans if p.form != "moments"), None)
+    if first is None:
+        T = 1                     # moments only: no token axis in the graph
+    else:
+        shape_t = g.op("Gather", g.op("Shape", input_name(first.module, first.form)),
+                       g.const(np.array([1], np.int64), "i1"), axis=0)
+        T = g.op("Cast", shape_t, to=TensorProto.FLOAT)                          # (1,) tokens
     seq = {"s": [], "b": [], "m": []}
     tok = {"s": [], "b": [], "m": []}
     cnt = np.zeros(N)
-    inputs, t_src = [], None
+    inputs = []
     for p in plans:
         r = index.shared_a[p.module].shape[0] if p.form != "activations" else 0
-        shape = {"activations": ["batch", "tokens", p.d], "projected": ["batch", "tokens", r],
+        tdim = tokens or "tokens"
+        shape = {"activations": ["batch", tdim, p.d], "projected": ["batch", tdim, r],
                  "moments": ["batch", r, r]}[p.form]
         name = input_name(p.module, p.form)
         inputs.append(helper.make_tensor_value_info(name, INPUT_DTYPES[input_dtype], shape))
-        x = name if input_dtype == "float32" else g.op("Cast", name, to=TensorProto.FLOAT)
-        if p.form != "moments" and t_src is None:
-            t_src = x
         if not p.cols.size:
             continue
+        x = name if input_dtype == "float32" else g.op("Cast", name, to=TensorProto.FLOAT)
         cnt[p.cols] += 1
-        e, b = _energies(g, index, p, x, bounds)
+        e, b = _energies(g, index, p, x, bounds=bounds, pooled=pooled, precise=precise)
         mu, c, delta = _column_constants(index, p, norm)
         f, tb, absf = _transform(g, e, b, t, delta)
-        # Sequence: the token mean first, then the affine normalisation (the mean is linear).
-        fm = g.reduce("ReduceMean", f, [1], 0)                                    # (B, n)
+        amu = g.const(np.abs(mu).astype(np.float32), "amu")
+        # Sequence: token mean first, then the affine normalisation (the mean is linear).
+        if pooled:
+            fm, bm, am = f, tb, f                                                 # (B, n)
+        else:
+            fm = g.reduce("ReduceMean", f, [1], 0)                                # (B, n)
+            bm = g.reduce("ReduceMean", tb, [1], 0) if bounds else None
+            am = fm if absf == f else g.reduce("ReduceMean", absf, [1], 0)
         seq["s"].append(_scatter(g, _affine(g, fm, mu, c), p.cols, N, 2))
         if bounds:
-            am = fm if absf == f else g.reduce("ReduceMean", absf, [1], 0)
-            seq["b"].append(_scatter(g, _affine(g, g.reduce("ReduceMean", tb, [1], 0), 0 * mu, c), p.cols, N, 2))
-            seq["m"].append(_scatter(g, _affine(g, g.op("Add", am, g.const(np.abs(mu).astype(np.float32), "amu")),
-                                                0 * mu, c), p.cols, N, 2))
+            seq["b"].append(_scatter(g, _affine(g, bm, 0 * mu, c), p.cols, N, 2))
+            seq["m"].append(_scatter(g, _affine(g, g.op("Add", am, amu), 0 * mu, c), p.cols, N, 2))
         if per_token:
             tok["s"].append(_scatter(g, _affine(g, f, mu, c), p.cols, N, 3))       # (B, T, N)
             if bounds:
                 tok["b"].append(_scatter(g, _affine(g, tb, 0 * mu, c), p.cols, N, 3))
-                tok["m"].append(_scatter(g, _affine(g, g.op("Add", absf, g.const(np.abs(mu).astype(np.float32), "amu")),
-                                                    0 * mu, c), p.cols, N, 3))
+                tok["m"].append(_scatter(g, _affine(g, g.op("Add", absf, amu), 0 * mu, c), p.cols, N, 3))
     valid = cnt > 0
     if not valid.any():
         raise FailedPreconditionError("no adapter can be scored on the exported modules",
                                       field="export.modules", actual=[m for m, _ in mforms][:4])
     M = len(plans)
-    if t_src is None:
-        T = g.scalar(1.0)
-    else:
-        T = g.op("Cast", g.op("Gather", g.op("Shape", t_src), g.const(np.array([1], np.int64), "i1"), axis=0),
-                 to=TensorProto.FLOAT)                                           # (1,) tokens
     # Rounding of the fp32 tail (transform, token mean, module sum, normalisation): per
     # element a few u of its magnitude, plus γ_T for the token mean, γ_M for the module sum.
-    kappa_seq = g.op("Mul", g.op("Add", T, g.scalar(M + 16)), g.scalar(_U32))
-    kappa_tok = g.scalar((M + 16) * _U32)
+    kappa_seq = g.scalar((1 + M + 16) * _U32) if T == 1 else \
+        g.op("Mul", g.op("Add", T, g.scalar(M + 16)), g.scalar(_U32))
     mask = MASK
     ids = g.const(index.ids.astype(np.int64), "adapter_ids")
     S, B = _pool(g, seq, valid=valid, cnt=cnt, kappa=kappa_seq, bounds=bounds,
                  mu_sd=_adapter_stats(index, valid, "seq_stats", t) if adapter_level else None)
     outs = _outputs(g, S, B, mask, ids, k, "", 1)
     if per_token:
-        St, Bt = _pool(g, tok, valid=valid, cnt=cnt, kappa=kappa_tok, bounds=bounds,
+        St, Bt = _pool(g, tok, valid=valid, cnt=cnt, kappa=g.scalar((M + 16) * _U32), bounds=bounds,
                        mu_sd=_adapter_stats(index, valid, "tok_stats", t) if adapter_level else None)
         mask3 = g.op("Unsqueeze", mask, g.const(np.array([1], np.int64), "axes"))
         outs.update(_outputs(g, St, Bt, mask3, ids, k, "token_", 2))
@@ -397,15 +479,20 @@ def _build(index: LibraryIndex, mforms, norm: Normalisation, *, k: int, per_toke
         g.nodes.append(helper.make_node("Identity", [src], [name]))
         elem = TensorProto.INT64 if "indices" in name or "adapter_ids" in name else TensorProto.FLOAT
         last = k if "topk" in name else N
-        shape = ["batch", "tokens", last] if name.startswith("token_") else ["batch", last]
+        shape = ["batch", tokens or "tokens", last] if name.startswith("token_") else ["batch", last]
         outputs.append(helper.make_tensor_value_info(name, elem, shape))
     return g, inputs, outputs, plans
 
 
 # --- the public face ---------------------------------------------------------------------
 
+def _dims(vi) -> list:
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
 def _metadata(index: LibraryIndex, plans, norm: Normalisation, *, k: int, per_token: bool,
-              bounds: bool, input_dtype: str, skip: Mapping[str, str], outputs, profile: str) -> dict:
+              bounds: bool, input_dtype: str, skip: Mapping[str, str], inputs, outputs,
+              profile: str) -> dict:
     scored = set()
     for p in plans:
         scored.update(int(c) for c in p.cols)
@@ -413,9 +500,9 @@ def _metadata(index: LibraryIndex, plans, norm: Normalisation, *, k: int, per_to
                  "scored": pos in scored, "excluded": skip.get(e.name)}
                 for pos, e in enumerate(index.adapters)]
     ins = [{"name": input_name(p.module, p.form), "module": p.module, "form": p.form,
-            "dtype": input_dtype} for p in plans]
-    ins.append({"name": MASK, "dtype": "bool", "shape": ["mask_batch (1 or batch)", len(adapters)],
-                "meaning": "true = may be routed to (per request ACL / candidates)"})
+            "dtype": input_dtype, "shape": _dims(vi)} for p, vi in zip(plans, inputs)]
+    ins.append({"name": MASK, "dtype": "bool", "shape": _dims(inputs[-1]),
+                "meaning": "true = may be routed to (request candidates / ACL); mask_batch is 1 or batch"})
     dump = (lambda o: json.dumps(o, sort_keys=True, separators=(",", ":")))
     return {
         "seqr.format": FORMAT, "seqr.library": index.name, "seqr.version": str(index.version),
@@ -441,12 +528,18 @@ order is within fp32 rounding (seqr-router re-checks those candidates in float64
 
 
 def build_scorer_model(index: LibraryIndex, *, modules: Sequence[str] | None = None,
-                       forms: Mapping[str, str] | None = None, default_form: str = "activations",
+                       form: str = "activations", forms: Mapping[str, str] | None = None,
                        normalisation: Normalisation = Normalisation(), top_k: int = 1,
-                       per_token: bool = True, bounds: bool = True, input_dtype: str = "float32",
+                       per_token: bool | None = None, tokens: int | None = None,
+                       bounds: bool = True, precise_z: bool = True, input_dtype: str = "float32",
                        on_unscorable: str = "error", opset: int = 18,
                        profile: str = "") -> onnx.ModelProto:
     """The scorer as an ``onnx.ModelProto``; ``export_scorer`` serialises it. See module doc.
+
+    ``modules``: default every module that has adapters. ``form``: the input form of every
+    module not named in ``forms``. ``per_token``: add token_* outputs (default: unless some
+    module takes moments). ``tokens``: a static token count (None/0: dynamic axis).
+    ``precise_z``: compute z = A·x in float64 (T·d·r double MACs; tight bounds, few re-checks).
 
     ``on_unscorable``: 'error' raises FailedPreconditionError when an adapter cannot be scored
     as numpy would (uncalibrated for a data-aware normalisation, or its own A on a module
@@ -469,7 +562,12 @@ def build_scorer_model(index: LibraryIndex, *, modules: Sequence[str] | None = N
     if not index.adapters:
         raise FailedPreconditionError("nothing to export: the library has no adapters",
                                       field="export.library", actual=index.name)
-    mforms = _resolve(index, modules, forms, default_form)
+    if tokens is not None and (not isinstance(tokens, int) or tokens < 0):
+        raise InvalidArgumentError("tokens must be an int >= 0 (0: dynamic)", field="export.tokens",
+                                   actual=tokens)
+    mforms = _resolve(index, modules, forms, form)
+    if per_token is None:
+        per_token = all(f != "moments" for _, f in mforms)
     for m, form in mforms:
         if form == "moments" and per_token:
             raise InvalidArgumentError("per-token outputs need per-token inputs, not moments "
@@ -487,7 +585,8 @@ def build_scorer_model(index: LibraryIndex, *, modules: Sequence[str] | None = N
             field="export.normalisation", actual=len(skip))
     k = min(top_k, len(index.adapters))
     g, ins, outs, plans = _build(index, mforms, normalisation, k=k, per_token=per_token,
-                                 bounds=bounds, input_dtype=input_dtype, skip=skip, opset=opset)
+                                 bounds=bounds, input_dtype=input_dtype, skip=skip, opset=opset,
+                                 tokens=tokens or None, precise=precise_z)
     size = sum(len(t.raw_data) for t in g.inits)
     if size > _MAX_BYTES:
         raise LimitExceededError("scorer larger than one ONNX protobuf allows; export fewer "
@@ -499,7 +598,7 @@ def build_scorer_model(index: LibraryIndex, *, modules: Sequence[str] | None = N
                               ir_version=helper.find_min_ir_version_for(ops))
     helper.set_model_props(model, _metadata(index, plans, normalisation, k=k, per_token=per_token,
                                             bounds=bounds, input_dtype=input_dtype, skip=skip,
-                                            outputs=outs, profile=profile))
+                                            inputs=ins, outputs=outs, profile=profile))
     return model
 
 

@@ -192,10 +192,13 @@ class LibraryIndex:
     def ids(self) -> np.ndarray:
         return np.array([a.adapter_id for a in self.adapters], dtype=np.int64)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {a.name: a for a in self.adapters})
+
     def entry(self, name: str, *, field: str = "adapter") -> AdapterEntry:
-        for a in self.adapters:
-            if a.name == name:
-                return a
+        e = self._by_name.get(name)  # type: ignore[attr-defined]
+        if e is not None:
+            return e
         raise NotFoundError(f"no adapter {name!r} in library {self.name!r}", field=field,
                             actual=name)
 

@@ -132,10 +132,10 @@ def candidate_ids(index: LibraryIndex, candidates) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
-def _energy_fn(index: LibraryIndex, method: str) -> Callable:
+def _energy_fn(index: LibraryIndex, method: str, *, token_mean: bool = False) -> Callable:
     if method == "seqr":
         return lambda m, inp, allowed: E.seqr_energies(index.modules[m], inp, allowed=allowed,
-                                                       field=f"inputs.{m}")
+                                                       field=f"inputs.{m}", token_mean=token_mean)
     fn = {"exact": E.exact_energies, "spectr": E.spectr_energies, "arrow": E.arrow_energies,
           "lag": E.spectr_energies}[method]
     return lambda m, inp, allowed: fn(index, m, inp, allowed=allowed, field=f"inputs.{m}")
@@ -200,7 +200,9 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
     elif norm.kind == "zscore" and norm.granularity == "adapter":
         check_adapter_level_modules(index, targeted, inputs)
     per_token = options.granularity == "token" or options.aggregation == "vote"
-    energy = _energy_fn(index, options.method)
+    # Sequence routing with a normalisation linear in e needs only mean_t e: the cheap path.
+    linear = norm.kind != "zscore" or norm.transform == "e"
+    energy = _energy_fn(index, options.method, token_mean=linear and not per_token)
     method = options.method
     if method == "lag":
         arrow = _energy_fn(index, "arrow")
