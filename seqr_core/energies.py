@@ -168,14 +168,18 @@ def _pooled_bound(mean_bound: np.ndarray) -> Bound:
 
 
 def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | None = None,
-                  field: str = "inputs", token_mean: bool = False, precise: bool = True) -> Energies:
+                  field: str = "inputs", token_mean: bool = False, precise: bool = True,
+                  bounds: bool = True) -> Energies:
     """SEQR energies of the allowed adapters on one module, with rigorous error bounds.
 
     ``token_mean``: only mean_t e is wanted (sequence routing, linear normalisation): the
     shared-A part becomes tr(RᵢᵀRᵢ·ZᵀZ/T) — O(T·r² + K·N) in float64 instead of a T×N GEMM.
     ``precise``: z = A·x (and M·x) in float64, so the bound is set by the float32 Gram GEMM
     alone; False is the all-float32 kernel (bounds then carry γ_d·‖A‖·‖x‖ and are looser).
+    ``bounds=False`` (with precise=False): the bare kernel, e only — for benchmarks.
     """
+    if not bounds and not precise and not token_mean and inp.form == "activations":
+        return _bare_kernel(mi, inp, allowed)
     gn, rf, af, mf = _norm_cols(mi)
     s_sel = _select(mi.shared_ids, allowed)
     g_sel = _select(mi.general_ids, allowed)
@@ -267,6 +271,24 @@ def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | No
             parts_b.append(bound)
         parts_ids.append(mi.general_ids[g_sel])
     return _merge(parts_ids, parts_e, parts_b, inp, pooled=pooled)
+
+
+def _bare_kernel(mi: ModuleIndex, inp: ModuleInput, allowed) -> Energies:
+    """float32 e only: z = A·x, features of z·zᵀ, one GEMM; general adapters as ‖M·x‖²."""
+    es, ids = [], []
+    s_sel, g_sel = _select(mi.shared_ids, allowed), _select(mi.general_ids, allowed)
+    if s_sel.size:
+        gram = mi.gram if s_sel.size == mi.shared_ids.size else mi.gram[:, s_sel]
+        z = inp.data @ mi.shared_a.T                                       # (T, d)·(d, r) -> (T, r)
+        es.append(_sym_feat_tokens(z) @ gram)                              # (T, K)·(K, Ns) -> (T, Ns)
+        ids.append(mi.shared_ids[s_sel])
+    if g_sel.size:
+        y = inp.data @ mi.M.T                                              # (T, d)·(d, Σr) -> (T, Σr)
+        e = np.add.reduceat(y * y, mi.M_offsets[:-1], axis=1)              # (T, Ng)
+        es.append(e[:, g_sel])
+        ids.append(mi.general_ids[g_sel])
+    e = es[0] if len(es) == 1 else np.concatenate(es, axis=1)
+    return Energies(ids=np.concatenate(ids), e=e, pooled=False)
 
 
 def _merge(ids, es, bs, inp: ModuleInput, *, pooled: bool) -> Energies:
