@@ -161,6 +161,25 @@ def _f64(mi: ModuleIndex):
     return mi.cached("f64", build)
 
 
+def module_moment(mi: ModuleIndex, inp: ModuleInput, *, x64: np.ndarray | None = None):
+    """(G, err): G = ZᵀZ/T (r, r) in float64 for the module's shared A, and a bound on ‖Ĝ − G‖_F."""
+    if inp.form == "moments":
+        return inp.data.astype(np.float64), 0.0
+    if inp.form == "projected":
+        z = inp.data.astype(np.float64)                                    # (T, r)
+    else:
+        x64 = inp.data.astype(np.float64) if x64 is None else x64
+        z = x64 @ _f64(mi)[0].T                                            # (T, d)·(d, r) -> (T, r)
+    zn2 = np.einsum("tr,tr->t", z, z)                                      # (T,)
+    G = z.T @ z / z.shape[0]                                               # (r, r)
+    err = _gamma64(z.shape[0] + 2) * float(zn2.mean())
+    if inp.form == "activations":
+        _, _, af, _ = _norm_cols(mi)
+        dz = _gamma64(x64.shape[1]) * af * np.sqrt(np.einsum("td,td->t", x64, x64))  # (T,) ‖δz‖
+        err += float(np.mean(2 * np.sqrt(zn2) * dz + dz ** 2))
+    return G, 2 * err
+
+
 def _pooled_bound(mean_bound: np.ndarray) -> Bound:
     n = mean_bound.size
     one, zero = np.ones(1), np.zeros(1)
@@ -195,23 +214,12 @@ def seqr_energies(mi: ModuleIndex, inp: ModuleInput, *, allowed: np.ndarray | No
         A64, gram64 = _f64(mi)
         K = mi.gram.shape[0]
         if pooled:
-            if inp.form == "moments":
-                G = inp.data.astype(np.float64)                                # (r, r)
-                gerr = 0.0
-            else:
-                z = x64 @ A64.T if inp.form == "activations" else inp.data.astype(np.float64)  # (T, r)
-                G = z.T @ z / z.shape[0]                                       # (r, r) ZᵀZ/T
-                zn2 = np.einsum("tr,tr->t", z, z).mean()
-                gerr = _gamma64(z.shape[0] + 2) * zn2
-                if inp.form == "activations":
-                    xn = np.sqrt(np.einsum("td,td->t", x64, x64))
-                    dz = _gamma64(x64.shape[1]) * af * xn                     # (T,) ‖δz‖
-                    gerr += float(np.mean(2 * np.sqrt(np.einsum("tr,tr->t", z, z)) * dz + dz ** 2))
+            G, gerr = module_moment(mi, inp, x64=x64)
             w = gram64[:, s_sel]                                               # (K, n)
             feat = _sym_feat_matrix(G)                                         # (1, K)
             e = feat @ w                                                       # (1, K)·(K, n) -> (1, n)
             fn = float(np.linalg.norm(feat))
-            b = (_gamma64(K + 2) * fn + gerr * 2) * np.linalg.norm(w, axis=0) + _F64_SLACK * fn * rf[s_sel] ** 2
+            b = (_gamma64(K + 2) * fn + gerr) * np.linalg.norm(w, axis=0) + _F64_SLACK * fn * rf[s_sel] ** 2
             parts_e.append(e)
             parts_b.append(_pooled_bound(b))
         else:
@@ -374,10 +382,24 @@ def arrow_energies(index: LibraryIndex, module: str, inp: ModuleInput, *,
 
 
 def brute_force_f64(index: LibraryIndex, module: str, inp: ModuleInput, ids: np.ndarray,
-                    *, tokens: np.ndarray | None = None) -> np.ndarray:
-    """The reference: e = ‖s·B·(A·x)‖² in float64 for adapters ``ids``. Returns (T, n)."""
+                    *, tokens: np.ndarray | None = None, token_mean: bool = False) -> np.ndarray:
+    """The reference: e = ‖s·B·(A·x)‖² in float64 for adapters ``ids``. Returns (T, n).
+
+    ``token_mean``: (1, n) mean_t e as s²·tr(BᵀB·ZᵀZ/T) — the same number by linearity, at
+    o·r² per adapter instead of T·o·r (what keeps re-checks cheap on long prompts).
+    """
     by_id = {a.adapter_id: a for a in index.adapters}
     data = inp.data.astype(np.float64)
+    if token_mean and not inp.pooled:
+        Gs, out = {}, []
+        for i in ids:
+            f = by_id[int(i)].adapter.factors[module]
+            if id(f.A) not in Gs:
+                z = data if inp.form == "projected" else data @ f.A.astype(np.float64).T  # (T, r)
+                Gs[id(f.A)] = z.T @ z / z.shape[0]                                    # (r, r)
+            B, s = f.B.astype(np.float64), float(f.scale)
+            out.append([s * s * float(np.sum((B.T @ B) * Gs[id(f.A)]))])
+        return np.array(out).T if out else np.zeros((1, 0))
     if tokens is not None and not inp.pooled:
         data = data[tokens]
     out, zs = [], {}

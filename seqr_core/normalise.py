@@ -22,6 +22,7 @@ from .calibration import LOG_FLOOR, TRANSFORMS, transform, transform_bound
 from .energies import Energies
 from .errors import FailedPreconditionError, InvalidArgumentError
 from .qr_index import LibraryIndex
+from .stacked import stacked
 
 KINDS = ("none", "frobenius", "activation", "zscore")
 GRANULARITIES = ("adapter_module", "adapter")
@@ -51,39 +52,35 @@ class Normalisation:
         return self.kind in ("activation", "zscore")
 
 
-def uncalibrated(index: LibraryIndex, names, modules, norm: Normalisation) -> list[str]:
-    """Adapters among ``names`` lacking the stats ``norm`` needs on the supplied ``modules``."""
-    if not norm.needs_calibration:
+def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisation) -> list[str]:
+    """Adapters among ``ids`` lacking the stats ``norm`` needs on the supplied ``modules``."""
+    if not norm.needs_calibration or not len(ids):
         return []
-    cal = index.calibration
-    out = []
-    for n in names:
-        st = cal.get(n) if cal is not None else None
-        targeted = set(index.entry(n).adapter.factors) & set(modules)
-        if st is None or not targeted <= set(st.modules):
-            out.append(n)
-    return out
+    st = stacked(index)
+    pos = index.positions(ids)
+    rows = [st.row[m] for m in modules]
+    if st.cal is None:
+        bad = np.ones(pos.size, bool)
+    else:
+        need = st.present[np.ix_(rows, pos)]                                  # (Mr, n)
+        bad = ~st.cal.calibrated[pos] | (need & ~st.cal.has[np.ix_(rows, pos)]).any(axis=0)
+    return [index.adapters[int(p)].name for p in pos[bad]]
 
 
-def _module_constants(index: LibraryIndex, module: str, en: Energies, names, norm: Normalisation):
-    """Per-column (scale c, offset μ, floor δ) so u = (f(e) − μ)/c."""
-    ids, f2all = index.frob2(module)
-    order = np.argsort(ids)
-    f2 = f2all[order][np.searchsorted(ids[order], en.ids)]
+def _module_constants(index: LibraryIndex, module: str, ids: np.ndarray, norm: Normalisation):
+    """Per-column (offset μ, scale c, log floor δ) so u = (f(e) − μ)/c."""
+    st = stacked(index)
+    k, pos = st.row[module], index.positions(ids)
+    f2 = st.frob2[k, pos]
     delta = LOG_FLOOR * f2 + 1e-30
-    n = en.ids.size
-    mu, c = np.zeros(n), np.ones(n)
+    mu, c = np.zeros(pos.size), np.ones(pos.size)
     if norm.kind == "frobenius":
         c = np.maximum(f2, 1e-30)
-    elif norm.kind == "activation" or (norm.kind == "zscore" and norm.granularity == "adapter_module"):
-        t = "e" if norm.kind == "activation" else norm.transform
-        for j, name in enumerate(names):
-            st = index.calibration.get(name)
-            m_, s_ = st.mean_std(st.module_stats[module], t)
-            if norm.kind == "activation":
-                c[j] = max(m_, 1e-30)
-            else:
-                mu[j], c[j] = m_, s_
+    elif norm.kind == "activation":
+        c = np.maximum(st.cal.mod_mean[0, k, pos], 1e-30)
+    elif norm.kind == "zscore" and norm.granularity == "adapter_module":
+        t = TRANSFORMS.index(norm.transform)
+        mu, c = st.cal.mod_mean[t, k, pos], st.cal.mod_std[t, k, pos]
     return mu, c, delta
 
 
@@ -100,7 +97,6 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
 
     Adapters absent from every block get NaN (not routable for this request).
     """
-    by_id = {a.adapter_id: a.name for a in index.adapters}
     T = None
     for m, en in blocks.items():
         if per_token and en.pooled:
@@ -117,10 +113,9 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
         if not sub.ids.size:
             continue
         cols = np.searchsorted(ids, sub.ids)
-        names = [by_id[int(i)] for i in sub.ids]
         if en.pooled:
             _check_pooled(norm, m)
-        mu, c, delta = _module_constants(index, m, sub, names, norm)
+        mu, c, delta = _module_constants(index, m, sub.ids, norm)
         if t == "e" and not per_token:
             # Linear in e: the token mean and its bound come from column sums (O(T·n), one pass).
             T = sub.e.shape[0]
@@ -140,13 +135,11 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
         cnt[cols] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         if adapter_level:
-            for k, i in enumerate(ids):
-                if cnt[k] == 0:
-                    continue
-                st = index.calibration.get(by_id[int(i)])
-                mu, sd = st.mean_std(st.tok_stats if per_token else st.seq_stats, norm.transform)
-                S[..., k] = (S[..., k] - mu) / sd
-                B[..., k] = B[..., k] / sd
+            st, t = stacked(index), TRANSFORMS.index(norm.transform)
+            pos = index.positions(ids)
+            mean = (st.cal.tok_mean if per_token else st.cal.seq_mean)[t, pos]
+            sd = (st.cal.tok_std if per_token else st.cal.seq_std)[t, pos]
+            S, B = (S - mean) / sd, B / sd
         else:
             S, B = S / cnt, B / cnt
     S[..., cnt == 0] = np.nan
@@ -154,13 +147,18 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
     return S, B
 
 
-def check_adapter_level_modules(index: LibraryIndex, names, modules) -> None:
+def check_adapter_level_modules(index: LibraryIndex, ids: np.ndarray, modules) -> None:
     """Adapter-level z-scores compare sums over modules: the request must cover the same set."""
-    for n in names:
-        st = index.calibration.get(n)
-        targeted = tuple(sorted(set(index.entry(n).adapter.factors) & set(modules)))
-        if targeted and targeted != st.modules:
-            raise FailedPreconditionError(
-                f"adapter-level zscore for {n!r} was calibrated on {len(st.modules)} modules; "
-                "the request must supply the same modules", field="inputs",
-                limit=len(st.modules), actual=len(targeted))
+    st = stacked(index)
+    pos = index.positions(ids)
+    supplied = np.zeros(len(st.modules), bool)
+    supplied[[st.row[m] for m in modules]] = True
+    targeted = st.present[:, pos] & supplied[:, None]                         # (M, n)
+    differs = (targeted != st.cal.has[:, pos]).any(axis=0) & targeted.any(axis=0)
+    if differs.any():
+        j = int(np.flatnonzero(differs)[0])
+        name = index.adapters[int(pos[j])].name
+        raise FailedPreconditionError(
+            f"adapter-level zscore for {name!r} was calibrated on {int(st.cal.has[:, pos[j]].sum())} "
+            "modules; the request must supply the same modules", field="inputs",
+            limit=int(st.cal.has[:, pos[j]].sum()), actual=int(targeted[:, j].sum()))

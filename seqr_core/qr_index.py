@@ -194,6 +194,9 @@ class LibraryIndex:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {a.name: a for a in self.adapters})
+        # Derived per-snapshot tables (seqr_core.stacked); a new snapshot starts empty.
+        object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_lock", threading.Lock())
 
     def entry(self, name: str, *, field: str = "adapter") -> AdapterEntry:
         e = self._by_name.get(name)  # type: ignore[attr-defined]

@@ -15,7 +15,9 @@ import numpy as np
 from . import energies as E
 from .errors import InvalidArgumentError, NotFoundError
 from .normalise import Normalisation, check_adapter_level_modules, combine, uncalibrated
+from .fused import fused_scores
 from .qr_index import LibraryIndex
+from .stacked import stacked
 
 METHODS = ("seqr", "exact", "spectr", "arrow", "lag")
 GRANULARITY = ("sequence", "token")
@@ -188,9 +190,10 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
     inputs = check_inputs(index, inputs)
     ids = candidate_ids(index, options.candidates)
     norm, fallback = options.normalisation, ""
-    by_id = {a.adapter_id: a for a in index.adapters}
-    targeted = [by_id[int(i)].name for i in ids if set(by_id[int(i)].adapter.factors) & set(inputs)]
-    if not targeted:
+    st = stacked(index)
+    rows = [st.row[m] for m in inputs]
+    targeted = ids[st.present[np.ix_(rows, index.positions(ids))].any(axis=0)]
+    if not targeted.size:
         raise InvalidArgumentError("no candidate adapter targets any supplied module",
                                    field="inputs", actual=sorted(inputs)[:4])
     missing = uncalibrated(index, targeted, inputs, norm)
@@ -210,7 +213,9 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
         Sa, _ = combine(index, ab, ids, Normalisation("none"), per_token=False)
         keep = _order(Sa, ids)[: max(options.lag_k, options.top_k)]
         ids = np.sort(ids[keep])
-    blocks = {m: energy(m, inp, ids) for m, inp in inputs.items()}
+    token_mean = linear and not per_token
+    fused = fused_scores(index, inputs, ids, norm) if method == "seqr" and token_mean else None
+    blocks = {m: energy(m, inp, ids) for m, inp in inputs.items()} if fused is None else None
     verify = options.verify and method == "seqr"
 
     def exact_scores(pos: np.ndarray, tokens=None) -> np.ndarray:
@@ -218,8 +223,8 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
         fb = {}
         for m, inp in inputs.items():
             here = sub[_present(index, m, sub)]
-            fb[m] = E.Energies(ids=here, e=E.brute_force_f64(index, m, inp, here, tokens=tokens),
-                               pooled=inp.pooled)
+            e = E.brute_force_f64(index, m, inp, here, tokens=tokens, token_mean=token_mean)
+            fb[m] = E.Energies(ids=here, e=e, pooled=inp.pooled or token_mean)
         s, _ = combine(index, fb, sub, norm, per_token=tokens is not None)
         return s[0] if tokens is not None else s
 
@@ -242,13 +247,14 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
         S = np.where(valid, votes / max(T, 1), np.nan)
         order = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))]
     else:
-        S, B = combine(index, blocks, ids, norm, per_token=False)
+        S, B = fused if fused is not None else combine(index, blocks, ids, norm, per_token=False)
         order, S, rechecked = _exact_rank(S, B if verify else None, ids, options.top_k,
                                           lambda R: exact_scores(R))
     top = order[: options.top_k]
     sc = S[top]
     w = np.exp((sc - sc.max()) / options.temperature) if sc.size else sc
     w = w / w.sum() if sc.size else w
+    by_id = {a.adapter_id: a for a in index.adapters}
     choices = tuple(Choice(name=by_id[int(ids[p])].name, adapter_id=int(ids[p]), score=float(S[p]),
                            weight=float(wi)) for p, wi in zip(top, w))
     margin = float(S[order[0]] - S[order[1]]) if order.size > 1 else float("inf")

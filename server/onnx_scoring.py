@@ -89,8 +89,7 @@ def plan(snap: LibraryIndex, inputs: Mapping[str, E.ModuleInput], options: Route
         return "no candidate targets a supplied module"
     norm, fallback = options.normalisation, ""
     if norm.needs_calibration:
-        names = snap.names
-        targeted = [names[p] for p in tpos]
+        targeted = all_ids[tpos]
         # Memoised only for "all candidates": request-chosen candidate sets are unbounded.
         once = memo if candidates is None else None
         missing = _memo(once, ("uncal", mods, norm), lambda: uncalibrated(snap, targeted, inputs, norm))

@@ -1,0 +1,91 @@
+"""The fused fast path: sequence routing, linear normalisation, shared-A adapters.
+
+mean_t e_im = feat(G_m)·W_m[:, i] with G_m = ZᵀZ/T, so a request over M modules is M small
+r×r moments plus one batched product (M, K)·(M, K, N) -> (M, N) in float64, then the
+normalisation as (M, N) array ops. No per-module Python beyond computing G_m.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .energies import _F64_SLACK, ModuleInput, _gamma64, module_moment
+from .normalise import Normalisation
+from .qr_index import LibraryIndex, triu_pairs
+from .stacked import stacked
+
+
+def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np.ndarray,
+                 norm: Normalisation) -> tuple[np.ndarray, np.ndarray] | None:
+    """(S (n,), bounds (n,)) for candidates ``ids``, or None when the request doesn't qualify
+    (a supplied module without shared A, a candidate with its own A there, mixed ranks)."""
+    st = stacked(index)
+    mods = sorted(inputs)
+    rows = np.array([st.row[m] for m in mods])
+    if any(st.W[k] is None for k in rows) or len({st.W[k].shape[0] for k in rows}) != 1:
+        return None
+    pos = index.positions(ids)
+    present = st.present[np.ix_(rows, pos)]                                # (Mr, n)
+    if (present & ~st.shared[np.ix_(rows, pos)]).any():
+        return None
+    r = index.modules[mods[0]].shared_a.shape[0]
+    iu, ju = triu_pairs(r)
+    Gs, gerr = np.empty((len(mods), r, r)), np.empty(len(mods))
+    groups: dict[int, list[int]] = {}  # q/k/v of a layer share one input: one GEMM for the group
+    for j, m in enumerate(mods):
+        inp = inputs[m]
+        if inp.form == "activations":
+            groups.setdefault(id(inp.data), []).append(j)
+        else:
+            Gs[j], gerr[j] = module_moment(index.modules[m], inp)
+    for js in groups.values():
+        Gs[js], gerr[js] = _group_moments(index, [mods[j] for j in js], inputs[mods[js[0]]].data)
+    F = (0.5 * (Gs + Gs.transpose(0, 2, 1)))[:, iu, ju]                    # (Mr, K)
+    W = np.stack([st.W[k] for k in rows])                                  # (Mr, K, N)
+    if pos.size != st.ids.size:
+        W = W[:, :, pos]
+    E = np.einsum("mk,mkn->mn", F, W)                                      # (Mr, K)·(Mr, K, n) -> (Mr, n)
+    fn = np.linalg.norm(F, axis=1)                                         # (Mr,)
+    K = F.shape[1]
+    Bm = ((_gamma64(K + 2) * fn + gerr)[:, None] * st.Wnorm[np.ix_(rows, pos)]
+          + _F64_SLACK * fn[:, None] * st.rf2[np.ix_(rows, pos)])          # (Mr, n)
+    cnt = present.sum(axis=0)
+    if norm.kind == "zscore" and norm.granularity == "adapter":
+        v, bv = (E * present).sum(0), (Bm * present).sum(0)
+        S, B = (v - st.cal.seq_mean[0, pos]) / st.cal.seq_std[0, pos], bv / st.cal.seq_std[0, pos]
+    else:
+        mu, c = 0.0, 1.0
+        if norm.kind == "frobenius":
+            c = np.maximum(st.frob2[np.ix_(rows, pos)], 1e-30)
+        elif norm.kind == "activation":
+            c = np.maximum(st.cal.mod_mean[0][np.ix_(rows, pos)], 1e-30)
+        elif norm.kind == "zscore":
+            mu, c = st.cal.mod_mean[0][np.ix_(rows, pos)], st.cal.mod_std[0][np.ix_(rows, pos)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            S = (((E - mu) / c) * present).sum(0) / cnt
+            B = ((Bm / c) * present).sum(0) / cnt
+    S, B = np.where(cnt > 0, S, np.nan), np.where(cnt > 0, B, np.nan)
+    return S, B
+
+
+def _group_moments(index: LibraryIndex, mods: list[str], x: np.ndarray):
+    """ZᵀZ/T for several modules reading the same input x (T, d), with the error bounds of
+    energies.module_moment: one float64 GEMM against the stacked A's."""
+    x64 = x.astype(np.float64)
+    A = np.concatenate([_a64(index, m) for m in mods])                     # (g·r, d)
+    T, r = x64.shape[0], A.shape[0] // len(mods)
+    Z = (x64 @ A.T).reshape(T, len(mods), r).transpose(1, 0, 2)            # (T, d)·(d, g·r) -> (g, T, r)
+    G = np.matmul(Z.transpose(0, 2, 1), Z) / T                             # (g, r, T)·(g, T, r) -> (g, r, r)
+    zn2 = (Z * Z).sum(axis=2).T                                            # (T, g)
+    err = _gamma64(T + 2) * zn2.mean(axis=0)
+    af = np.array([float(np.linalg.norm(index.modules[m].shared_a)) for m in mods])
+    dz = _gamma64(x64.shape[1]) * np.sqrt(np.einsum("td,td->t", x64, x64))[:, None] * af  # (T, g)
+    err = err + (2 * np.sqrt(zn2) * dz + dz ** 2).mean(axis=0)
+    return G, 2 * err
+
+
+def _a64(index: LibraryIndex, module: str) -> np.ndarray:
+    mi = index.modules[module]
+    return mi.cached("A64", lambda: mi.shared_a.astype(np.float64))

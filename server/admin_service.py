@@ -1,0 +1,164 @@
+"""LibraryAdmin servicer: parse the request, hand it to the manager, describe the result."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+from seqr_core import BaseModelSignature, Calibrator, ModuleSpec, SharedARecipe
+from seqr_core.errors import InvalidArgumentError, LimitExceededError, PermissionDeniedError
+from seqr_core.routing import check_inputs
+from seqr_router.v1 import admin_pb2, admin_pb2_grpc, router_pb2
+
+from . import library_objects as lo
+from . import wire
+from .config import Limits
+from .export import UnimplementedError, exporter
+from .info import adapter_info, library_info
+from .manager import LibraryManager
+from .rpc import Guard, streaming, unary
+
+EXPORT_CHUNK = 1 << 20
+
+
+class AdminService(admin_pb2_grpc.LibraryAdminServicer):
+    def __init__(self, *, manager: LibraryManager, limits: Limits, guard: Guard):
+        self.manager, self.limits, self.guard = manager, limits, guard
+
+    @unary("LibraryAdmin/CreateLibrary")
+    def CreateLibrary(self, request, context, principal):
+        if not principal.may_see_library(request.name):
+            raise PermissionDeniedError("library name outside the caller's ACL", field="name")
+        state = self.manager.create_library(_library_spec(request, self.limits))
+        return library_info(state, principal)
+
+    @unary("LibraryAdmin/ListLibraries")
+    def ListLibraries(self, request, context, principal):
+        return admin_pb2.ListLibrariesResponse(libraries=[
+            admin_pb2.LibrarySummary(name=s.name, version=s.version, base_model=s.index.signature.base_model,
+                                     adapters=len(s.visible_entries(principal)))
+            for s in self.manager.list(principal)])
+
+    @unary("LibraryAdmin/PutAdapter")
+    def PutAdapter(self, request_iterator, context, principal):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("the first message must be the header", field="header")
+        h = first.header
+        if not principal.may_use_adapter(h.name):
+            raise PermissionDeniedError("adapter name outside the caller's ACL", field="header.name")
+        self.manager.get(h.library, principal, field="header.library")   # fail before the bytes
+        files = _receive_files(h, request_iterator, self.limits)
+        state, entry = self.manager.put_adapter(h.library, h.name, files, dict(h.meta), principal)
+        return admin_pb2.PutAdapterResponse(adapter=adapter_info(state, entry), library_version=state.version)
+
+    @unary("LibraryAdmin/DeleteAdapter")
+    def DeleteAdapter(self, request, context, principal):
+        state, entry = self.manager.delete_adapter(request.library, request.name, principal)
+        return admin_pb2.DeleteAdapterResponse(name=entry.name, adapter_id=entry.adapter_id,
+                                               library_version=state.version)
+
+    @unary("LibraryAdmin/ListAdapters")
+    def ListAdapters(self, request, context, principal):
+        state = self.manager.get(request.library, principal)
+        return admin_pb2.ListAdaptersResponse(
+            adapters=[adapter_info(state, e) for e in state.visible_entries(principal)],
+            library_version=state.version)
+
+    @unary("LibraryAdmin/Calibrate")
+    def Calibrate(self, request_iterator, context, principal):
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgumentError("no sequences in the stream", field="sequences", limit=">=1", actual=0)
+        state = self.manager.get(first.library, principal)
+        index = state.index
+        cal = Calibrator(index)
+        for n, req in enumerate(itertools.chain([first], request_iterator)):
+            if req.library and req.library != state.name:
+                raise InvalidArgumentError("one library per Calibrate stream", field=f"sequences[{n}].library",
+                                           limit=state.name, actual=req.library)
+            if n >= self.limits.max_calibration_sequences:
+                raise LimitExceededError("too many sequences", field="sequences",
+                                         limit=self.limits.max_calibration_sequences, actual=n + 1)
+            inputs = wire.decode_inputs(req.tensors, req.inputs, limits=self.limits)
+            cal.update(check_inputs(index, inputs))
+        fresh = cal.finish()
+        for name in list(fresh.adapters):       # never fit stats for adapters the caller cannot see
+            if not principal.may_use_adapter(name):
+                fresh = fresh.without(name)
+        state, names = self.manager.store_calibration(state.name, index, fresh, principal)
+        return admin_pb2.CalibrateResponse(sequences=fresh.sequences, adapters=names,
+                                           library_version=state.version)
+
+    @streaming("LibraryAdmin/ExportScorer")
+    def ExportScorer(self, request, context, principal):
+        export = exporter()
+        if export is None:
+            raise UnimplementedError("this server was built without the ONNX exporter "
+                                     "(seqr_core.onnx_export)", field="library")
+        state = self.manager.get(request.library, principal)
+        if not principal.unrestricted:   # the graph holds every adapter's routing index
+            raise PermissionDeniedError("exporting a scorer needs access to every adapter (adapters: ['*'])",
+                                        field="authorization")
+        form = wire.input_form(request.form or router_pb2.ACTIVATIONS, field="form")
+        data = export(state.index, form=form, tokens=int(request.tokens) or None)
+        for off in range(0, max(len(data), 1), EXPORT_CHUNK):
+            yield admin_pb2.ExportScorerChunk(data=data[off: off + EXPORT_CHUNK],
+                                              library_version=state.version if off == 0 else 0)
+
+
+def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.LibrarySpec:
+    if not req.signature.modules:
+        raise InvalidArgumentError("a signature needs at least one module", field="signature.modules")
+    sig = BaseModelSignature(base_model=req.signature.base_model, modules=tuple(
+        ModuleSpec(m.name, int(m.d_in), int(m.d_out)) for m in req.signature.modules))
+    which = req.WhichOneof("shared_a")
+    recipe, shared = None, {}
+    if which == "recipe":
+        recipe = SharedARecipe(seed=int(req.recipe.seed), scheme=req.recipe.scheme or "peft_kaiming_uniform",
+                               rng=req.recipe.rng or "numpy.PCG64")
+        shared = lo.recipe_shared_a(sig, recipe, rank=int(req.shared_a_rank), modules=list(req.shared_a_modules))
+    elif which == "uploaded":
+        for m, t in req.uploaded.modules.items():
+            sig.spec(m, field=f"uploaded.modules[{m}]")
+            shared[m] = wire.decode_tensor(t, field=f"uploaded.modules[{m}]", limits=limits)
+    return lo.LibrarySpec(name=req.name, signature=sig, shared_a=shared, recipe=recipe, meta=dict(req.meta))
+
+
+def _receive_files(h: admin_pb2.PutAdapterHeader, chunks, limits: Limits) -> dict[str, bytes]:
+    """Read the announced files from the chunk stream; check sizes and sha256."""
+    if not h.files:
+        raise InvalidArgumentError("no files announced", field="header.files", limit=">=1", actual=0)
+    if len(h.files) > limits.max_upload_files:
+        raise LimitExceededError("too many files", field="header.files", limit=limits.max_upload_files,
+                                 actual=len(h.files))
+    names = [f.name for f in h.files]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError("file announced twice", field="header.files", actual=names)
+    for f in h.files:
+        if f.size < 0 or len(f.sha256) != 64:
+            raise InvalidArgumentError("each file needs size >= 0 and a 64-hex sha256",
+                                       field=f"files[{f.name}]", actual=(f.size, f.sha256))
+    total = sum(f.size for f in h.files)
+    if total > limits.max_upload_bytes:
+        raise LimitExceededError("adapter upload too large", field="header.files",
+                                 limit=limits.max_upload_bytes, actual=total)
+    buf = bytearray()
+    for req in chunks:
+        if req.WhichOneof("part") != "chunk":
+            raise InvalidArgumentError("only one header per upload", field="header")
+        buf += req.chunk.data
+        if len(buf) > total:
+            raise InvalidArgumentError("more bytes than the header announced", field="files",
+                                       limit=total, actual=len(buf))
+    files, pos = {}, 0
+    for f in h.files:
+        data = bytes(buf[pos: pos + f.size])
+        if len(data) != f.size:
+            raise InvalidArgumentError("upload ended early (truncated)", field=f"files[{f.name}].size",
+                                       limit=f.size, actual=len(data))
+        if hashlib.sha256(data).hexdigest() != f.sha256.lower():
+            raise InvalidArgumentError("sha256 mismatch", field=f"files[{f.name}].sha256", limit=f.sha256)
+        files[f.name] = data
+        pos += f.size
+    return files

@@ -1,0 +1,267 @@
+"""Client commands of `seqr`: libraries, adapters, route, describe, calibrate, health.
+
+They talk to a running server through seqr_client (never to the store directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FORMS = ("activations", "projected", "moments")
+
+
+def env(name: str, default=None):
+    """The SEQR_<name> environment variable (every flag's default)."""
+    return os.environ.get(f"SEQR_{name}", default)
+
+
+def _common(p: argparse.ArgumentParser, *, library: bool = True) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--target", default=env("TARGET", "localhost:50051"),
+                   help="server address; dns:///svc:50051 behind a headless service [SEQR_TARGET]")
+    g.add_argument("--token", default=env("TOKEN"), help="bearer token [SEQR_TOKEN]")
+    g.add_argument("--tls-ca", default=env("TLS_CA"), help="CA bundle to verify the server (enables TLS) [SEQR_TLS_CA]")
+    g.add_argument("--tls-client-cert", default=env("CLIENT_CERT"), help="client certificate for mTLS [SEQR_CLIENT_CERT]")
+    g.add_argument("--tls-client-key", default=env("CLIENT_KEY"), help="client key for mTLS [SEQR_CLIENT_KEY]")
+    g.add_argument("--timeout", type=float, default=float(env("TIMEOUT", "10")), help="deadline in seconds [SEQR_TIMEOUT]")
+    g.add_argument("--json", action="store_true", help="print JSON")
+    if library:
+        p.add_argument("--library", "-l", default=env("LIBRARY", "demo"), help="library name [SEQR_LIBRARY]")
+
+
+def _client(a):
+    from seqr_client import RouterClient, tls_credentials
+    creds = None
+    if a.tls_ca or a.tls_client_cert:
+        creds = tls_credentials(ca_file=a.tls_ca, cert_file=a.tls_client_cert, key_file=a.tls_client_key)
+    return RouterClient(a.target, creds, token=a.token, timeout=a.timeout)
+
+
+def _print(a, obj, text: str) -> None:
+    if a.json:
+        from dataclasses import asdict, is_dataclass
+        conv = [asdict(o) if is_dataclass(o) else o for o in obj] if isinstance(obj, list) else (
+            asdict(obj) if is_dataclass(obj) else obj)
+        print(json.dumps(conv, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v), indent=2))
+    else:
+        print(text)
+
+
+def _run(fn):
+    """Client errors become one line on stderr and exit code 1 (no traceback)."""
+    def run(a) -> int:
+        from seqr_client import SeqrError
+        try:
+            return int(fn(a) or 0)
+        except SeqrError as e:
+            print(f"error: {e.code}: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
+# ---------------------------------------------------------------------------- commands
+@_run
+def cmd_libraries_create(a) -> int:
+    from seqr_core import signature_from_hf_config
+    from seqr_core.signature import BaseModelSignature
+    if a.hf_config:
+        sig = signature_from_hf_config(json.loads(Path(a.hf_config).read_text()), base_model=a.base_model or "")
+    else:
+        sig = BaseModelSignature.from_dict(json.loads(Path(a.signature).read_text()))
+    modules = [m.name for m in sig.modules if not a.targets or m.name.rsplit(".", 1)[-1] in a.targets.split(",")]
+    shared = dict(np.load(a.shared_a_file)) if a.shared_a_file else None
+    with _client(a) as c:
+        info = c.create_library(a.name, signature=sig, shared_a_seed=a.shared_a_seed if shared is None else None,
+                                shared_a_rank=a.rank, shared_a_modules=modules if a.targets else None,
+                                shared_a=shared)
+    _print(a, info, f"created {info.name} v{info.version}: {len(info.modules)} modules, "
+                    f"{sum(1 for m in info.modules if m.shared_rank)} with a shared A")
+    return 0
+
+
+@_run
+def cmd_libraries_ls(a) -> int:
+    with _client(a) as c:
+        libs = c.list_libraries()
+    _print(a, libs, "\n".join(f"{x.name}\tv{x.version}\t{x.adapters} adapters\t{x.base_model}" for x in libs)
+           or "(no libraries)")
+    return 0
+
+
+@_run
+def cmd_adapters_put(a) -> int:
+    from tqdm import tqdm
+    dirs = [Path(d) for d in a.dirs]
+    if a.name and len(dirs) > 1:
+        raise SystemExit("--name works with a single adapter folder only")
+    from seqr_client import read_peft_dir
+    files = {d: read_peft_dir(d) for d in dirs}
+    total = sum(len(b) for f in files.values() for b in f.values())
+    out = []
+    with _client(a) as c, tqdm(total=total, unit="B", unit_scale=True, disable=a.json or None,
+                               desc=f"uploading {len(dirs)} adapter(s)") as bar:
+        for d in dirs:
+            bar.set_postfix_str(d.name)
+            out.append(c.put_adapter_files(files[d], name=a.name or d.name, library=a.library, progress=bar.update))
+    _print(a, out, "\n".join(f"{i.name}\tid={i.adapter_id}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules"
+                             for i in out))
+    return 0
+
+
+@_run
+def cmd_adapters_ls(a) -> int:
+    with _client(a) as c:
+        ads = c.list_adapters(a.library)
+    _print(a, ads, "\n".join(f"{i.adapter_id}\t{i.name}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
+                             f"{'calibrated' if i.calibrated else ''}" for i in ads) or "(no adapters)")
+    return 0
+
+
+@_run
+def cmd_adapters_rm(a) -> int:
+    with _client(a) as c:
+        res = [c.delete_adapter(n, library=a.library) for n in a.names]
+    _print(a, res, "\n".join(f"deleted {r.name} (id {r.adapter_id}); library now v{r.library_version}" for r in res))
+    return 0
+
+
+def _random_inputs(c, library: str, tokens: int) -> dict:
+    info = c.describe(library)
+    rng = np.random.default_rng()
+    x = {}
+    for m in info.modules:
+        if m.shared_rank:
+            x[m.name] = rng.standard_normal((tokens, m.d_in)).astype(np.float32)
+    return x
+
+
+@_run
+def cmd_route(a) -> int:
+    with _client(a) as c:
+        if a.random:
+            data, form = _random_inputs(c, a.library, a.random), "activations"
+        elif a.npz:
+            data, form = dict(np.load(a.npz)), a.form
+        else:
+            raise SystemExit("seqr route: give an .npz of module -> array, or --random T")
+        kw = {"inputs" if form == "activations" else form: data}
+        r = c.route(a.library, **kw, tokens=a.tokens, top_k=a.top_k, method=a.method,
+                    normalisation=a.normalisation, granularity=a.granularity,
+                    candidates=a.candidates.split(",") if a.candidates else None)
+    lines = [f"{i + 1}. {ch.name}\tid={ch.adapter_id}\tscore={ch.score:.6g}\tweight={ch.weight:.3f}"
+             for i, ch in enumerate(r.choices)]
+    lines.append(f"margin={r.margin:.4g}  library v{r.library_version}  {r.method}/{r.normalisation}"
+                 f"{'  fallback: ' + r.fallback if r.fallback else ''}  server {r.timings.total_ms:.2f} ms")
+    _print(a, r, "\n".join(lines))
+    return 0
+
+
+@_run
+def cmd_describe(a) -> int:
+    with _client(a) as c:
+        info = c.describe(a.library)
+    shared = [m for m in info.modules if m.shared_rank]
+    recipe = f"seed {info.shared_a_recipe.seed}" if info.shared_a_recipe else "uploaded/none"
+    text = [f"{info.name} v{info.version}  base model {info.base_model}",
+            f"  {len(info.modules)} modules, {len(shared)} with shared A ({recipe})",
+            f"  calibration: {info.calibration_sequences} sequences, {len(info.calibrated_adapters)} adapters",
+            f"  {len(info.adapters)} adapters:"]
+    text += [f"    {x.adapter_id}\t{x.name}\t{x.kind}\tr={x.rank}" for x in info.adapters]
+    _print(a, info, "\n".join(text))
+    return 0
+
+
+@_run
+def cmd_calibrate(a) -> int:
+    def sequences():
+        for f in a.files:
+            yield dict(np.load(f))
+    with _client(a) as c:
+        r = c.calibrate(sequences(), library=a.library, form=a.form)
+    _print(a, r, f"calibrated {len(r.adapters)} adapters on {r.sequences} sequences; library v{r.library_version}")
+    return 0
+
+
+@_run
+def cmd_health(a) -> int:
+    with _client(a) as c:
+        s = c.health()
+    print(s)
+    return 0 if s == "SERVING" else 1
+
+
+def add_commands(sub) -> None:
+    libs = sub.add_parser("libraries", help="create and list libraries").add_subparsers(dest="sub", required=True)
+    p = libs.add_parser("create", help="create a library for one base model (with a shared frozen A)",
+                          description="Create an empty library for one base model. The signature comes from the model's config.json (Llama family) or a JSON list of modules. With --shared-a-seed the library gets a frozen shared A per targeted module (PEFT's lora_A init, reproducible from the seed): adapter owners train only B against it and take the fast SEQR path. Without it every adapter takes the exact general path.")
+    p.add_argument("name")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-config", help="the base model's transformers config.json (Llama family)")
+    src.add_argument("--signature", help='JSON {"base_model": ..., "modules": [[name, d_in, d_out], ...]}')
+    p.add_argument("--base-model", default="", help="base model name recorded in the signature")
+    p.add_argument("--shared-a-seed", type=int, help="generate the shared A from this seed (PEFT lora_A init)")
+    p.add_argument("--shared-a-file", help=".npz of module -> A (r, d_in) to upload instead of a seed")
+    p.add_argument("--rank", type=int, default=8, help="shared A rank")
+    p.add_argument("--targets", default="q_proj,v_proj",
+                   help="module name suffixes that get a shared A ('' for all modules)")
+    _common(p, library=False)
+    p.set_defaults(func=cmd_libraries_create)
+    p = libs.add_parser("ls", help="list libraries",
+                          description='List the libraries visible to the caller with their versions and adapter counts.')
+    _common(p, library=False)
+    p.set_defaults(func=cmd_libraries_ls)
+
+    ads = sub.add_parser("adapters", help="upload, list, delete adapters").add_subparsers(dest="sub", required=True)
+    p = ads.add_parser("put", help="upload PEFT adapter folders (progress bar over all bytes)",
+                          description='Upload one or more PEFT LoRA folders (adapter_config.json + adapter_model.safetensors; fp32/fp16/bf16). Each is checked (sha256, strict safetensors parsing - pickles are refused, base-model shapes, rank, finiteness) before it is stored encrypted; the name defaults to the folder name. A progress bar covers all bytes.')
+    p.add_argument("dirs", nargs="+", help="folders with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--name", help="adapter name (default: the folder name; one folder only)")
+    _common(p)
+    p.set_defaults(func=cmd_adapters_put)
+    p = ads.add_parser("ls", help="list adapters",
+                          description='List the adapters of a library visible to the caller: id (stable, never reused), name, kind (shared_a / general / mixed), rank, modules, calibration.')
+    _common(p)
+    p.set_defaults(func=cmd_adapters_ls)
+    p = ads.add_parser("rm", help="delete adapters (crypto-shredded; ids never reused)",
+                          description="Delete adapters: each one's data key is destroyed (crypto-shredding) and it is never routed to again. Its id is never reused.")
+    p.add_argument("names", nargs="+")
+    _common(p)
+    p.set_defaults(func=cmd_adapters_rm)
+
+    p = sub.add_parser("route", help="route one request from an .npz (keys = module names)",
+                          description='Route one request. The .npz maps module names (e.g. model.layers.0.self_attn.q_proj) to arrays in --form: activations (T, d_in), projected (T, r) or moments (r, r). --random T sends random activations for every shared-A module (a smoke test).')
+    p.add_argument("npz", nargs="?", help=".npz of module name -> array in --form")
+    p.add_argument("--form", choices=FORMS, default="activations")
+    p.add_argument("--tokens", type=int, help="moments: tokens G was averaged over")
+    p.add_argument("--random", type=int, metavar="T", help="instead of a file: random activations, T tokens")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--method", default="seqr", choices=("seqr", "exact", "spectr", "arrow", "lag"))
+    p.add_argument("--normalisation", default="frobenius",
+                   help="none | frobenius | activation | zscore[/adapter_module|adapter[/e|sqrt|log]]")
+    p.add_argument("--granularity", default="sequence", choices=("sequence", "token"))
+    p.add_argument("--candidates", help="comma-separated adapter names to route among")
+    _common(p)
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("describe", help="a library's signature, shared-A recipe, adapters, version",
+                          description='Show a library: base model, modules, the shared-A recipe (seed) adapter owners train against, visible adapters, calibration and version.')
+    _common(p)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("calibrate", help="fit normalisation statistics from .npz files (one sequence each)",
+                          description='Fit the data-aware normalisations (activation, zscore) from unlabeled traffic: each .npz is one sequence mapping module names to activations (T, d_in) or projected (T, r). Only streaming statistics are kept, never the activations.')
+    p.add_argument("files", nargs="+")
+    p.add_argument("--form", choices=("activations", "projected"), default="activations")
+    _common(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("health", help="SERVING / NOT_SERVING (exit code 0 only when SERVING)",
+                          description="Ask the server's grpc.health.v1 service. Prints SERVING or NOT_SERVING (loading, or shutting down); exit code 0 only when SERVING.")
+    _common(p, library=False)
+    p.set_defaults(func=cmd_health)

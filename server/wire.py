@@ -1,0 +1,163 @@
+"""Wire messages <-> core types: tensors, module inputs, route options, decisions.
+
+Everything a request carries is checked here against the server's Limits before the core
+sees it; the core then checks it against the library (shapes, forms, finiteness).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from seqr_core import Decision, ModuleInput, Normalisation, RouteOptions
+from seqr_core.errors import InvalidArgumentError, LimitExceededError
+from seqr_router.v1 import router_pb2, tensor_pb2
+
+from .config import Limits
+
+DT = tensor_pb2.DType
+_IN_DTYPES = {DT.F32: np.dtype("<f4"), DT.F16: np.dtype("<f2"), DT.BF16: np.dtype("<u2")}
+_FORMS = {router_pb2.ACTIVATIONS: "activations", router_pb2.PROJECTED: "projected",
+          router_pb2.MOMENTS: "moments"}
+_METHODS = {0: "seqr", router_pb2.SEQR: "seqr", router_pb2.EXACT: "exact",
+            router_pb2.SPECTR: "spectr", router_pb2.ARROW: "arrow", router_pb2.LAG: "lag"}
+_GRAN = {0: "sequence", router_pb2.SEQUENCE: "sequence", router_pb2.TOKEN: "token"}
+_AGG = {0: "mean", router_pb2.MEAN: "mean", router_pb2.VOTE: "vote"}
+_N = router_pb2.Normalisation
+_KINDS = {0: "frobenius", _N.NONE: "none", _N.FROBENIUS: "frobenius",
+          _N.ACTIVATION: "activation", _N.ZSCORE: "zscore"}
+_ZGRAN = {0: "adapter_module", _N.ADAPTER_MODULE: "adapter_module", _N.ADAPTER: "adapter"}
+_TRANSFORMS = {0: "e", _N.E: "e", _N.SQRT: "sqrt", _N.LOG: "log"}
+
+
+def _enum(table: Mapping[int, str], value: int, field: str) -> str:
+    if value not in table:
+        raise InvalidArgumentError("unknown enum value", field=field, actual=value)
+    return table[value]
+
+
+def input_form(value: int, *, field: str) -> str:
+    """InputForm enum -> the core's form name ("activations" | "projected" | "moments")."""
+    return _enum(_FORMS, value, field)
+
+
+def decode_tensor(t: tensor_pb2.Tensor, *, field: str, limits: Limits) -> np.ndarray:
+    """A request tensor as a 2-D float32 array (zero-copy for F32)."""
+    if t.dtype not in _IN_DTYPES:
+        raise InvalidArgumentError("dtype must be F32, F16 or BF16", field=f"{field}.dtype",
+                                   limit="F32|F16|BF16", actual=DT.Name(t.dtype) if t.dtype in DT.values() else t.dtype)
+    shape = tuple(int(s) for s in t.shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise InvalidArgumentError("shape must be 2-D with positive dimensions", field=f"{field}.shape",
+                                   limit="(rows>=1, cols>=1)", actual=shape)
+    if shape[0] > limits.max_tokens:
+        raise LimitExceededError("too many tokens (rows)", field=f"{field}.shape[0]",
+                                 limit=limits.max_tokens, actual=shape[0])
+    dt = _IN_DTYPES[t.dtype]
+    want = shape[0] * shape[1] * dt.itemsize
+    if len(t.data) != want:
+        raise InvalidArgumentError("byte length does not match shape and dtype", field=f"{field}.data",
+                                   limit=want, actual=len(t.data))
+    raw = np.frombuffer(t.data, dtype=dt).reshape(shape)
+    if t.dtype == DT.BF16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+def encode_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
+    """Response tensors: float64 -> F64, integers -> I64, float32 -> F32."""
+    a = np.asarray(a)
+    if a.dtype.kind in "iu":
+        a, dt = a.astype("<i8", copy=False), DT.I64
+    elif a.dtype == np.float32:
+        a, dt = a.astype("<f4", copy=False), DT.F32
+    else:
+        a, dt = a.astype("<f8", copy=False), DT.F64
+    return tensor_pb2.Tensor(dtype=dt, shape=list(a.shape), data=np.ascontiguousarray(a).tobytes())
+
+
+def decode_inputs(tensors: Mapping[str, tensor_pb2.Tensor], inputs, *, limits: Limits) -> dict[str, ModuleInput]:
+    """RouteRequest/CalibrateRequest tensors + inputs -> {module: ModuleInput}."""
+    if len(inputs) > limits.max_modules:
+        raise LimitExceededError("too many module inputs", field="inputs", limit=limits.max_modules,
+                                 actual=len(inputs))
+    if len(tensors) > limits.max_tensors:
+        raise LimitExceededError("too many tensors", field="tensors", limit=limits.max_tensors,
+                                 actual=len(tensors))
+    if not inputs:
+        raise InvalidArgumentError("at least one module input is required", field="inputs",
+                                   limit=">=1", actual=0)
+    decoded: dict[str, np.ndarray] = {}
+    out: dict[str, ModuleInput] = {}
+    for i, mi in enumerate(inputs):
+        f = f"inputs[{i}]"
+        if not mi.module:
+            raise InvalidArgumentError("module is required", field=f"{f}.module")
+        if mi.module in out:
+            raise InvalidArgumentError("module given twice", field=f"{f}.module", actual=mi.module)
+        form = input_form(mi.form, field=f"{f}.form")
+        if mi.tensor not in tensors:
+            raise InvalidArgumentError("references a tensor that is not in the request",
+                                       field=f"{f}.tensor", actual=mi.tensor)
+        if mi.tensor not in decoded:
+            decoded[mi.tensor] = decode_tensor(tensors[mi.tensor], field=f"tensors[{mi.tensor}]",
+                                               limits=limits)
+        data = decoded[mi.tensor]
+        tokens = (int(mi.tokens) or 1) if form == "moments" else data.shape[0]
+        if tokens < 1:
+            raise InvalidArgumentError("tokens must be >= 1", field=f"{f}.tokens", actual=mi.tokens)
+        out[mi.module] = ModuleInput(form=form, data=data, tokens=tokens)
+    unused = sorted(set(tensors) - set(decoded))
+    if unused:
+        raise InvalidArgumentError("tensors not referenced by any input", field="tensors",
+                                   actual=unused[:8])
+    return out
+
+
+def normalisation(n: router_pb2.Normalisation) -> Normalisation:
+    return Normalisation(kind=_enum(_KINDS, n.kind, "options.normalisation.kind"),
+                         granularity=_enum(_ZGRAN, n.granularity, "options.normalisation.granularity"),
+                         transform=_enum(_TRANSFORMS, n.transform, "options.normalisation.transform"))
+
+
+def route_options(o: router_pb2.RouteOptions, *, limits: Limits,
+                  candidates: tuple[str, ...] | None) -> RouteOptions:
+    """Proto options -> RouteOptions. ``candidates`` is the ACL-resolved list (None: all)."""
+    top_k = int(o.top_k) if o.HasField("top_k") else 1
+    if top_k < 1:
+        raise InvalidArgumentError("top_k must be >= 1 (leave it unset for 1)", field="options.top_k",
+                                   limit=">=1", actual=top_k)
+    if top_k > limits.max_top_k:
+        raise LimitExceededError("top_k above the server limit", field="options.top_k",
+                                 limit=limits.max_top_k, actual=top_k)
+    temperature = float(o.temperature) if o.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidArgumentError("temperature must be finite and > 0", field="options.temperature",
+                                   actual=temperature)
+    lag_k = int(o.lag_k) if o.HasField("lag_k") else 4
+    if lag_k < 1 or lag_k > limits.max_candidates:
+        raise InvalidArgumentError("lag_k must be in [1, max_candidates]", field="options.lag_k",
+                                   limit=limits.max_candidates, actual=lag_k)
+    return RouteOptions(method=_enum(_METHODS, o.method, "options.method"),
+                        normalisation=normalisation(o.normalisation),
+                        granularity=_enum(_GRAN, o.granularity, "options.granularity"),
+                        aggregation=_enum(_AGG, o.aggregation, "options.aggregation"),
+                        top_k=top_k, temperature=temperature, candidates=candidates, lag_k=lag_k)
+
+
+def route_response(d: Decision, *, names_by_id: Mapping[int, str], include_scores: bool,
+                   timings: router_pb2.Timings) -> router_pb2.RouteResponse:
+    resp = router_pb2.RouteResponse(
+        choices=[router_pb2.Choice(name=c.name, adapter_id=c.adapter_id, score=c.score, weight=c.weight)
+                 for c in d.choices],
+        margin=d.margin, library_version=d.version, method=d.method, normalisation=d.normalisation,
+        fallback=d.fallback, rechecked=d.rechecked, timings=timings)
+    if d.tokens is not None:
+        resp.tokens.adapter_ids.CopyFrom(encode_tensor(d.tokens.ids))
+        resp.tokens.scores.CopyFrom(encode_tensor(d.tokens.scores))
+    if include_scores:
+        resp.scores.extend(router_pb2.Choice(name=names_by_id[int(i)], adapter_id=int(i), score=float(s))
+                           for i, s in zip(d.candidate_ids, d.scores))
+    return resp
