@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from seqr_client import RouterClient, channel_options
 from seqr_client.wire import add_inputs
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", default="sync", choices=("sync", "aio-executor", "aio-inline"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.md")
     a = ap.parse_args(argv)
+    # Same BLAS setting as `seqr serve` (1 thread per request) for the in-process core column.
+    threadpool_limits(limits=1, user_api="blas")
     rng = np.random.default_rng(0)
     sig = signature()
     recipe = SharedARecipe(seed=SEED)

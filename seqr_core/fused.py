@@ -43,7 +43,10 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     for js in groups.values():
         Gs[js], gerr[js] = _group_moments(index, [mods[j] for j in js], inputs[mods[js[0]]].data)
     F = (0.5 * (Gs + Gs.transpose(0, 2, 1)))[:, iu, ju]                    # (Mr, K)
-    W = np.stack([st.W[k] for k in rows])                                  # (Mr, K, N)
+    if st.W3 is not None:
+        W = st.W3 if np.array_equal(rows, np.arange(len(st.modules))) else st.W3[rows]  # (Mr, K, N)
+    else:
+        W = np.stack([st.W[k] for k in rows])                              # (Mr, K, N)
     if pos.size != st.ids.size:
         W = W[:, :, pos]
     E = np.einsum("mk,mkn->mn", F, W)                                      # (Mr, K)·(Mr, K, n) -> (Mr, n)
