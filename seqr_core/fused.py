@@ -22,7 +22,7 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     """(S (n,), bounds (n,)) for candidates ``ids``, or None when the request doesn't qualify
     (a supplied module without shared A, a candidate with its own A there, mixed ranks)."""
     st = stacked(index)
-    mods = sorted(inputs)
+    mods = sorted(inputs, key=st.row.__getitem__)  # signature order: all modules -> no W copy
     rows = np.array([st.row[m] for m in mods])
     if any(st.W[k] is None for k in rows) or len({st.W[k].shape[0] for k in rows}) != 1:
         return None

@@ -190,10 +190,13 @@ class LibraryIndex:
 
     @property
     def ids(self) -> np.ndarray:
-        return np.array([a.adapter_id for a in self.adapters], dtype=np.int64)
+        return self._ids  # type: ignore[attr-defined]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {a.name: a for a in self.adapters})
+        ids = np.array([a.adapter_id for a in self.adapters], dtype=np.int64)
+        ids.setflags(write=False)
+        object.__setattr__(self, "_ids", ids)
         # Derived per-snapshot tables (seqr_core.stacked); a new snapshot starts empty.
         object.__setattr__(self, "_cache", {})
         object.__setattr__(self, "_lock", threading.Lock())
