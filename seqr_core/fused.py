@@ -27,24 +27,31 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     if any(st.W[k] is None for k in rows) or len({st.W[k].shape[0] for k in rows}) != 1:
         return None
     pos = index.positions(ids)
-    present = st.present[np.ix_(rows, pos)]                                # (Mr, n)
-    if (present & ~st.shared[np.ix_(rows, pos)]).any():
+    full = pos.size == st.ids.size and rows.size == len(st.modules)   # rows are in signature order
+    sel = (slice(None), slice(None)) if full else np.ix_(rows, pos)
+    present = st.present[sel]                                              # (Mr, n)
+    if (present & ~st.shared[sel]).any():
         return None
     r = index.modules[mods[0]].shared_a.shape[0]
     iu, ju = triu_pairs(r)
     Gs, gerr = np.empty((len(mods), r, r)), np.empty(len(mods))
     groups: dict[int, list[int]] = {}  # q/k/v of a layer share one input: one GEMM for the group
+    given = [j for j, m in enumerate(mods) if inputs[mods[j]].form == "moments"]
+    if given:   # already ZᵀZ/T: exact inputs, no error to carry
+        Gs[given] = np.stack([inputs[mods[j]].data for j in given])
+        gerr[given] = 0.0
     for j, m in enumerate(mods):
         inp = inputs[m]
         if inp.form == "activations":
             groups.setdefault(id(inp.data), []).append(j)
-        else:
+        elif inp.form == "projected":
             Gs[j], gerr[j] = module_moment(index.modules[m], inp)
     for js in groups.values():
         Gs[js], gerr[js] = _group_moments(index, [mods[j] for j in js], inputs[mods[js[0]]].data)
     F = (0.5 * (Gs + Gs.transpose(0, 2, 1)))[:, iu, ju]                    # (Mr, K)
     if st.W3 is not None:
-        W = st.W3 if np.array_equal(rows, np.arange(len(st.modules))) else st.W3[rows]  # (Mr, K, N)
+        wr = st.w3_row[rows]
+        W = st.W3 if np.array_equal(wr, np.arange(st.W3.shape[0])) else st.W3[wr]  # (Mr, K, N)
     else:
         W = np.stack([st.W[k] for k in rows])                              # (Mr, K, N)
     if pos.size != st.ids.size:
@@ -52,8 +59,8 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     E = np.einsum("mk,mkn->mn", F, W)                                      # (Mr, K)·(Mr, K, n) -> (Mr, n)
     fn = np.linalg.norm(F, axis=1)                                         # (Mr,)
     K = F.shape[1]
-    Bm = ((_gamma64(K + 2) * fn + gerr)[:, None] * st.Wnorm[np.ix_(rows, pos)]
-          + _F64_SLACK * fn[:, None] * st.rf2[np.ix_(rows, pos)])          # (Mr, n)
+    Bm = ((_gamma64(K + 2) * fn + gerr)[:, None] * st.Wnorm[sel]
+          + _F64_SLACK * fn[:, None] * st.rf2[sel])          # (Mr, n)
     cnt = present.sum(axis=0)
     if norm.kind == "zscore" and norm.granularity == "adapter":
         v, bv = (E * present).sum(0), (Bm * present).sum(0)
@@ -61,11 +68,11 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     else:
         mu, c = 0.0, 1.0
         if norm.kind == "frobenius":
-            c = np.maximum(st.frob2[np.ix_(rows, pos)], 1e-30)
+            c = np.maximum(st.frob2[sel], 1e-30)
         elif norm.kind == "activation":
-            c = np.maximum(st.cal.mod_mean[0][np.ix_(rows, pos)], 1e-30)
+            c = np.maximum(st.cal.mod_mean[0][sel], 1e-30)
         elif norm.kind == "zscore":
-            mu, c = st.cal.mod_mean[0][np.ix_(rows, pos)], st.cal.mod_std[0][np.ix_(rows, pos)]
+            mu, c = st.cal.mod_mean[0][sel], st.cal.mod_std[0][sel]
         with np.errstate(invalid="ignore", divide="ignore"):
             S = (((E - mu) / c) * present).sum(0) / cnt
             B = ((Bm / c) * present).sum(0) / cnt

@@ -109,8 +109,6 @@ def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> di
                 or data.shape[0] < 1:
             raise InvalidArgumentError("wrong shape", field=f"{f}.{inp.form}.shape",
                                        limit=("T" if want[0] is None else want[0], want[1]), actual=data.shape)
-        if not np.isfinite(data).all():
-            raise InvalidArgumentError("non-finite values (NaN/Inf)", field=f"{f}.{inp.form}")
         tokens = int(inp.tokens) if inp.form == "moments" else data.shape[0]
         if tokens < 1:
             raise InvalidArgumentError("token count must be >= 1", field=f"{f}.tokens", actual=tokens)
@@ -119,9 +117,22 @@ def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> di
                 raise InvalidArgumentError("all per-token inputs need the same token count",
                                            field=f"{f}.{inp.form}.shape", limit=T, actual=data.shape[0])
             T = data.shape[0]
-        out[m] = E.ModuleInput(form=inp.form, data=np.ascontiguousarray(data, dtype=np.float32),
-                               tokens=tokens)
+        data32 = np.ascontiguousarray(data, dtype=np.float32)
+        same = data32 is inp.data and tokens == inp.tokens
+        out[m] = inp if same else E.ModuleInput(form=inp.form, data=data32, tokens=tokens)
+    _check_finite(out)
     return out
+
+
+def _check_finite(inputs: Mapping[str, E.ModuleInput]) -> None:
+    # One pass over all tensors (many small moments matrices cost one call, not sixty);
+    # the per-module search runs only when something is wrong, to name the field.
+    arrays = {id(i.data): i.data for i in inputs.values()}
+    if np.isfinite(np.concatenate([a.ravel() for a in arrays.values()])).all():
+        return
+    for m, inp in sorted(inputs.items()):
+        if not np.isfinite(inp.data).all():
+            raise InvalidArgumentError("non-finite values (NaN/Inf)", field=f"inputs.{m}.{inp.form}")
 
 
 def candidate_ids(index: LibraryIndex, candidates) -> np.ndarray:
@@ -192,7 +203,8 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
     norm, fallback = options.normalisation, ""
     st = stacked(index)
     rows = [st.row[m] for m in inputs]
-    targeted = ids[st.present[np.ix_(rows, index.positions(ids))].any(axis=0)]
+    hit = st.present[rows].any(axis=0)                                     # (N,) targets a supplied module
+    targeted = ids[hit if ids.size == st.ids.size else hit[index.positions(ids)]]
     if not targeted.size:
         raise InvalidArgumentError("no candidate adapter targets any supplied module",
                                    field="inputs", actual=sorted(inputs)[:4])

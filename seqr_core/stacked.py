@@ -39,7 +39,8 @@ class Stacked:
     present: np.ndarray        # (M, N) bool
     shared: np.ndarray         # (M, N) bool
     W: tuple                   # per row: (K, N) float64, or None without a shared A
-    W3: np.ndarray | None      # (M, K, N) the same, stacked, when every module has one rank
+    W3: np.ndarray | None      # (Ms, K, N) the shared-A modules' W stacked, when they share one rank
+    w3_row: np.ndarray         # (M,) row of each module in W3, -1 without a shared A
     Wnorm: np.ndarray          # (M, N) ‖W[m][:, i]‖
     rf2: np.ndarray            # (M, N) ‖R‖_F²
     cal: CalTable | None
@@ -105,10 +106,13 @@ def _build(index: LibraryIndex) -> Stacked:
             rf2[k, sp] = np.einsum("nab,nab->n", mi.R, mi.R)
         W.append(w)
         Wnorm[k] = np.linalg.norm(w, axis=0)
-    uniform = all(w is not None for w in W) and len({w.shape[0] for w in W}) == 1
+    have = [w for w in W if w is not None]
+    uniform = bool(have) and len({w.shape[0] for w in have}) == 1
+    w3_row = np.cumsum([w is not None for w in W]) - 1
+    w3_row[[w is None for w in W]] = -1
     return Stacked(modules=names, row=row, ids=ids, frob2=frob2, present=present, shared=shared,
-                   W=tuple(W), W3=np.stack(W) if uniform else None, Wnorm=Wnorm, rf2=rf2,
-                   cal=_cal_table(index, row, N))
+                   W=tuple(W), W3=np.stack(have) if uniform else None, w3_row=w3_row,
+                   Wnorm=Wnorm, rf2=rf2, cal=_cal_table(index, row, N))
 
 
 def stacked(index: LibraryIndex) -> Stacked:
