@@ -266,9 +266,9 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
     sc = S[top]
     w = np.exp((sc - sc.max()) / options.temperature) if sc.size else sc
     w = w / w.sum() if sc.size else w
-    by_id = {a.adapter_id: a for a in index.adapters}
-    choices = tuple(Choice(name=by_id[int(ids[p])].name, adapter_id=int(ids[p]), score=float(S[p]),
-                           weight=float(wi)) for p, wi in zip(top, w))
+    lib_pos = index.positions(ids[top])
+    choices = tuple(Choice(name=index.adapters[int(q)].name, adapter_id=int(ids[p]), score=float(S[p]),
+                           weight=float(wi)) for p, q, wi in zip(top, lib_pos, w))
     margin = float(S[order[0]] - S[order[1]]) if order.size > 1 else float("inf")
     return Decision(choices=choices, margin=margin, version=index.version, method=method,
                     normalisation=norm.label, fallback=fallback, rechecked=rechecked,
