@@ -36,16 +36,19 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     iu, ju = triu_pairs(r)
     Gs, gerr = np.empty((len(mods), r, r)), np.empty(len(mods))
     groups: dict[int, list[int]] = {}  # q/k/v of a layer share one input: one GEMM for the group
-    given = [j for j, m in enumerate(mods) if inputs[mods[j]].form == "moments"]
-    if given:   # already ZᵀZ/T: exact inputs, no error to carry
-        Gs[given] = np.stack([inputs[mods[j]].data for j in given])
-        gerr[given] = 0.0
+    given, given_data = [], []
     for j, m in enumerate(mods):
         inp = inputs[m]
-        if inp.form == "activations":
+        if inp.form == "moments":
+            given.append(j)
+            given_data.append(inp.data)
+        elif inp.form == "activations":
             groups.setdefault(id(inp.data), []).append(j)
-        elif inp.form == "projected":
+        else:
             Gs[j], gerr[j] = module_moment(index.modules[m], inp)
+    if given:   # already ZᵀZ/T: exact inputs, no error to carry
+        Gs[given] = np.stack(given_data)
+        gerr[given] = 0.0
     for js in groups.values():
         Gs[js], gerr[js] = _group_moments(index, [mods[j] for j in js], inputs[mods[js[0]]].data)
     F = (0.5 * (Gs + Gs.transpose(0, 2, 1)))[:, iu, ju]                    # (Mr, K)
@@ -56,7 +59,7 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
         W = np.stack([st.W[k] for k in rows])                              # (Mr, K, N)
     if pos.size != st.ids.size:
         W = W[:, :, pos]
-    E = np.einsum("mk,mkn->mn", F, W)                                      # (Mr, K)·(Mr, K, n) -> (Mr, n)
+    E = np.matmul(F[:, None, :], W)[:, 0, :]                               # (Mr, 1, K)·(Mr, K, n) -> (Mr, n)
     fn = np.linalg.norm(F, axis=1)                                         # (Mr,)
     K = F.shape[1]
     Bm = ((_gamma64(K + 2) * fn + gerr)[:, None] * st.Wnorm[sel]

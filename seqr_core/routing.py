@@ -82,44 +82,55 @@ class Decision:
     tokens: TokenDecisions | None = None
 
 
+def _module_dims(index: LibraryIndex) -> dict:
+    """{module: (d_in, shared-A rank or 0)}, per snapshot."""
+    with index._lock:  # type: ignore[attr-defined]
+        dims = index._cache.get("dims")  # type: ignore[attr-defined]
+        if dims is None:
+            dims = {s.name: (s.d_in, index.shared_a[s.name].shape[0] if s.name in index.shared_a else 0)
+                    for s in index.signature.modules}
+            index._cache["dims"] = dims  # type: ignore[attr-defined]
+        return dims
+
+
 def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> dict[str, E.ModuleInput]:
     """Validate shapes, forms and values; return float32 copies. Names the offending field."""
     if not inputs:
         raise InvalidArgumentError("at least one module input is required", field="inputs",
                                    limit=">=1", actual=0)
+    dims = _module_dims(index)
     out, T = {}, None
     for m, inp in sorted(inputs.items()):
-        f = f"inputs.{m}"
-        if not index.signature.has(m):
+        form, data = inp.form, inp.data
+        d_in, r = dims.get(m, (None, 0))
+        if d_in is None:
             raise InvalidArgumentError(f"unknown module for base model {index.signature.base_model!r}",
-                                       field=f, actual=m)
-        if inp.form not in E.FORMS:
-            raise InvalidArgumentError(f"form must be one of {E.FORMS}", field=f, actual=inp.form)
-        data = np.asarray(inp.data)
+                                       field=f"inputs.{m}", actual=m)
+        if form not in E.FORMS:
+            raise InvalidArgumentError(f"form must be one of {E.FORMS}", field=f"inputs.{m}", actual=form)
+        data = data if isinstance(data, np.ndarray) else np.asarray(data)
         if data.dtype.kind != "f":
-            raise InvalidArgumentError("tensor must be floating point", field=f"{f}.{inp.form}",
+            raise InvalidArgumentError("tensor must be floating point", field=f"inputs.{m}.{form}",
                                        actual=str(data.dtype))
-        spec, A = index.signature.spec(m), index.shared_a.get(m)
-        if inp.form != "activations" and A is None:
+        if form != "activations" and not r:
             raise InvalidArgumentError("module has no shared A; send activations",
-                                       field=f"{f}.{inp.form}", limit="activations", actual=inp.form)
-        want = {"activations": (None, spec.d_in), "projected": (None, A.shape[0] if A is not None else 0),
-                "moments": (A.shape[0] if A is not None else 0,) * 2}[inp.form]
-        if data.ndim != 2 or (want[0] is not None and data.shape[0] != want[0]) or data.shape[1] != want[1] \
+                                       field=f"inputs.{m}.{form}", limit="activations", actual=form)
+        rows, cols = (r, r) if form == "moments" else (None, d_in if form == "activations" else r)
+        if data.ndim != 2 or (rows is not None and data.shape[0] != rows) or data.shape[1] != cols \
                 or data.shape[0] < 1:
-            raise InvalidArgumentError("wrong shape", field=f"{f}.{inp.form}.shape",
-                                       limit=("T" if want[0] is None else want[0], want[1]), actual=data.shape)
-        tokens = int(inp.tokens) if inp.form == "moments" else data.shape[0]
+            raise InvalidArgumentError("wrong shape", field=f"inputs.{m}.{form}.shape",
+                                       limit=("T" if rows is None else rows, cols), actual=data.shape)
+        tokens = int(inp.tokens) if form == "moments" else data.shape[0]
         if tokens < 1:
-            raise InvalidArgumentError("token count must be >= 1", field=f"{f}.tokens", actual=tokens)
-        if inp.form != "moments":
+            raise InvalidArgumentError("token count must be >= 1", field=f"inputs.{m}.tokens", actual=tokens)
+        if form != "moments":
             if T is not None and T != data.shape[0]:
                 raise InvalidArgumentError("all per-token inputs need the same token count",
-                                           field=f"{f}.{inp.form}.shape", limit=T, actual=data.shape[0])
+                                           field=f"inputs.{m}.{form}.shape", limit=T, actual=data.shape[0])
             T = data.shape[0]
         data32 = np.ascontiguousarray(data, dtype=np.float32)
         same = data32 is inp.data and tokens == inp.tokens
-        out[m] = inp if same else E.ModuleInput(form=inp.form, data=data32, tokens=tokens)
+        out[m] = inp if same else E.ModuleInput(form=form, data=data32, tokens=tokens)
     _check_finite(out)
     return out
 
