@@ -89,7 +89,7 @@ class RouterClient:
               projected: Mapping[str, Array | str] | None = None,
               moments: Mapping[str, Array | str] | None = None,
               shared: Mapping[str, Array] | None = None, tokens: int | None = None,
-              top_k: int = 1, method: str = "seqr", normalisation="frobenius",
+              top_k: int = 1, method: str = "seqr", normalisation="activation",
               granularity: str = "sequence", aggregation: str = "mean", temperature: float = 1.0,
               candidates: Iterable[str] | None = None, include_scores: bool = False,
               lag_k: int | None = None, timeout: float | None = None) -> R.RouteResult:
@@ -114,7 +114,7 @@ class RouterClient:
 
         Library and options are sent with the first step only. No deadline unless ``timeout``.
         """
-        opts = wire.route_options(**{**dict(top_k=1, method="seqr", normalisation="frobenius",
+        opts = wire.route_options(**{**dict(top_k=1, method="seqr", normalisation="activation",
                                             granularity="token", aggregation="mean", temperature=1.0,
                                             candidates=None, include_scores=False, lag_k=None), **options})
         lib = self._lib(library)

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .calibration import LOG_FLOOR
 from .energies import FORMS, gamma
 from .errors import FailedPreconditionError, InvalidArgumentError, LimitExceededError
-from .normalise import Normalisation
+from .normalise import Normalisation, effective
 from .qr_index import LibraryIndex, triu_pairs
 
 FORMAT = "seqr-onnx-scorer/1"
@@ -529,7 +529,7 @@ order is within fp32 rounding (seqr-router re-checks those candidates in float64
 
 def build_scorer_model(index: LibraryIndex, *, modules: Sequence[str] | None = None,
                        form: str = "activations", forms: Mapping[str, str] | None = None,
-                       normalisation: Normalisation = Normalisation(), top_k: int = 1,
+                       normalisation: Normalisation | None = None, top_k: int = 1,
                        per_token: bool | None = None, tokens: int | None = None,
                        bounds: bool = True, precise_z: bool = True, input_dtype: str = "float32",
                        on_unscorable: str = "error", opset: int = 18,
@@ -566,6 +566,8 @@ def build_scorer_model(index: LibraryIndex, *, modules: Sequence[str] | None = N
         raise InvalidArgumentError("tokens must be an int >= 0 (0: dynamic)", field="export.tokens",
                                    actual=tokens)
     mforms = _resolve(index, modules, forms, form)
+    if normalisation is None:   # the service default, with routing's uncalibrated fallback
+        normalisation = effective(index, Normalisation(), [m for m, _ in mforms])[0]
     if per_token is None:
         per_token = all(f != "moments" for _, f in mforms)
     for m, form in mforms:

@@ -242,7 +242,7 @@ def add_commands(sub) -> None:
     p.add_argument("--random", type=int, metavar="T", help="instead of a file: random activations, T tokens")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--method", default="seqr", choices=("seqr", "exact", "spectr", "arrow", "lag"))
-    p.add_argument("--normalisation", default="frobenius",
+    p.add_argument("--normalisation", default="activation",
                    help="none | frobenius | activation | zscore[/adapter_module|adapter[/e|sqrt|log]]")
     p.add_argument("--granularity", default="sequence", choices=("sequence", "token"))
     p.add_argument("--candidates", help="comma-separated adapter names to route among")

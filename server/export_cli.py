@@ -66,8 +66,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--form", default="activations", choices=("activations", "projected", "moments"),
                    help="input form of every module not named by --module-form")
     p.add_argument("--module-form", action="append", type=_form_pair, default=[], metavar="MODULE=FORM")
-    p.add_argument("--normalisation", type=_norm, default=Normalisation(),
-                   help="none | frobenius | activation | zscore/<adapter_module|adapter>/<e|sqrt|log>")
+    p.add_argument("--normalisation", type=_norm, default=None,
+                   help="none | frobenius | activation | zscore/<adapter_module|adapter>/<e|sqrt|log> "
+                        "(default: activation once calibrated, frobenius before, as routing does)")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--tokens", type=int, default=0, help="static token count (0: dynamic)")
     p.add_argument("--input-dtype", default="float32", choices=("float32", "float16", "bfloat16"))

@@ -129,7 +129,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, *, prefer: str | None = None, intra_op_threads: int | None = None,
-                 max_profiles: int = 8, default_normalisation: Normalisation = Normalisation(),
+                 max_profiles: int = 8, default_normalisation: Normalisation | None = None,
                  serve_stale: bool = True):
         self.providers = select_providers(prefer)
         self.threads, self.max_profiles = intra_op_threads, max_profiles

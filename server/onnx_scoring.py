@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from seqr_core import energies as E
-from seqr_core.normalise import Normalisation, check_adapter_level_modules, combine, uncalibrated
+from seqr_core.normalise import Normalisation, check_adapter_level_modules, combine, effective, uncalibrated
 from seqr_core.onnx_export import MASK, input_name
 from seqr_core.qr_index import LibraryIndex
 # _exact_rank is routing's own bound-driven float64 re-check: reused, not copied, so the two
@@ -48,9 +48,12 @@ class Profile:
                 "profile": self.key}
 
 
-def default_profile(index: LibraryIndex, norm: Normalisation = Normalisation()) -> Profile:
-    """Every module that has adapters, as activations, sequence scores."""
+def default_profile(index: LibraryIndex, norm: Normalisation | None = None) -> Profile:
+    """Every module that has adapters, as activations, sequence scores; the default
+    normalisation as routing would apply it (frobenius while adapters are uncalibrated)."""
     mods = tuple((m, "activations") for m in sorted(index.signature.names) if index.modules[m].ids.size)
+    if norm is None:
+        norm = effective(index, Normalisation(), [m for m, _ in mods])[0]
     return Profile(mods, norm, False)
 
 

@@ -26,7 +26,7 @@ _METHODS = {0: "seqr", router_pb2.SEQR: "seqr", router_pb2.EXACT: "exact",
 _GRAN = {0: "sequence", router_pb2.SEQUENCE: "sequence", router_pb2.TOKEN: "token"}
 _AGG = {0: "mean", router_pb2.MEAN: "mean", router_pb2.VOTE: "vote"}
 _N = router_pb2.Normalisation
-_KINDS = {0: "frobenius", _N.NONE: "none", _N.FROBENIUS: "frobenius",
+_KINDS = {0: "activation", _N.NONE: "none", _N.FROBENIUS: "frobenius",
           _N.ACTIVATION: "activation", _N.ZSCORE: "zscore"}
 _ZGRAN = {0: "adapter_module", _N.ADAPTER_MODULE: "adapter_module", _N.ADAPTER: "adapter"}
 _TRANSFORMS = {0: "e", _N.E: "e", _N.SQRT: "sqrt", _N.LOG: "log"}

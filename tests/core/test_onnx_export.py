@@ -151,7 +151,7 @@ def test_half_precision_inputs_give_fp32_scores(dtype, onnx_type):
     feeds[MASK] = np.ones((1, 5), bool)
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     assert out["scores"].dtype == np.float32 and out["token_scores"].dtype == np.float32
-    S, _ = numpy_scores(idx, rounded, Normalisation())
+    S, _ = numpy_scores(idx, rounded, Normalisation("frobenius"))  # the default, uncalibrated
     assert_parity(out["scores"][0], S, np.ones(5, bool))
 
 
@@ -255,7 +255,7 @@ def test_exported_file_runs_in_plain_onnxruntime_without_project_code(tmp_path):
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert got["project_modules"] == [] and got["normalisation"] == "frobenius"
-    S, _ = numpy_scores(idx, inputs, Normalisation())
+    S, _ = numpy_scores(idx, inputs, Normalisation("frobenius"))  # the default, uncalibrated
     assert_parity(np.array(got["scores"]), S, np.ones(6, bool))
     assert got["best_id"] == idx.entry(got["best"]).adapter_id
 
