@@ -28,42 +28,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpora import DOMAINS, build_corpora  # noqa: E402
 from seqr_client.hf_models import default_cache_dir, load_smollm2  # noqa: E402
-from seqr_client.training import DEFAULT_LR, read_seqr_json, train_lora  # noqa: E402
+from seqr_client.training import (DEFAULT_LR, Contrast, background_moments, read_seqr_json,  # noqa: E402
+                                  train_lora)
 from seqr_core.shared_a import SharedARecipe  # noqa: E402
 
 DEFAULT_SHARED_A_SEED = 2509
 GENERAL_DOMAINS = ("python", "legal", "scripture")
 RECIPE = dict(rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=40, batch_size=8,
               seq_len=128, lr=DEFAULT_LR, seed=0)
+DEFAULT_CONTRAST = None   # set from the evidence in bench/results/research.md
 
 
 def adapter_dirs(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=DOMAINS,
                  general_domains=GENERAL_DOMAINS, rank: int = RECIPE["rank"],
-                 steps: int = RECIPE["steps"]) -> dict[str, dict[str, Path]]:
+                 steps: int = RECIPE["steps"], contrast: float | None = DEFAULT_CONTRAST) -> dict[str, dict[str, Path]]:
     """``{"shared_a": {domain: dir}, "general": {domain: dir}}`` — where the adapters live."""
     root = default_cache_dir(cache_dir) / "adapters" / "smollm2-135m"
-    sa = root / f"shared_a-seed{shared_a_seed}-r{rank}-s{steps}"
+    sa = root / (f"shared_a-seed{shared_a_seed}-r{rank}-s{steps}"
+                 + (f"-contrast{contrast:g}" if contrast else ""))
     ge = root / f"general-r{rank}-s{steps}"
     return {"shared_a": {d: sa / d for d in domains}, "general": {d: ge / d for d in general_domains}}
 
 
+def library_background(model, tokenizer, corpora, *, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED,
+                       rank: int = RECIPE["rank"], target_modules=RECIPE["target_modules"],
+                       progress: bool = True) -> dict:
+    """The library's background moments G_bg = E[z zᵀ] per module over its unlabeled calibration
+    traffic (:func:`eval_lib.calibration_texts`), cached under ``<cache>/eval``."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from eval_lib import calibration_texts
+    from seqr_client.training import base_fingerprint
+
+    texts = calibration_texts(corpora)
+    h = hashlib.sha256(json.dumps([shared_a_seed, rank, list(target_modules), base_fingerprint(model)]).encode())
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    path = default_cache_dir(cache_dir) / "eval" / f"background-{h.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    bg = background_moments(model, tokenizer, texts, shared_a=SharedARecipe(seed=shared_a_seed), rank=rank,
+                            target_modules=target_modules, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **bg)
+    os.replace(tmp, path)
+    return bg
+
+
 def train_all(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=DOMAINS,
               general_domains=GENERAL_DOMAINS, model=None, tokenizer=None, progress: bool = True,
-              **overrides) -> dict[str, dict[str, Path]]:
-    """Train what is missing, reuse the rest; returns :func:`adapter_dirs`' mapping."""
+              contrast: float | None = DEFAULT_CONTRAST, **overrides) -> dict[str, dict[str, Path]]:
+    """Train what is missing, reuse the rest; returns :func:`adapter_dirs`' mapping.
+
+    ``contrast``: weight of the distinguishability term (``seqr_client.training.Contrast``) for
+    the shared-A adapters, against the background moments of the library's unlabeled
+    calibration traffic (:func:`eval_lib.calibration_texts`); None or 0 = plain LM loss."""
     recipe = {**RECIPE, **overrides}
     dirs = adapter_dirs(cache_dir=cache_dir, shared_a_seed=shared_a_seed, domains=domains,
-                        general_domains=general_domains, rank=recipe["rank"], steps=recipe["steps"])
+                        general_domains=general_domains, rank=recipe["rank"], steps=recipe["steps"],
+                        contrast=contrast)
     corpora = build_corpora(cache_dir=cache_dir, progress=progress)
     if model is None:
         model, tokenizer = load_smollm2(cache_dir=cache_dir)
+    spec = None
+    if contrast:
+        bg = library_background(model, tokenizer, corpora, cache_dir=cache_dir, shared_a_seed=shared_a_seed,
+                                rank=recipe["rank"], target_modules=recipe["target_modules"], progress=progress)
+        spec = Contrast(background=bg, weight=float(contrast))
     jobs = [("shared_a", d) for d in domains] + [("general", d) for d in general_domains]
     t_all = time.perf_counter()
     for i, (kind, domain) in enumerate(jobs, 1):
         t0 = time.perf_counter()
         out = train_lora(model, tokenizer, corpora[domain].train, out_dir=dirs[kind][domain],
                          shared_a=SharedARecipe(seed=shared_a_seed) if kind == "shared_a" else None,
-                         domain=domain, progress=progress, **recipe)
+                         domain=domain, progress=progress,
+                         contrast=spec if kind == "shared_a" else None, **recipe)
         meta = read_seqr_json(out) or {}
         dt = time.perf_counter() - t0
         losses = meta.get("losses") or [float("nan")]
@@ -85,18 +129,20 @@ def main(argv=None) -> int:
                     help="domains that also get an ordinary LoRA")
     ap.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps per adapter")
     ap.add_argument("--lr", type=float, default=RECIPE["lr"], help="AdamW learning rate")
+    ap.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
+                    help="weight of the distinguishability term for shared-A adapters (0: plain LM loss)")
     ap.add_argument("--list", action="store_true", help="only list the adapter folders and their state")
     a = ap.parse_args(argv)
     if a.list:
         dirs = adapter_dirs(cache_dir=a.cache_dir, shared_a_seed=a.shared_a_seed, domains=a.domains,
-                            general_domains=a.general_domains, steps=a.steps)
+                            general_domains=a.general_domains, steps=a.steps, contrast=a.contrast)
         for kind, ds in dirs.items():
             for d, p in ds.items():
                 meta = read_seqr_json(p) or {}
                 print(f"{kind:8s} {d:10s} {'done' if meta.get('finished') else 'missing':7s} {p}")
         return 0
     train_all(cache_dir=a.cache_dir, shared_a_seed=a.shared_a_seed, domains=a.domains,
-              general_domains=a.general_domains, steps=a.steps, lr=a.lr)
+              general_domains=a.general_domains, steps=a.steps, lr=a.lr, contrast=a.contrast)
     return 0
 
 

