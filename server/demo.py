@@ -2,7 +2,8 @@
 
 Library ``demo``: a tiny Llama-shaped signature (hidden 64, 2 layers), a shared frozen A on
 q_proj/v_proj from seed 1234 at rank 8, and four synthetic shared-A adapters written as real
-PEFT files and uploaded through the normal path (so they are stored encrypted like any other).
+PEFT files and uploaded through the normal path (so they are stored encrypted like any other),
+then calibrated on synthetic traffic.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 
 import numpy as np
 
-from seqr_core import SharedARecipe, generate_shared_a, llama_signature, write_safetensors
+from seqr_core import (Calibrator, ModuleInput, SharedARecipe, generate_shared_a, llama_signature,
+                       write_safetensors)
 
 from . import library_objects as lo
 from .auth import OPEN
@@ -55,3 +57,13 @@ def create_demo(manager: LibraryManager) -> None:
     manager.create_library(spec)
     for k, name in enumerate(ADAPTERS):
         manager.put_adapter(NAME, name, demo_adapter_files(spec, k), {"demo": "true"}, OPEN)
+    # Calibrated on synthetic traffic so the demo routes with the default (activation)
+    # normalisation, as a real library does after `seqr calibrate`.
+    index = manager.get(NAME, OPEN).index
+    cal = Calibrator(index)
+    rng = np.random.default_rng(SEED)
+    hidden = spec.signature.modules[0].d_in
+    for _ in range(32):
+        x = rng.standard_normal((16, hidden)).astype(np.float32)
+        cal.update({m: ModuleInput("activations", x, 16) for m in spec.shared_a})
+    manager.store_calibration(NAME, index, cal.finish(), OPEN)
