@@ -54,8 +54,8 @@ PPL_TOKENS = 256          # perplexity: the chunk's first 256 tokens
 MAIN, MIXED = "seqr9", "mixed12"
 NORMS = ("none", "frobenius", "activation", "zscore/adapter_module/e", "zscore/adapter_module/log",
          "zscore/adapter/e", "zscore/adapter/log")
-BEST = "activation"                     # the recommended default (bench/results/research.md)
-MOMENTS_BEST = "activation"             # the best normalisation the moments form can serve
+BEST = "zscore/adapter_module/e"        # the recommended default (bench/results/research.md)
+MOMENTS_BEST = BEST                     # the moments form serves transform e, so the default too
 
 
 def log(msg: str) -> None:
@@ -211,8 +211,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cost", action="store_true", help="skip the cost-vs-N measurement")
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS,
                     help="evaluate on a subset of the domains (development)")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="JSON",
+                    help="only re-render the markdown and plots from a previous run's evaluation*.json")
     a = ap.parse_args(argv)
     DOMAINS = tuple(d for d in DOMAINS if d in a.domains)
+    if a.report_only:
+        res = json.loads(a.report_only.read_text())
+        corpora = {d: c for d, c in build_corpora(cache_dir=a.cache_dir, progress=False).items() if d in DOMAINS}
+        stem = a.report_only.stem
+        a.quick = stem.endswith("-quick")
+        files = plots(a.out, res, stem)
+        (a.out / f"{stem}.md").write_text(report(res, corpora, files, a))
+        log(f"re-rendered {a.out / (stem + '.md')}")
+        return 0
     t_start = time.perf_counter()
     phase: dict[str, float] = {}
 
@@ -461,7 +472,10 @@ def report(res: dict, corpora, files: list[str], a) -> str:
         m = acc[MIXED].get(k)
         bold = "**" if k == best_seqr else ""
         lines.append(f"| {bold}{k}{bold} | {bold}{_pct(v)}{bold} | {_pct(m) if m is not None else ''} |")
-    lines += ["", f"Best seqr setting: **{best_seqr} = {_pct(acc[MAIN][best_seqr])}**"
+    default = f"seqr · {BEST}"
+    lines += ["", f"Recommended default (bench/results/research.md): **{default} = {_pct(acc[MAIN][default])}**"
+              + (f" (`{MIXED}`: {_pct(acc[MIXED][default])})" if default in acc[MIXED] else "") + ".",
+              f"Best seqr setting: **{best_seqr} = {_pct(acc[MAIN][best_seqr])}**"
               + (f"; best baseline: {best_base} = {_pct(acc[MAIN][best_base])}." if best_base else "."),
               f"In `{MIXED}` the general adapters won {_pct(res['mixed_general_share'])} of the samples under {BEST}.",
               f"Median margin (first − second score) under {BEST}: {res['margins']['median']:.3f}."]

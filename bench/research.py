@@ -1,7 +1,14 @@
 """Research sweeps behind bench/results/research.md (see bench/eval_lib.py).
 
     nice -n 19 python bench/research.py capture      # captures test + calibration chunks (cached)
-    python bench/research.py sweep [--set NAME]      # every method x normalisation x aggregation
+    python bench/research.py sweep [--set NAME] [--general NAME] [--layers]
+                                                     # every normalisation x aggregation, one adapter set
+    python bench/research.py oracle [--ranks 8 16] [--variant gen|own] [--whiten]
+                                                     # capacity of the representation (no adapters)
+    python bench/research.py report [--sets A B ...] # everything -> bench/results/research.md (~6 min)
+
+Adapter sets are folders under <cache>/adapters/smollm2-135m/ (bench/train_adapters.py makes them:
+``--contrast 0`` plain, ``--contrast 0.1`` the default, ``--contrast 0.5``).
 """
 from __future__ import annotations
 
@@ -360,6 +367,7 @@ def cmd_report(a):
                       "none": res[("none", "adapter_module", "e", "mean")],
                       "frobenius": res[("frobenius", "adapter_module", "e", "mean")],
                       "activation": res[("activation", "adapter_module", "e", "mean")],
+                      "z_am_e": res[("zscore", "adapter_module", "e", "mean")],
                       "z_am_log": res[("zscore", "adapter_module", "log", "mean")],
                       "z_a_log": res[("zscore", "adapter", "log", "mean")],
                       "vote": res[("activation", "adapter_module", "e", "vote")],
@@ -413,6 +421,7 @@ def cmd_report(a):
                 S = L.scores(etm, "zscore", cal=calm, transform="log")
                 share = np.isin(S.argmax(1), [i for i, n in enumerate(adm.names) if "/" in n]).mean()
                 summary[s]["mixed_activation"] = resm[("activation", "adapter_module", "e", "mean")]
+                summary[s]["mixed_z_am_e"] = resm[("zscore", "adapter_module", "e", "mean")]
                 summary[s]["mixed_frobenius"] = resm[("frobenius", "adapter_module", "e", "mean")]
                 out("")
                 out(f"General adapters win {share:.1%} of samples under zscore/adapter_module/log "
@@ -425,25 +434,28 @@ def cmd_report(a):
             lines.extend(Path(a.findings).read_text().rstrip("\n").split("\n") + [""])
         out("## Summary across training recipes (top-1 over 450 test chunks; harness = the service's numbers)")
         out("")
-        out("| adapter set | contrast weight | none | frobenius (data-free) | activation | zscore/adapter_module/log "
-            "| zscore/adapter/log | activation, per-token vote | mixed12 activation | mixed12 frobenius "
-            "| Gram cosine | oracle perplexity (base) |")
-        out("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out("| adapter set | contrast weight | none | frobenius (data-free) | activation | **zscore/adapter_module/e** "
+            "| zscore/adapter_module/log | zscore/adapter/log | activation, per-token vote | mixed12 zscore/adapter_module/e "
+            "| mixed12 activation | mixed12 frobenius | Gram cosine | oracle perplexity (base) |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        nan = float("nan")
         for s, v in summary.items():
             out(f"| `{s}` | {v['contrast']} | {v['none']:.1%} | {v['frobenius']:.1%} | {v['activation']:.1%} | "
-                f"{v['z_am_log']:.1%} | {v['z_a_log']:.1%} | {v['vote']:.1%} | {v.get('mixed_activation', float('nan')):.1%} | "
-                f"{v.get('mixed_frobenius', float('nan')):.1%} | {v['gram']:.2f} | {v['ppl']:.2f} ({v['base_ppl']:.2f}) |")
+                f"**{v['z_am_e']:.1%}** | {v['z_am_log']:.1%} | {v['z_a_log']:.1%} | {v['vote']:.1%} | "
+                f"{v.get('mixed_z_am_e', nan):.1%} | {v.get('mixed_activation', nan):.1%} | "
+                f"{v.get('mixed_frobenius', nan):.1%} | {v['gram']:.2f} | {v['ppl']:.2f} ({v['base_ppl']:.2f}) |")
         out("")
         lines.extend(body)
     out("## Capacity of the representation (no adapter: quadratic forms fitted on labelled calibration chunks)")
     out("")
     out("For every module, M_d = the top generalised eigenvectors of (G_d, G_bg) — the second moment of z = A·x on "
         "domain d's 30 calibration chunks against the unlabeled mix — or simply M_d = G_d; scored as seqr scores "
-        "an adapter with Gram RᵀR = M_d. This bounds what shared-A adapters on these modules could reach if their "
-        "B responded to their own domain's input directions; the adapters trained by the plain LM loss fall short of it.")
+        "an adapter with Gram RᵀR = M_d. This estimates what shared-A adapters on these modules could reach as routers "
+        "(whiten=True: a data-whitened shared A, A·Σ^{-1/2} rescaled). Calibrated adapters of every recipe "
+        "above already reach it on these domains.")
     out("")
-    for r, variant in ((8, "own"), (8, "gen"), (16, "gen")):
-        oracle(ct, ty, cc, cy, rank=r, variant=variant, out=lambda x: out(f"- {x}"))
+    for r, variant, wh in ((8, "own", False), (8, "gen", False), (16, "gen", False), (8, "gen", True)):
+        oracle(ct, ty, cc, cy, rank=r, variant=variant, whiten=wh, out=lambda x: out(f"- {x}"))
     if results:
         s0 = sets[0]
         dirs = ready_dirs(adapter_root(s0))
@@ -479,3 +491,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["report"]:
     ap.add_argument("--findings", default=str(Path(__file__).resolve().parent / "results" / "research_findings.md"),
                     help="hand-written findings inserted at the top")
     cmd_report(ap.parse_args())
+
+
+if __name__ == "__main__" and sys.argv[1:2] not in (["capture"], ["sweep"], ["oracle"], ["report"]):
+    print(__doc__)
+    sys.exit(0 if sys.argv[1:2] in ([], ["-h"], ["--help"]) else 2)

@@ -4,7 +4,12 @@
   module (recipe seed ``--shared-a-seed``), only B trained;
 * 3 general (ordinary LoRA) adapters for python, legal and scripture.
 
-Default recipe: r=8, alpha 16, q_proj+v_proj, 40 steps, batch 8, 128 tokens. Every adapter is
+Default recipe: r=8, alpha 16, q_proj+v_proj, 40 steps, batch 8, 128 tokens; the shared-A adapters
+add the distinguishability term (``seqr_client.training.Contrast``, weight ``DEFAULT_CONTRAST`` =
+0.1) against the library's background moments — E[z zᵀ] per module over its unlabeled calibration
+traffic — which costs +0.9% oracle perplexity and makes the adapters routable in mixed libraries
+and far better before calibration (bench/results/research.md). ``--contrast 0``: plain LM loss.
+Every adapter is
 cached under ``<cache>/adapters/`` and reused when its recipe hash matches, so an interrupted run
 resumes where it stopped. About 3 minutes per adapter on 2 CPU cores; run it under
 ``nice -n 19`` on a shared machine::
@@ -36,7 +41,7 @@ DEFAULT_SHARED_A_SEED = 2509
 GENERAL_DOMAINS = ("python", "legal", "scripture")
 RECIPE = dict(rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=40, batch_size=8,
               seq_len=128, lr=DEFAULT_LR, seed=0)
-DEFAULT_CONTRAST = None   # set from the evidence in bench/results/research.md
+DEFAULT_CONTRAST = 0.1    # distinguishability term weight: the evidence is in bench/results/research.md
 
 
 def adapter_dirs(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=DOMAINS,

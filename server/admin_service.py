@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 
 from seqr_core import BaseModelSignature, Calibrator, ModuleSpec, SharedARecipe
 from seqr_core.errors import InvalidArgumentError, LimitExceededError, PermissionDeniedError
 from seqr_core.routing import check_inputs
-from seqr_router.v1 import admin_pb2, admin_pb2_grpc, router_pb2
+from seqr_router.v1 import admin_pb2, router_pb2
 
 from . import library_objects as lo
 from . import wire
@@ -16,64 +15,70 @@ from .config import Limits
 from .export import UnimplementedError, exporter
 from .info import adapter_info, library_info
 from .manager import LibraryManager
-from .rpc import Guard, streaming, unary
+from .rpc import Call
 
 EXPORT_CHUNK = 1 << 20
 
 
-class AdminService(admin_pb2_grpc.LibraryAdminServicer):
-    def __init__(self, *, manager: LibraryManager, limits: Limits, guard: Guard):
-        self.manager, self.limits, self.guard = manager, limits, guard
+class AdminService:
+    def __init__(self, *, manager: LibraryManager, limits: Limits):
+        self.manager, self.limits = manager, limits
 
-    @unary("LibraryAdmin/CreateLibrary")
-    def CreateLibrary(self, request, context, principal):
-        if not principal.may_see_library(request.name):
+    def CreateLibrary(self, request, call: Call):
+        if not call.principal.may_see_library(request.name):
             raise PermissionDeniedError("library name outside the caller's ACL", field="name")
         state = self.manager.create_library(_library_spec(request, self.limits))
-        return library_info(state, principal)
+        return library_info(state, call.principal)
 
-    @unary("LibraryAdmin/ListLibraries")
-    def ListLibraries(self, request, context, principal):
+    def ListLibraries(self, request, call: Call):
+        p = call.principal
         return admin_pb2.ListLibrariesResponse(libraries=[
             admin_pb2.LibrarySummary(name=s.name, version=s.version, base_model=s.index.signature.base_model,
-                                     adapters=len(s.visible_entries(principal)))
-            for s in self.manager.list(principal)])
+                                     adapters=len(s.visible_entries(p)))
+            for s in self.manager.list(p)])
 
-    @unary("LibraryAdmin/PutAdapter")
-    def PutAdapter(self, request_iterator, context, principal):
-        first = next(request_iterator, None)
+    async def PutAdapter(self, requests, call: Call):
+        first = await anext(requests, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgumentError("the first message must be the header", field="header")
-        h = first.header
+        h, principal = first.header, call.principal
         if not principal.may_use_adapter(h.name):
             raise PermissionDeniedError("adapter name outside the caller's ACL", field="header.name")
         self.manager.get(h.library, principal, field="header.library")   # fail before the bytes
-        files = _receive_files(h, request_iterator, self.limits)
-        state, entry = self.manager.put_adapter(h.library, h.name, files, dict(h.meta), principal)
+        total = _check_announced(h, self.limits)
+        buf = bytearray()
+        async for req in requests:
+            if req.WhichOneof("part") != "chunk":
+                raise InvalidArgumentError("only one header per upload", field="header")
+            buf += req.chunk.data
+            if len(buf) > total:
+                raise InvalidArgumentError("more bytes than the header announced", field="files",
+                                           limit=total, actual=len(buf))
+        files = await call.run(_split_files, h, buf)
+        state, entry = await call.run(self.manager.put_adapter, h.library, h.name, files, dict(h.meta), principal)
         return admin_pb2.PutAdapterResponse(adapter=adapter_info(state, entry), library_version=state.version)
 
-    @unary("LibraryAdmin/DeleteAdapter")
-    def DeleteAdapter(self, request, context, principal):
-        state, entry = self.manager.delete_adapter(request.library, request.name, principal)
+    def DeleteAdapter(self, request, call: Call):
+        state, entry = self.manager.delete_adapter(request.library, request.name, call.principal)
         return admin_pb2.DeleteAdapterResponse(name=entry.name, adapter_id=entry.adapter_id,
                                                library_version=state.version)
 
-    @unary("LibraryAdmin/ListAdapters")
-    def ListAdapters(self, request, context, principal):
-        state = self.manager.get(request.library, principal)
+    def ListAdapters(self, request, call: Call):
+        state = self.manager.get(request.library, call.principal)
         return admin_pb2.ListAdaptersResponse(
-            adapters=[adapter_info(state, e) for e in state.visible_entries(principal)],
+            adapters=[adapter_info(state, e) for e in state.visible_entries(call.principal)],
             library_version=state.version)
 
-    @unary("LibraryAdmin/Calibrate")
-    def Calibrate(self, request_iterator, context, principal):
-        first = next(request_iterator, None)
+    async def Calibrate(self, requests, call: Call):
+        first = await anext(requests, None)
         if first is None:
             raise InvalidArgumentError("no sequences in the stream", field="sequences", limit=">=1", actual=0)
+        principal = call.principal
         state = self.manager.get(first.library, principal)
         index = state.index
         cal = Calibrator(index)
-        for n, req in enumerate(itertools.chain([first], request_iterator)):
+
+        def update(n: int, req) -> None:
             if req.library and req.library != state.name:
                 raise InvalidArgumentError("one library per Calibrate stream", field=f"sequences[{n}].library",
                                            limit=state.name, actual=req.library)
@@ -82,29 +87,34 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
                                          limit=self.limits.max_calibration_sequences, actual=n + 1)
             inputs = wire.decode_inputs(req.tensors, req.inputs, limits=self.limits)
             cal.update(check_inputs(index, inputs))
+
+        await call.run(update, 0, first)
+        n = 1
+        async for req in requests:
+            await call.run(update, n, req)
+            n += 1
         fresh = cal.finish()
         for name in list(fresh.adapters):       # never fit stats for adapters the caller cannot see
             if not principal.may_use_adapter(name):
                 fresh = fresh.without(name)
-        state, names = self.manager.store_calibration(state.name, index, fresh, principal)
+        state, names = await call.run(self.manager.store_calibration, state.name, index, fresh, principal)
         return admin_pb2.CalibrateResponse(sequences=fresh.sequences, adapters=names,
                                            library_version=state.version)
 
-    @streaming("LibraryAdmin/ExportScorer")
-    def ExportScorer(self, request, context, principal):
+    def ExportScorer(self, request, call: Call) -> list:
         export = exporter()
         if export is None:
             raise UnimplementedError("this server was built without the ONNX exporter "
                                      "(seqr_core.onnx_export)", field="library")
-        state = self.manager.get(request.library, principal)
-        if not principal.unrestricted:   # the graph holds every adapter's routing index
+        state = self.manager.get(request.library, call.principal)
+        if not call.principal.unrestricted:   # the graph holds every adapter's routing index
             raise PermissionDeniedError("exporting a scorer needs access to every adapter (adapters: ['*'])",
                                         field="authorization")
         form = wire.input_form(request.form or router_pb2.ACTIVATIONS, field="form")
         data = export(state.index, form=form, tokens=int(request.tokens) or None)
-        for off in range(0, max(len(data), 1), EXPORT_CHUNK):
-            yield admin_pb2.ExportScorerChunk(data=data[off: off + EXPORT_CHUNK],
-                                              library_version=state.version if off == 0 else 0)
+        return [admin_pb2.ExportScorerChunk(data=data[off: off + EXPORT_CHUNK],
+                                            library_version=state.version if off == 0 else 0)
+                for off in range(0, max(len(data), 1), EXPORT_CHUNK)]
 
 
 def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.LibrarySpec:
@@ -125,8 +135,8 @@ def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.Lib
     return lo.LibrarySpec(name=req.name, signature=sig, shared_a=shared, recipe=recipe, meta=dict(req.meta))
 
 
-def _receive_files(h: admin_pb2.PutAdapterHeader, chunks, limits: Limits) -> dict[str, bytes]:
-    """Read the announced files from the chunk stream; check sizes and sha256."""
+def _check_announced(h: admin_pb2.PutAdapterHeader, limits: Limits) -> int:
+    """Validate the header's file list before any chunk is read; returns the announced total."""
     if not h.files:
         raise InvalidArgumentError("no files announced", field="header.files", limit=">=1", actual=0)
     if len(h.files) > limits.max_upload_files:
@@ -143,14 +153,11 @@ def _receive_files(h: admin_pb2.PutAdapterHeader, chunks, limits: Limits) -> dic
     if total > limits.max_upload_bytes:
         raise LimitExceededError("adapter upload too large", field="header.files",
                                  limit=limits.max_upload_bytes, actual=total)
-    buf = bytearray()
-    for req in chunks:
-        if req.WhichOneof("part") != "chunk":
-            raise InvalidArgumentError("only one header per upload", field="header")
-        buf += req.chunk.data
-        if len(buf) > total:
-            raise InvalidArgumentError("more bytes than the header announced", field="files",
-                                       limit=total, actual=len(buf))
+    return total
+
+
+def _split_files(h: admin_pb2.PutAdapterHeader, buf: bytearray) -> dict[str, bytes]:
+    """The announced files out of the received bytes; checks each size and sha256."""
     files, pos = {}, 0
     for f in h.files:
         data = bytes(buf[pos: pos + f.size])

@@ -5,18 +5,21 @@ metrics) and binds the port, but neither starts nor loads: tests and embedders d
 returned ``ServerHandles``. ``serve(config)`` is the process: start, load and warm in the
 background (health NOT_SERVING until done), then on SIGTERM/SIGINT drain and stop with grace.
 
-Concurrency model: grpc's synchronous server on a thread pool, chosen from measurements
-(bench/load.py --server sync|aio-executor|aio-inline): routing time is the core's, so all three
-reach the same throughput; aio-executor adds a thread hop, and aio-inline runs scoring on the
-event loop, where one slow request (large activations, a float64 re-check) stalls every other
-call and the health checks. Threads keep health and admin calls responsive, and numpy's BLAS
-calls release the GIL so large requests overlap. A RouteStream holds one worker thread while
-open: size ``workers`` above the expected number of concurrent decode streams.
+Concurrency model: grpc.aio on one event loop thread, with every request's CPU work (scoring,
+parsing, store writes) in a bounded thread pool of ``workers`` threads (see rpc.py). Waiting for
+the network costs a coroutine, not a thread, so callers that open calls and never send (or
+hold idle RouteStreams) cannot starve anyone: health, other callers and admin stay responsive,
+and a principal's open calls are capped. numpy's BLAS releases the GIL, so large requests
+overlap in the pool. ``ServerHandles`` keeps a synchronous face (start/load/stop) for the CLI,
+tests and embedders: the loop runs in its own thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import os
 import shlex
 import signal
 import threading
@@ -26,12 +29,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
-from threadpoolctl import threadpool_limits
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from seqr_core.errors import FailedPreconditionError, SeqrError, UnavailableError
-from seqr_router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
+from seqr_router.v1 import admin_pb2, router_pb2
 
 from . import demo
 from .admin_service import AdminService
@@ -41,7 +44,7 @@ from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
 from .router_service import RouterService
-from .rpc import Guard
+from .rpc import Admission, Dispatcher
 from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, LibraryStore, dev_key_file
 
 log = logging.getLogger("seqr.server")
@@ -80,6 +83,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_connection_age_ms", ka.max_connection_age_ms),
             ("grpc.max_connection_age_grace_ms", ka.max_connection_age_grace_ms),
+            # One connection cannot open unbounded streams (each costs memory, not a thread).
+            ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
             # Two servers must never silently share a port.
             ("grpc.so_reuseport", 0)]
 
@@ -100,17 +105,37 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+class _LoopThread:
+    """An asyncio event loop on a daemon thread; ``call`` runs a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="seqr-aio", daemon=True)
+        self._thread.start()
+
+    def call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
 @dataclass
 class ServerHandles:
-    """What a caller of create_server drives: start, load, wait, stop."""
+    """What a caller of create_server drives: start, load, wait, stop (all synchronous)."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     config: ServerConfig
     manager: LibraryManager
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     metrics: Metrics
     backend: Backend
+    pool: ThreadPoolExecutor
+    loop: _LoopThread
     metrics_port: int | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
@@ -129,7 +154,7 @@ class ServerHandles:
             except OSError as e:
                 raise UnavailableError(f"cannot serve metrics on {self.config.metrics_host}:"
                                        f"{self.config.metrics_port}: {e.strerror}", field="metrics_port") from None
-        self.server.start()
+        self.loop.call(self.server.start())
         log.info("listening", extra={"listen": self.config.listen, "port": self.port,
                                      "metrics_port": self.metrics_port, "tls": self.config.tls is not None})
         if load:
@@ -151,33 +176,70 @@ class ServerHandles:
             log.error("loading failed; health stays NOT_SERVING", extra={"error": str(e), "code": e.code})
             return
         if not self._stopped:
-            for name in ("", *SERVICES):
-                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.set_health(health_pb2.HealthCheckResponse.SERVING)
             self.ready.set()
             log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 3)})
+
+    def set_health(self, status, services=("", *SERVICES)) -> None:
+        async def put():
+            for name in services:
+                await self.health.set(name, status)
+        self.loop.call(put())
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.ready.wait(timeout)
 
     def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, drain, refuse new RPCs, give in-flight ones ``grace`` s, close the store."""
+        """NOT_SERVING, drain, refuse new RPCs, give in-flight ones ``grace`` s, close the store.
+
+        Bounded: whatever callers do, this returns within drain + grace + a few seconds."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_s if grace is None else grace
-        self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"drain_s": self.config.drain_s, "grace_s": grace})
+        self.loop.call(self.health.enter_graceful_shutdown(), timeout=5)
         if self.config.drain_s > 0:
             time.sleep(self.config.drain_s)   # let load balancers see NOT_SERVING first
-        self.server.stop(grace).wait()
+        try:
+            self.loop.call(self.server.stop(grace), timeout=grace + 5)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            log.error("gRPC server did not stop within its grace; closing anyway", extra={"grace_s": grace})
+        # Handlers still running in the pool finish their write (the manager lock); none start.
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.manager.close()                  # waits for a write still inside the store
         if self.backend.close is not None:
             self.backend.close()
         self.metrics.stop()
+        self.loop.close()
         log.info("stopped")
 
 
-def create_server(config: ServerConfig) -> tuple[grpc.Server, ServerHandles]:
+def admission(config: ServerConfig) -> Admission:
+    lim = config.limits
+    return Admission(calls_per_principal=lim.max_calls_per_principal, read_timeout_s=lim.read_timeout_s,
+                     stream_idle_s=lim.stream_idle_s)
+
+
+async def _build(config: ServerConfig, dispatcher: Dispatcher, router: RouterService, admin: AdminService,
+                 creds) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """Made on the loop thread: an aio server belongs to the loop it was created on."""
+    server = grpc.aio.server(options=server_options(config),
+                             maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs)
+    server.add_generic_rpc_handlers((
+        dispatcher.service(router_pb2.DESCRIPTOR.services_by_name["Router"], router_pb2, router),
+        dispatcher.service(admin_pb2.DESCRIPTOR.services_by_name["LibraryAdmin"], admin_pb2, admin)))
+    hs = health.aio.HealthServicer()
+    for name in ("", *SERVICES):
+        await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = (server.add_secure_port(config.listen, creds) if creds is not None
+            else server.add_insecure_port(config.listen))
+    return server, hs, port
+
+
+def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]:
     metrics = Metrics()
     backend = load_backend(config.backend)
     auth = _auth(config)
@@ -186,29 +248,21 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, ServerHandles]:
     demo_wanted = config.demo if config.demo is not None else config.keys.is_dev
     config = replace(config, demo=demo_wanted)
     manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare)
-    guard = Guard(auth, metrics)
-    server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc"),
-                         options=server_options(config),
-                         maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs)
-    router_pb2_grpc.add_RouterServicer_to_server(
-        RouterService(manager=manager, limits=config.limits, guard=guard, metrics=metrics, route_fn=backend.route),
-        server)
-    admin_pb2_grpc.add_LibraryAdminServicer_to_server(
-        AdminService(manager=manager, limits=config.limits, guard=guard), server)
-    hs = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", *SERVICES):
-        hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc")
+    dispatcher = Dispatcher(auth=auth, metrics=metrics, pool=pool, admission=admission(config))
+    router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route)
+    admin = AdminService(manager=manager, limits=config.limits)
+    loop = _LoopThread()
     try:
-        port = (server.add_secure_port(config.listen, creds) if creds is not None
-                else server.add_insecure_port(config.listen))
+        server, hs, port = loop.call(_build(config, dispatcher, router, admin, creds))
     except RuntimeError as e:    # grpc raises RuntimeError when it cannot bind
+        loop.close()
+        pool.shutdown(wait=False)
         store.close()
         raise UnavailableError(f"cannot listen on {config.listen}: {e}", field="listen",
                                actual=config.listen) from None
-    return server, ServerHandles(server=server, port=port, config=config, manager=manager,
-                                 health=hs, metrics=metrics, backend=backend)
+    return server, ServerHandles(server=server, port=port, config=config, manager=manager, health=hs,
+                                 metrics=metrics, backend=backend, pool=pool, loop=loop)
 
 
 def serve(config: ServerConfig) -> int:
@@ -221,5 +275,9 @@ def serve(config: ServerConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     handles.start()
     stop.wait()
+    # Shutdown always finishes: if something still holds on past drain + grace, exit anyway.
+    watchdog = threading.Timer(config.drain_s + config.grace_s + 15, lambda: os._exit(3))
+    watchdog.daemon = True
+    watchdog.start()
     handles.stop()
     return 0 if handles.load_error is None else 1

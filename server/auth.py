@@ -127,7 +127,8 @@ class Authenticator:
                                     adapters=_patterns(e, "adapters", where))
         return cls(out)
 
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]], method: str) -> Principal:
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]], method: str, *,
+                     peer_identity: dict | None = None) -> Principal:
         """The caller's Principal for ``method`` ("Router/Route"); raises if not allowed."""
         if self._by_digest is None:
             return OPEN

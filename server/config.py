@@ -20,7 +20,11 @@ class Limits:
     max_tensors: int = 1024                 # named tensors per request
     max_top_k: int = 64
     max_candidates: int = 4096
-    max_concurrent_rpcs: int = 256          # beyond this gRPC answers RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 4096         # whole server; beyond it gRPC answers RESOURCE_EXHAUSTED
+    max_calls_per_principal: int = 128      # one caller's open calls, waiting ones included
+    max_streams_per_connection: int = 128   # HTTP/2 streams one connection may open at once
+    read_timeout_s: float = 30.0            # a unary request's message must arrive within this
+    stream_idle_s: float = 300.0            # longest wait for the next message of a stream
     max_upload_bytes: int = 512 << 20       # all files of one adapter
     max_upload_files: int = 4
     max_calibration_sequences: int = 1_000_000
@@ -72,7 +76,7 @@ class ServerConfig:
     tls: TLSConfig | None = None
     backend: str = "numpy"                  # "numpy" | "onnx"
     demo: bool | None = None                # None: create the demo library only with the dev key
-    workers: int = 16                       # gRPC handler threads
+    workers: int = 16                       # threads that run requests' CPU work (scoring, writes)
     blas_threads: int = 1                   # BLAS threads per request: parallelism comes from
                                             # concurrent RPCs; threaded small GEMMs thrash
     grace_s: float = 10.0                   # in-flight RPCs get this long at shutdown

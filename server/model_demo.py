@@ -25,7 +25,7 @@ from pathlib import Path
 
 LIBRARY = "smollm2-demo"
 # The recommended routing setting (bench/results/research.md).
-NORMALISATION = "activation"
+NORMALISATION = "zscore/adapter_module/e"
 PROMPTS = (
     ("python", 'def load_settings(path):\n    """Read the INI file at path and return a dict of sections."""\n'
                "    parser = configparser.ConfigParser()\n    with open(path, encoding='utf-8') as f:\n"),

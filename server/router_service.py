@@ -8,7 +8,7 @@ from typing import Callable
 from seqr_core import Decision, LibraryIndex, RouteOptions
 from seqr_core import route as core_route
 from seqr_core.errors import LimitExceededError
-from seqr_router.v1 import router_pb2, router_pb2_grpc
+from seqr_router.v1 import router_pb2
 
 from . import wire
 from .auth import Principal
@@ -16,37 +16,33 @@ from .config import Limits
 from .info import library_info
 from .manager import LibraryManager, LibraryState
 from .metrics import Metrics
-from .rpc import Guard, streaming, unary
+from .rpc import Call
 
 RouteFn = Callable[[LibraryIndex, dict, RouteOptions], Decision]
 
 
-class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, *, manager: LibraryManager, limits: Limits, guard: Guard, metrics: Metrics,
-                 route_fn: RouteFn):
-        self.manager, self.limits, self.guard, self.metrics = manager, limits, guard, metrics
+class RouterService:
+    def __init__(self, *, manager: LibraryManager, limits: Limits, metrics: Metrics, route_fn: RouteFn):
+        self.manager, self.limits, self.metrics = manager, limits, metrics
         self.route_fn = route_fn
 
-    @unary("Router/Route")
-    def Route(self, request, context, principal):
-        return self._route(request, principal)
+    def Route(self, request, call: Call):
+        return self._route(request, call.principal)
 
-    @streaming("Router/RouteStream")
-    def RouteStream(self, request_iterator, context, principal):
+    async def RouteStream(self, requests, call: Call):
         library, options = "", router_pb2.RouteOptions()
-        for req in request_iterator:
+        async for req in requests:
             # Decode-time hosts send the library and options once; later steps only tensors.
             if not req.library:
                 req.library = library
             if not req.HasField("options"):
                 req.options.CopyFrom(options)
             library, options = req.library, req.options
-            yield self._route(req, principal)
+            yield await call.run(self._route, req, call.principal)
 
-    @unary("Router/DescribeLibrary")
-    def DescribeLibrary(self, request, context, principal):
-        state = self.manager.get(request.library, principal)
-        return library_info(state, principal, include_shared_a=request.include_shared_a)
+    def DescribeLibrary(self, request, call: Call):
+        state = self.manager.get(request.library, call.principal)
+        return library_info(state, call.principal, include_shared_a=request.include_shared_a)
 
     def _route(self, req: router_pb2.RouteRequest, principal: Principal) -> router_pb2.RouteResponse:
         t0 = time.perf_counter()

@@ -1,61 +1,233 @@
-"""The boundary every RPC crosses: authenticate, run, count, and turn errors into statuses.
+"""The boundary every RPC crosses: authenticate, admit, read, run, count, map errors to statuses.
 
-Servicer methods are decorated with ``@unary("Router/Route")`` or ``@streaming(...)`` and take
-``(request_or_iterator, context, principal)``; they raise SeqrError and never touch status codes.
-The servicer carries the ``Guard`` (auth + metrics) as ``self.guard``.
-This is the only place that catches broad exceptions: an unexpected one is logged with an
-incident id and answered INTERNAL without internals (gRPC would otherwise send its text).
+The service runs on grpc.aio, and every method is registered here as a *request-streaming*
+handler, also the unary ones. That is what lets a call be judged before its message is read:
+
+1. authenticate from metadata (and the mTLS peer), before a byte of the body is requested,
+   so an unauthenticated caller's message is never read or buffered beyond HTTP/2's window;
+2. admit it under its principal's concurrency cap (RESOURCE_EXHAUSTED beyond it), so no caller
+   can hold more than its share, and nobody holds a thread while it waits for the network;
+3. read the message(s) with a deadline (a request that never arrives is dropped, not waited
+   for) and bound every string in them before anything else looks at them;
+4. run the CPU work (scoring, parsing, store writes) in a bounded thread pool, so the event
+   loop stays free for health checks and for other callers' I/O.
+
+Servicers stay thin and never see grpc: a unary-request method is a plain function
+``fn(request, call)`` (run in the pool); a request-streaming one is ``async fn(requests, call)``
+(an async generator when it also streams responses). ``call.run(fn, *args)`` runs work in the
+pool. They raise SeqrError; this module is the only place that catches broad exceptions: an
+unexpected one is logged with an incident id and answered INTERNAL without internals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import inspect
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from seqr_core.errors import SeqrError
+from seqr_core.errors import InvalidArgumentError, LimitExceededError, SeqrError
 
-from .auth import Authenticator
+from .auth import Authenticator, Principal
 from .metrics import Metrics
 from .status import internal_status, to_status
 
 log = logging.getLogger("seqr.rpc")
 
 
-class Guard:
-    def __init__(self, auth: Authenticator, metrics: Metrics):
+class DeadlineError(SeqrError):
+    """A request (or the next message of a stream) did not arrive in time."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How long and how much one caller may hold; see Limits for the defaults."""
+
+    calls_per_principal: int = 128         # concurrent calls of one principal (any state)
+    read_timeout_s: float = 30.0           # a unary request's message must arrive within this
+    stream_idle_s: float = 300.0           # longest wait for the next message of a stream
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a servicer method gets besides the request: who calls, and the pool to run work in."""
+
+    method: str                            # "Router/Route"
+    principal: Principal
+    pool: Executor
+
+    async def run(self, fn: Callable, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(fn, *args, **kwargs))
+
+
+class _Slots:
+    """Per-principal in-flight counts; acquire refuses past the cap instead of queueing."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._n: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, who: str) -> None:
+        with self._lock:
+            n = self._n.get(who, 0)
+            if n >= self.cap:
+                raise LimitExceededError("too many concurrent calls for this caller", field="authorization",
+                                         limit=self.cap, actual=n + 1)
+            self._n[who] = n + 1
+
+    def release(self, who: str) -> None:
+        with self._lock:
+            n = self._n.get(who, 1) - 1
+            if n:
+                self._n[who] = n
+            else:
+                self._n.pop(who, None)
+
+
+def _peer_identity(context) -> dict[str, list[bytes]]:
+    ctx = context.auth_context() or {}
+    return {k: list(v) for k, v in ctx.items() if k.startswith("x509_")}
+
+
+class Dispatcher:
+    """Builds the generic handlers of a service from its descriptor and a servicer object."""
+
+    def __init__(self, *, auth: Authenticator, metrics: Metrics, pool: Executor,
+                 admission: Admission = Admission(),
+                 check_request: Callable[[Any], None] | None = None,
+                 on_auth_failure: Callable[[str, SeqrError, str], None] | None = None):
         self.auth = auth
         self.metrics = metrics
+        self.pool = pool
+        self.admission = admission
+        self._slots = _Slots(admission.calls_per_principal)
+        self._check = check_request
+        self._on_auth_failure = on_auth_failure
 
-    @contextlib.contextmanager
-    def call(self, method: str, context):
-        """Around one RPC: yields the caller's Principal; maps whatever escapes to a status."""
-        t0, principal, code = time.perf_counter(), None, "OK"
+    # ------------------------------------------------------------------ registration
+    def service(self, descriptor, messages, servicer) -> grpc.GenericRpcHandler:
+        """Handlers for every method of ``descriptor`` (a ServiceDescriptor); ``messages`` is the
+        pb2 module holding its request/response classes (requests may live in imported modules)."""
+        handlers = {}
+        for m in descriptor.methods:
+            req_cls = _message_class(m.input_type, messages)
+            resp_cls = _message_class(m.output_type, messages)
+            fn = getattr(servicer, m.name)
+            method = f"{descriptor.name}/{m.name}"
+            des = _deserializer(req_cls)
+            ser = resp_cls.SerializeToString
+            if m.server_streaming:
+                handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                    self._streaming(method, fn, m.client_streaming), request_deserializer=des,
+                    response_serializer=ser)
+            else:
+                handlers[m.name] = grpc.stream_unary_rpc_method_handler(
+                    self._unary(method, fn, m.client_streaming), request_deserializer=des,
+                    response_serializer=ser)
+        return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+
+    def _unary(self, method: str, fn: Callable, client_streaming: bool):
+        if client_streaming != inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{method}: request-streaming methods are async, unary-request ones are not")
+
+        async def handler(requests, context):
+            async with self._guard(method, context) as call:
+                if client_streaming:
+                    return await fn(self._stream(requests), call)
+                return await call.run(fn, await self._read_one(requests), call)
+        return handler
+
+    def _streaming(self, method: str, fn: Callable, client_streaming: bool):
+        if client_streaming != inspect.isasyncgenfunction(fn):
+            raise TypeError(f"{method}: request-streaming methods are async generators here")
+
+        async def handler(requests, context):
+            async with self._guard(method, context) as call:
+                if client_streaming:
+                    async for resp in fn(self._stream(requests), call):
+                        yield resp
+                else:
+                    for resp in await call.run(fn, await self._read_one(requests), call):
+                        yield resp
+        return handler
+
+    # ------------------------------------------------------------------ reading
+    async def _read_one(self, requests: AsyncIterator):
+        try:
+            req = await asyncio.wait_for(anext(requests), self.admission.read_timeout_s)
+        except StopAsyncIteration:
+            raise InvalidArgumentError("the request message is missing", field="request") from None
+        except TimeoutError:
+            raise DeadlineError("the request message did not arrive in time", field="request",
+                                limit=f"{self.admission.read_timeout_s}s") from None
+        if self._check is not None:
+            self._check(req)
+        return req
+
+    async def _stream(self, requests: AsyncIterator) -> AsyncIterator:
+        while True:
+            try:
+                req = await asyncio.wait_for(anext(requests), self.admission.stream_idle_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineError("the stream was idle too long", field="request",
+                                    limit=f"{self.admission.stream_idle_s}s") from None
+            if self._check is not None:
+                self._check(req)
+            yield req
+
+    # ------------------------------------------------------------------ the guard
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, context):
+        t0, principal, code, admitted = time.perf_counter(), None, "OK", False
         self.metrics.in_flight.inc()
         try:
-            principal = self.auth.authenticate(context.invocation_metadata(), method)
-            yield principal
+            try:
+                principal = self.auth.authenticate(context.invocation_metadata(), method,
+                                                   peer_identity=_peer_identity(context))
+            except SeqrError as e:
+                if self._on_auth_failure is not None:
+                    self._on_auth_failure(method, e, context.peer())
+                raise
+            self._slots.acquire(principal.name)
+            admitted = True
+            yield Call(method=method, principal=principal, pool=self.pool)
         except SeqrError as e:
             code = e.code
             level = logging.WARNING if e.code in ("DATA_LOSS", "UNAVAILABLE") else logging.INFO
             log.log(level, "rpc refused", extra={"method": method, "code": e.code, "field": e.field,
                                                  "error": str(e)})
-            context.abort_with_status(to_status(e))
-        except grpc.RpcError:           # the client went away while we read its stream
+            st = to_status(e)
+            await context.abort(st.code, st.details, st.trailing_metadata)
+        except (asyncio.CancelledError, GeneratorExit):   # the client went away
             code = "CANCELLED"
-        except GeneratorExit:           # the client went away while we streamed to it
-            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001 - the one boundary; see module doc
             code = "INTERNAL"
             incident = uuid.uuid4().hex[:12]
             log.error("rpc failed", exc_info=e, extra={"method": method, "incident": incident})
-            context.abort_with_status(internal_status(incident))
+            st = internal_status(incident)
+            await context.abort(st.code, st.details, st.trailing_metadata)
         finally:
+            if admitted:
+                self._slots.release(principal.name)
             self.metrics.in_flight.dec()
             self.metrics.rpcs.labels(method, code).inc()
             if code != "OK":
@@ -64,23 +236,19 @@ class Guard:
                                     "ms": round((time.perf_counter() - t0) * 1e3, 3)})
 
 
-def unary(method: str):
-    """For unary-response RPCs (unary-unary and stream-unary)."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def handler(servicer, request, context):
-            with servicer.guard.call(method, context) as principal:
-                return fn(servicer, request, context, principal)
-        return handler
-    return wrap
+def _message_class(desc, module):
+    cls = getattr(module, desc.name, None)
+    if cls is None or cls.DESCRIPTOR is not desc:
+        from google.protobuf import message_factory
+        cls = message_factory.GetMessageClass(desc)
+    return cls
 
 
-def streaming(method: str):
-    """For streaming-response RPCs (unary-stream and stream-stream): ``fn`` is a generator."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def handler(servicer, request, context):
-            with servicer.guard.call(method, context) as principal:
-                yield from fn(servicer, request, context, principal)
-        return handler
-    return wrap
+def _deserializer(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            raise InvalidArgumentError(f"undecodable {cls.DESCRIPTOR.name} message", field="request",
+                                       actual=f"{len(data)} bytes") from None
+    return parse
