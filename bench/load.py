@@ -8,7 +8,8 @@ concurrency 1, 8, 32 it reports RPS, p50/p99 latency, errors, and the ratio of t
 to the in-process seqr_core.route time of the same request (what the wire and server add).
 
     .venv/bin/python bench/load.py                      # table to stdout + bench/results/load.md
-    .venv/bin/python bench/load.py --server aio-executor   # the grpc.aio variant (bench/aio_server.py)
+    .venv/bin/python bench/load.py --server seqr,sync   # `seqr serve` (grpc.aio) beside the old
+                                                        # synchronous transport (bench/sync_server.py)
 
 The server runs in its own process (as in production); client and server share this machine.
 """
@@ -92,12 +93,11 @@ def make_request(target: int, dirs: dict, shared_a: dict, rng) -> dict[str, dict
 # ------------------------------------------------------------------------- server process
 def start_server(data_dir: Path, kind: str) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "SEQR_METRICS_PORT": "off", "SEQR_LOG_LEVEL": "warning"}
-    if kind == "sync":
+    if kind == "seqr":
         cmd = [sys.executable, "-m", "seqr_server.cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
                "--data-dir", str(data_dir), "--log-level", "info"]
     else:
-        cmd = [sys.executable, str(ROOT / "bench" / "aio_server.py"), "--mode", kind.removeprefix("aio-"),
-               "--data-dir", str(data_dir)]
+        cmd = [sys.executable, str(ROOT / "bench" / "sync_server.py"), "--data-dir", str(data_dir)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=data_dir.parent)
     port = None
     for line in proc.stderr:
@@ -162,7 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--seconds", type=float, default=6.0, help="per cell")
     ap.add_argument("--min-requests", type=int, default=16, help="per cell, even past --seconds")
-    ap.add_argument("--server", default="sync", choices=("sync", "aio-executor", "aio-inline"))
+    ap.add_argument("--server", default="seqr",
+                    help="comma list of transports, run one after the other on the same store: "
+                         "seqr (`seqr serve`, grpc.aio) and/or sync (the old transport, bench/sync_server.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.md")
     a = ap.parse_args(argv)
     # Same BLAS setting as `seqr serve` (1 thread per request) for the in-process core column.
@@ -179,45 +181,45 @@ def main(argv=None) -> int:
         [(parse_peft_adapter(f, name=n, signature=sig).adapter, i, "F32") for i, (n, f) in enumerate(adapters)])[0]
 
     rows = []
+    kinds = a.server.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        proc, port = start_server(data_dir, "sync")          # populate through the real API
-        target = f"127.0.0.1:{port}"
+        proc, port = start_server(data_dir, "seqr")          # populate through the real API
         t0 = time.perf_counter()
-        with RouterClient(target, timeout=120) as c:
+        with RouterClient(f"127.0.0.1:{port}", timeout=120) as c:
             c.create_library(LIB, signature=sig, shared_a_seed=SEED, shared_a_rank=RANK,
                              shared_a_modules=list(shared_a))
             for name, files in adapters:
                 c.put_adapter_files(files, name=name, library=LIB)
         print(f"uploaded {len(adapters)} adapters in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        if a.server != "sync":
-            proc.terminate()
-            proc.wait()
-            proc, port = start_server(data_dir, a.server)
+        proc.terminate()
+        proc.wait()
+        for kind in kinds:
+            proc, port = start_server(data_dir, kind)
             target = f"127.0.0.1:{port}"
-        try:
-            for form in a.forms.split(","):
-                payloads = []
-                for tpl in templates:
-                    req = router_pb2.RouteRequest(library=LIB)
-                    add_inputs(req, **{"inputs" if form == "activations" else form: tpl[form]}, tokens=T)
-                    payloads.append(req.SerializeToString())
-                ct = core_time(index, templates[0][form], form, repeats=3 if form == "activations" else 20)
-                for conc in (int(x) for x in a.concurrency.split(",")):
-                    r = asyncio.run(run_cell(target, payloads, concurrency=conc, seconds=a.seconds,
-                                             min_requests=a.min_requests))
-                    row = {"form": form, "kb": len(payloads[0]) / 1024, "concurrency": conc, **r, "core_ms": ct,
-                           "ratio": r["p50"] / ct}
-                    rows.append(row)
-                    print(f"{form:11s} c={conc:<3d} {r['rps']:8.1f} rps  p50 {r['p50']:8.2f} ms  "
-                          f"p99 {r['p99']:8.2f} ms  errors {r['errors']}  core {ct:.2f} ms", file=sys.stderr)
-        finally:
-            proc.terminate()
-            proc.wait()
-    table = ["| form | request | concurrency | requests | errors | RPS | p50 ms | p99 ms | core ms | p50/core |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+            try:
+                for form in a.forms.split(","):
+                    payloads = []
+                    for tpl in templates:
+                        req = router_pb2.RouteRequest(library=LIB)
+                        add_inputs(req, **{"inputs" if form == "activations" else form: tpl[form]}, tokens=T)
+                        payloads.append(req.SerializeToString())
+                    ct = core_time(index, templates[0][form], form, repeats=3 if form == "activations" else 20)
+                    for conc in (int(x) for x in a.concurrency.split(",")):
+                        r = asyncio.run(run_cell(target, payloads, concurrency=conc, seconds=a.seconds,
+                                                 min_requests=a.min_requests))
+                        row = {"server": kind, "form": form, "kb": len(payloads[0]) / 1024, "concurrency": conc,
+                               **r, "core_ms": ct, "ratio": r["p50"] / ct}
+                        rows.append(row)
+                        print(f"{kind:5s} {form:11s} c={conc:<3d} {r['rps']:8.1f} rps  p50 {r['p50']:8.2f} ms  "
+                              f"p99 {r['p99']:8.2f} ms  errors {r['errors']}  core {ct:.2f} ms", file=sys.stderr)
+            finally:
+                proc.terminate()
+                proc.wait()
+    table = ["| server | form | request | concurrency | requests | errors | RPS | p50 ms | p99 ms | core ms | p50/core |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['form']} | {r['kb']:.0f} KB | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+        table.append(f"| {r['server']} | {r['form']} | {r['kb']:.0f} KB | {r['concurrency']} | {r['requests']} | {r['errors']} | "
                      f"{r['rps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['core_ms']:.2f} | {r['ratio']:.2f} |")
     head = (f"server: {a.server}; N={a.adapters} shared-A adapters, 60 modules, d=576, r=8, T={T}; "
             f"{os.cpu_count()} CPUs; client and server on the same machine")

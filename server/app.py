@@ -249,7 +249,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
     config = replace(config, demo=demo_wanted)
     manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare)
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc")
-    dispatcher = Dispatcher(auth=auth, metrics=metrics, pool=pool, admission=admission(config))
+    dispatcher = Dispatcher(auth=auth, metrics=metrics, pool=pool, admission=admission(config),
+                            tls=creds is not None)
     router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route)
     admin = AdminService(manager=manager, limits=config.limits)
     loop = _LoopThread()

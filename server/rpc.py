@@ -107,7 +107,7 @@ class Dispatcher:
     """Builds the generic handlers of a service from its descriptor and a servicer object."""
 
     def __init__(self, *, auth: Authenticator, metrics: Metrics, pool: Executor,
-                 admission: Admission = Admission(),
+                 admission: Admission = Admission(), tls: bool = False,
                  check_request: Callable[[Any], None] | None = None,
                  on_auth_failure: Callable[[str, SeqrError, str], None] | None = None):
         self.auth = auth
@@ -115,6 +115,7 @@ class Dispatcher:
         self.pool = pool
         self.admission = admission
         self._slots = _Slots(admission.calls_per_principal)
+        self._tls = tls                  # only TLS peers have an identity worth reading
         self._check = check_request
         self._on_auth_failure = on_auth_failure
 
@@ -168,7 +169,8 @@ class Dispatcher:
     # ------------------------------------------------------------------ reading
     async def _read_one(self, requests: AsyncIterator):
         try:
-            req = await asyncio.wait_for(anext(requests), self.admission.read_timeout_s)
+            async with asyncio.timeout(self.admission.read_timeout_s):
+                req = await anext(requests)
         except StopAsyncIteration:
             raise InvalidArgumentError("the request message is missing", field="request") from None
         except TimeoutError:
@@ -181,7 +183,8 @@ class Dispatcher:
     async def _stream(self, requests: AsyncIterator) -> AsyncIterator:
         while True:
             try:
-                req = await asyncio.wait_for(anext(requests), self.admission.stream_idle_s)
+                async with asyncio.timeout(self.admission.stream_idle_s):
+                    req = await anext(requests)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -199,7 +202,7 @@ class Dispatcher:
         try:
             try:
                 principal = self.auth.authenticate(context.invocation_metadata(), method,
-                                                   peer_identity=_peer_identity(context))
+                                                   peer_identity=_peer_identity(context) if self._tls else None)
             except SeqrError as e:
                 if self._on_auth_failure is not None:
                     self._on_auth_failure(method, e, context.peer())
