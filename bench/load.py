@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,8 @@ def start_server(data_dir: Path, kind: str) -> tuple[subprocess.Popen, int]:
         port = doc.get("port", port)
         if doc.get("msg") == "serving":
             break
+    # Keep draining its log: a full pipe would block the server's writes (and its event loop).
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     if port is None:
         proc.kill()
         raise SystemExit("server did not start")

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def start(data_dir: Path, tokens: Path) -> tuple[subprocess.Popen, str]:
         port = doc.get("port", port)
         if doc.get("msg") == "serving":
             break
+    # Keep draining its log: a full pipe would block the server's writes (and its event loop).
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     if port is None:
         proc.kill()
         raise SystemExit("server did not start")
