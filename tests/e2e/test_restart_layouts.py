@@ -22,7 +22,7 @@ from seqr_core import SharedARecipe, generate_shared_a, llama_signature
 from seqr_server.demo import NAME as DEMO, demo_spec
 from seqr_server.store import KeyFileProvider, LibraryStore
 
-from .conftest import RANK, SEED, create_library
+from .conftest import SEED, create_library
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "store_v1"
 MQV = (("m.q", 64, 64), ("m.v", 64, 48))
