@@ -1,28 +1,42 @@
 """Parse PEFT LoRA adapters from bytes: adapter_config.json + adapter_model.safetensors.
 
-The safetensors reader is our own and strict (bounds, overlaps, dtypes): adapter files come
-from tenants, and the only acceptable format is one that cannot execute code. Anything that
-looks like a pickle, zip (torch .bin/.pt) or unknown file is refused, never deserialised.
+Adapter files come from tenants, and the only acceptable format is one that cannot execute code.
+The `safetensors` package parses the bytes (its parser refuses holes, overlaps, trailing bytes,
+offsets or shapes that disagree, size overflow and deep or malformed headers). On top of it we
+keep a dtype whitelist, widen bf16, refuse tensors without elements (a dimension of 2**63 beside
+a 0 passes its size check but not numpy's) and name the field in every refusal. Pickles and zip
+(torch) archives are named only where those formats start and a safetensors header cannot: byte
+0 is the low byte of a safetensors header length, so it may be anything, 0x80 included.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import re
 import struct
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping
 
 import numpy as np
+from safetensors import SafetensorError, deserialize
+from safetensors.numpy import save
 
-from .adapters import Adapter, ModuleFactors, peft_scale
+from .adapters import MAX_RANK, Adapter, ModuleFactors, peft_scale
+from .bounded_json import loads_bounded
 from .errors import InvalidArgumentError, LimitExceededError
 from .signature import BaseModelSignature, split_peft_key
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 MAX_HEADER = 16 << 20
-_DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2)}
-_REFUSED_MAGIC = ((b"\x80", "a Python pickle"), (b"PK\x03\x04", "a zip/torch archive"))
+MAX_CONFIG_BYTES = 1 << 20
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# A safetensors file is an 8-byte little-endian header length, then a JSON object (writers start
+# it with '{'; leading JSON whitespace is accepted, as the package and our old reader did).
+_HEADER_START = re.compile(rb"[ \t\n\r]*+\{")
+_PICKLE_PROTOS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")   # PROTO opcode + version
+_ZIP = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -33,12 +47,21 @@ class ParsedAdapter:
     config: Mapping[str, object]
 
 
-def read_safetensors(data: bytes, *, field: str = WEIGHTS) -> tuple[dict[str, np.ndarray], str]:
-    """Decode safetensors bytes into float32 arrays. Returns (tensors, widest dtype name)."""
-    for magic, what in _REFUSED_MAGIC:
-        if data[: len(magic)] == magic:
-            raise InvalidArgumentError(f"refused: this is {what}, not safetensors (pickles are "
-                                       "never loaded)", field=field)
+def _foreign_format(data: bytes) -> str | None:
+    """What a file that is not framed as safetensors looks like, for a clear refusal."""
+    if data[:2] in _PICKLE_PROTOS:
+        return "a Python pickle"
+    if data[:4] == _ZIP:
+        return "a zip/torch archive"
+    return None
+
+
+def _check_framing(data: bytes, field: str) -> None:
+    framed = _HEADER_START.match(data, 8, 8 + MAX_HEADER) is not None
+    what = None if framed else _foreign_format(data)
+    if what is not None:
+        raise InvalidArgumentError(f"refused: this is {what}, not safetensors (pickles are "
+                                   "never loaded)", field=field)
     if len(data) < 8:
         raise InvalidArgumentError("too short for a safetensors file", field=field,
                                    limit=">=8 bytes", actual=len(data))
@@ -51,77 +74,97 @@ def read_safetensors(data: bytes, *, field: str = WEIGHTS) -> tuple[dict[str, np
     if hlen > MAX_HEADER:
         raise LimitExceededError("safetensors header too large", field=field,
                                  limit=MAX_HEADER, actual=hlen)
+    if not framed:
+        raise InvalidArgumentError("not safetensors: the 8-byte header length must be followed "
+                                   "by a JSON object", field=field)
+
+
+def _parse_error(e: SafetensorError) -> str:
+    detail = str(e).removeprefix("Error while deserializing: ")
+    return detail if len(detail) <= 200 else detail[:200] + "..."
+
+
+def _tensor(name: str, info: Mapping, field: str) -> np.ndarray:
+    f = f"{field}[{name}]"
+    dt = _DTYPES.get(info["dtype"])
+    if dt is None:
+        raise InvalidArgumentError("unsupported dtype (F32, F16, BF16 only)", field=f"{f}.dtype",
+                                   actual=info["dtype"])
+    shape = tuple(info["shape"])
+    if math.prod(shape) == 0:
+        raise InvalidArgumentError("tensor has no elements", field=f"{f}.shape",
+                                   limit="every dimension >= 1", actual=list(shape)[:8])
+    raw = np.frombuffer(info["data"], dtype=dt).reshape(shape)
+    if info["dtype"] == "BF16":
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def read_safetensors(data: bytes, *, field: str = WEIGHTS) -> tuple[dict[str, np.ndarray], str]:
+    """Decode safetensors bytes into float32 arrays. Returns (tensors, widest dtype name)."""
+    _check_framing(data, field)
     try:
-        header = json.loads(data[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgumentError(f"safetensors header is not JSON ({e})", field=field) from None
-    if not isinstance(header, dict):
-        raise InvalidArgumentError("safetensors header must be an object", field=field)
-    header.pop("__metadata__", None)
-    body = memoryview(data)[8 + hlen:]
-    spans, out, seen = [], {}, set()
-    for key, info in header.items():
-        f = f"{field}[{key}]"
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise InvalidArgumentError("unsupported dtype (F32, F16, BF16 only)", field=f,
-                                       actual=info.get("dtype") if isinstance(info, dict) else info)
-        dt, size = _DTYPES[info["dtype"]]
-        shape, offs = info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) for o in offs)):
-            raise InvalidArgumentError("bad shape or data_offsets", field=f, actual=info)
-        begin, end = offs
-        n = int(np.prod(shape, dtype=np.int64))
-        if not (0 <= begin <= end <= len(body)) or end - begin != n * size:
-            raise InvalidArgumentError("data_offsets out of bounds or inconsistent with shape",
-                                       field=f, limit=len(body), actual=offs)
-        spans.append((begin, end))
-        raw = np.frombuffer(body[begin:end], dtype=dt).reshape(shape)
-        if info["dtype"] == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[key] = np.asarray(raw, dtype=np.float32)
-        seen.add(info["dtype"])
-    spans.sort()
-    pos = 0
-    for b, e in spans:
-        if b != pos:
-            raise InvalidArgumentError("tensor data overlaps or leaves holes", field=field,
-                                       actual=(b, e))
-        pos = e
-    if pos != len(body):
-        raise InvalidArgumentError("trailing bytes after the last tensor", field=field,
-                                   limit=pos, actual=len(body))
+        entries = deserialize(data)
+    except SafetensorError as e:
+        raise InvalidArgumentError(f"not a valid safetensors file: {_parse_error(e)}",
+                                   field=field) from None
+    out = {name: _tensor(name, info, field) for name, info in entries}
+    seen = {info["dtype"] for _, info in entries}
     widest = "F32" if "F32" in seen or not seen else ("BF16" if "BF16" in seen else "F16")
     return out, widest
 
 
+def _positive_int(v, *, field: str, limit: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+        raise InvalidArgumentError("must be an integer in range", field=field,
+                                   limit=f"[1, {limit}]", actual=_short(v))
+    return v
+
+
+def _positive_number(v, *, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise InvalidArgumentError("must be a finite number > 0", field=field, actual=_short(v))
+    return float(v)
+
+
+def _pattern_map(cfg: Mapping, key: str, check) -> dict:
+    """``rank_pattern``/``alpha_pattern``: absent, null or {module suffix: value}."""
+    val = cfg.get(key)
+    if val is None:
+        return {}
+    f = f"{CONFIG}.{key}"
+    if not isinstance(val, dict):
+        raise InvalidArgumentError("must be an object {module: value}", field=f,
+                                   actual=type(val).__name__)
+    return {k: check(v, field=f"{f}[{k}]") for k, v in val.items()}
+
+
+def _short(v) -> object:
+    text = repr(v)
+    return v if len(text) <= 64 else text[:64] + "..."
+
+
 def _config(raw: bytes) -> dict:
-    try:
-        cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgumentError(f"not valid JSON ({e})", field=CONFIG) from None
+    cfg = loads_bounded(raw, field=CONFIG, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise InvalidArgumentError("must be a JSON object", field=CONFIG)
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+    peft_type = cfg.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise InvalidArgumentError("only LoRA adapters are supported", field=f"{CONFIG}.peft_type",
-                                   actual=cfg.get("peft_type"))
+                                   actual=_short(peft_type))
     if cfg.get("use_dora"):
         raise InvalidArgumentError("DoRA is not a plain B·A update; not supported",
                                    field=f"{CONFIG}.use_dora", actual=True)
-    r = cfg.get("r")
-    if not isinstance(r, int) or r < 1:
-        raise InvalidArgumentError("r must be a positive int", field=f"{CONFIG}.r", actual=r)
-    alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise InvalidArgumentError("lora_alpha must be > 0", field=f"{CONFIG}.lora_alpha",
-                                   actual=alpha)
-    return cfg
+    r = _positive_int(cfg.get("r"), field=f"{CONFIG}.r", limit=MAX_RANK)
+    alpha = _positive_number(cfg.get("lora_alpha", r), field=f"{CONFIG}.lora_alpha")
+    return {**cfg, "r": r, "lora_alpha": alpha,
+            "rank_pattern": _pattern_map(cfg, "rank_pattern", partial(_positive_int, limit=MAX_RANK)),
+            "alpha_pattern": _pattern_map(cfg, "alpha_pattern", _positive_number)}
 
 
 def _pattern(patterns: Mapping, module: str, default):
     # PEFT matches rank_pattern/alpha_pattern keys as suffixes of the module path.
-    for key, val in (patterns or {}).items():
+    for key, val in patterns.items():
         if module == key or module.endswith("." + key):
             return val
     return default
@@ -155,8 +198,8 @@ def parse_peft_adapter(files: Mapping[str, bytes], *, name: str,
             raise InvalidArgumentError("module needs both lora_A and lora_B",
                                        field=f"{WEIGHTS}[{module}]", actual=sorted(p))
         A, B = p["lora_A"], p["lora_B"]
-        r = _pattern(cfg.get("rank_pattern"), module, cfg["r"])
-        alpha = _pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", cfg["r"]))
+        r = _pattern(cfg["rank_pattern"], module, cfg["r"])
+        alpha = _pattern(cfg["alpha_pattern"], module, cfg["lora_alpha"])
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
             raise InvalidArgumentError("rank mismatch: lora_A must be (r, d_in) and lora_B "
                                        "(d_out, r) with r from adapter_config.json",
@@ -174,13 +217,5 @@ def parse_peft_adapter(files: Mapping[str, bytes], *, name: str,
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """Encode float32 arrays as safetensors bytes (for tests and exports; no I/O)."""
-    header, blobs, pos = {}, [], 0
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key], dtype="<f4")
-        header[key] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [pos, pos + a.nbytes]}
-        blobs.append(a.tobytes())
-        pos += a.nbytes
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+    """Encode arrays as float32 safetensors bytes with the `safetensors` package (no I/O)."""
+    return save({k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()})

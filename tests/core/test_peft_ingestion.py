@@ -7,10 +7,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save
 
-from seqr_core import (InvalidArgumentError, LimitExceededError, NotFoundError, SharedARecipe,
+from seqr_core import (InvalidArgumentError, LimitExceededError, NotFoundError, SeqrError, SharedARecipe,
                        generate_shared_a, parse_peft_adapter, read_safetensors, write_safetensors)
 
+from ..malformed_uploads import CASES as MALFORMED
+from ..malformed_uploads import raw_safetensors
 from ..peft_factory import make_peft_adapter, read_dir, signature, tiny_llama
 
 
@@ -80,6 +83,10 @@ def _inf(t):
 REFUSALS = [
     ("raw pickle", lambda f, m: {**f, "adapter_model.safetensors": pickle.dumps({"a": 1})},
      InvalidArgumentError, "adapter_model.safetensors", "pickle"),
+    ("protocol 2 pickle", lambda f, m: {**f, "adapter_model.safetensors": pickle.dumps({"a": 1}, protocol=2)},
+     InvalidArgumentError, "adapter_model.safetensors", "pickle"),
+    ("header not an object", lambda f, m: {**f, "adapter_model.safetensors": raw_safetensors(b" [1, 2]")},
+     InvalidArgumentError, "adapter_model.safetensors", "followed by a JSON object"),
     ("torch .bin archive", lambda f, m: {**f, "adapter_model.safetensors": b"PK\x03\x04" + b"\0" * 64},
      InvalidArgumentError, "adapter_model.safetensors", "zip"),
     ("pickle file beside", lambda f, m: {**f, "adapter_model.bin": b"\x80\x04"},
@@ -101,7 +108,7 @@ REFUSALS = [
     ("bias tensor", lambda f, m: _with_weights(f, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": np.ones(4, np.float32)})),
      InvalidArgumentError, "adapter_model.safetensors", "not a LoRA"),
     ("truncated weights", lambda f, m: {**f, "adapter_model.safetensors": f["adapter_model.safetensors"][:-7]},
-     InvalidArgumentError, "adapter_model.safetensors", "out of bounds"),
+     InvalidArgumentError, "adapter_model.safetensors", "not fully covered"),
     ("huge header", lambda f, m: {**f, "adapter_model.safetensors": struct.pack("<Q", (16 << 20) + 8) + b" " * ((16 << 20) + 8)},
      LimitExceededError, "adapter_model.safetensors", "header too large"),
     ("text file", lambda f, m: {**f, "adapter_model.safetensors": b"this is not a tensor file at all\n"},
@@ -119,3 +126,85 @@ def test_bad_adapter_is_refused_with_a_clear_message(files, model, tmp_path, wha
         parse_peft_adapter(mutate(files, tmp_path), name="bad", signature=signature(model))
     assert ei.value.field.startswith(field), ei.value
     assert text in str(ei.value)
+
+
+@pytest.mark.parametrize("case, mutate, code, field", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_upload_is_refused_naming_the_field(files, model, case, mutate, code, field):
+    with pytest.raises(SeqrError) as ei:
+        parse_peft_adapter(mutate(files), name="bad", signature=signature(model))
+    assert ei.value.code == code, ei.value
+    assert ei.value.field == field, ei.value
+
+
+def _lora_tensors(rng) -> dict[str, np.ndarray]:
+    m = "base_model.model.model.layers.0.self_attn"
+    return {f"{m}.q_proj.lora_A.weight": rng.standard_normal((4, 32)).astype(np.float32),
+            f"{m}.q_proj.lora_B.weight": rng.standard_normal((32, 4)).astype(np.float32)}
+
+
+def _with_header_length_residue(tensors, residue: int) -> tuple[bytes, bool]:
+    """A file the `safetensors` package wrote, with header length = ``residue`` (mod 256).
+
+    The package pads its header with spaces to a multiple of 8, so it reaches the 32 aligned
+    residues itself; the others keep its header and drop some of that padding (the format
+    allows any trailing whitespace). Returns (bytes, written by the package untouched).
+    """
+    for k in range(512):
+        data = save(tensors, metadata={"pad": "x" * k})
+        (hlen,) = struct.unpack("<Q", data[:8])
+        header, body = data[8:8 + hlen], data[8 + hlen:]
+        for n in (hlen, *range(len(header.rstrip(b" ")), hlen)):
+            if n % 256 == residue:
+                return struct.pack("<Q", n) + header[:n] + body, n == hlen
+    raise AssertionError(f"no file with header length {residue} mod 256")
+
+
+def test_every_header_length_residue_parses(files, model):
+    # The header length's low byte is the file's first byte: 0x80 (a pickle's first byte) is
+    # as valid as any other.
+    tensors = _lora_tensors(np.random.default_rng(0))
+    untouched = 0
+    for residue in range(256):
+        data, as_written = _with_header_length_residue(tensors, residue)
+        assert data[0] == residue
+        untouched += as_written
+        got, dtype = read_safetensors(data)
+        assert dtype == "F32" and sorted(got) == sorted(tensors)
+        for k, a in tensors.items():
+            np.testing.assert_array_equal(got[k], a)
+        parsed = parse_peft_adapter({**files, "adapter_model.safetensors": data}, name=f"r{residue}")
+        assert parsed.adapter.modules == ("model.layers.0.self_attn.q_proj",)
+    assert untouched == 32
+
+
+def test_written_safetensors_read_back_whatever_the_header_length():
+    rng = np.random.default_rng(1)
+    seen = set()
+    for n in range(300):
+        tensors = {f"m{'x' * n}.lora_A.weight": rng.standard_normal((2, 3)).astype(np.float32),
+                   "m.lora_B.weight": rng.standard_normal((3, 2)).astype(np.float16)}
+        data = write_safetensors(tensors)
+        seen.add(data[0])
+        got, _ = read_safetensors(data)
+        assert sorted(got) == sorted(tensors)
+        for k, a in tensors.items():
+            np.testing.assert_array_equal(got[k], a.astype(np.float32))
+    assert seen == set(range(0, 256, 8))
+
+
+def test_header_with_leading_whitespace_still_parses():
+    # The old reader (json.loads) and the package accept it; stored files may have it.
+    data = save(_lora_tensors(np.random.default_rng(2)))
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = b"\n \t" + data[8:8 + hlen]
+    got, _ = read_safetensors(struct.pack("<Q", len(header)) + header + data[8 + hlen:])
+    assert sorted(got) == sorted(_lora_tensors(np.random.default_rng(2)))
+
+
+def test_bf16_is_widened_exactly():
+    bits = np.array([0x3F80, 0xC000, 0x0001, 0x7F7F], dtype="<u2")     # 1, -2, tiny, max
+    body = bits.tobytes()
+    data = raw_safetensors({"x": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, len(body)]}}, body)
+    got, dtype = read_safetensors(data)
+    assert dtype == "BF16"
+    np.testing.assert_array_equal(got["x"].view(np.uint32).ravel(), bits.astype(np.uint32) << 16)
