@@ -14,7 +14,7 @@ from . import library_objects as lo
 from . import wire
 from .config import Limits
 from .export import UnimplementedError, exporter
-from .info import adapter_info, library_info
+from .info import adapter_info, library_info, library_summary, list_adapters_response
 from .manager import LibraryManager
 from .rpc import Guard, streaming, unary
 
@@ -29,15 +29,13 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
     def CreateLibrary(self, request, context, principal):
         if not principal.may_see_library(request.name):
             raise PermissionDeniedError("library name outside the caller's ACL", field="name")
-        state = self.manager.create_library(_library_spec(request, self.limits))
+        state = self.manager.create_library(_library_spec(request, self.limits), principal=principal)
         return library_info(state, principal)
 
     @unary("LibraryAdmin/ListLibraries")
     def ListLibraries(self, request, context, principal):
-        return admin_pb2.ListLibrariesResponse(libraries=[
-            admin_pb2.LibrarySummary(name=s.name, version=s.version, base_model=s.index.signature.base_model,
-                                     adapters=len(s.visible_entries(principal)))
-            for s in self.manager.list(principal)])
+        return admin_pb2.ListLibrariesResponse(libraries=[library_summary(s, principal)
+                                                          for s in self.manager.list(principal)])
 
     @unary("LibraryAdmin/PutAdapter")
     def PutAdapter(self, request_iterator, context, principal):
@@ -48,6 +46,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
         if not principal.may_use_adapter(h.name):
             raise PermissionDeniedError("adapter name outside the caller's ACL", field="header.name")
         self.manager.get(h.library, principal, field="header.library")   # fail before the bytes
+        self.manager.check_quota(principal, adapters=1, nbytes=sum(f.size for f in h.files))
         files = _receive_files(h, request_iterator, self.limits)
         state, entry = self.manager.put_adapter(h.library, h.name, files, dict(h.meta), principal)
         return admin_pb2.PutAdapterResponse(adapter=adapter_info(state, entry), library_version=state.version)
@@ -60,10 +59,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 
     @unary("LibraryAdmin/ListAdapters")
     def ListAdapters(self, request, context, principal):
-        state = self.manager.get(request.library, principal)
-        return admin_pb2.ListAdaptersResponse(
-            adapters=[adapter_info(state, e) for e in state.visible_entries(principal)],
-            library_version=state.version)
+        return list_adapters_response(self.manager.get(request.library, principal), principal)
 
     @unary("LibraryAdmin/Calibrate")
     def Calibrate(self, request_iterator, context, principal):
