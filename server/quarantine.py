@@ -42,7 +42,7 @@ class Damage:
 
     @classmethod
     def of(cls, err: SeqrError) -> "Damage":
-        text = str(err)
+        text = f"{err.code}: {err}"
         return cls(code=err.code, reason=text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "...")
 
 
