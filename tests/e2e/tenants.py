@@ -11,7 +11,7 @@ from seqr_client import RouterClient
 from seqr_server.app import ServerHandles
 from seqr_server.auth import new_token_entry
 
-from .conftest import LIB, World, create_library
+from .conftest import LIB, World, create_library, launch
 
 HIDDEN = "team-b-secret"
 TEAM_A = ("team-a-0", "team-a-1")
@@ -75,3 +75,25 @@ def metric(h: ServerHandles, name: str, library: str = LIB) -> float | None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{h.metrics_port}/metrics", timeout=10).read().decode()
     m = re.search(rf'^{name}{{library="{re.escape(library)}"}} (\S+)$', text, re.M)
     return None if m is None else float(m.group(1))
+
+
+class Tenants:
+    """A tokens-file server whose LIB holds team-a-0, team-b-secret, team-a-1 (ids 0, 1, 2)."""
+
+    def __init__(self, world: World, root: Path, *, principals: dict[str, dict] = PRINCIPALS, populate: bool = True):
+        self.world, self.root = world, root
+        self.tokens = write_tokens(root / "tokens.json", principals)
+        self.h = launch(root / "data", tokens_file=root / "tokens.json")
+        self.c = connect(self.h, self.tokens)
+        if populate:
+            populate_tenants(self.c["admin"], world)
+
+    def restart(self, **kw) -> None:
+        close(self.c)
+        self.h.stop(grace=1.0)
+        self.h = launch(self.root / "data", tokens_file=self.root / "tokens.json", **kw)
+        self.c = connect(self.h, self.tokens)
+
+    def close(self) -> None:
+        close(self.c)
+        self.h.stop(grace=1.0)
