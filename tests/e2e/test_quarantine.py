@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from seqr_client import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError
+from seqr_server.cli import main
 
 from .conftest import LIB, activations
 from .tenants import HIDDEN, PRINCIPALS, TEAM_A, UPLOADS, Tenants, adapter_blob, flip_bit, metric, object_blob
@@ -198,3 +199,15 @@ def test_a_damaged_shared_a_fails_the_library_without_detail_for_restricted_call
     assert metric(tenants.h, "seqr_library_failed") == 1.0
     assert metric(tenants.h, "seqr_library_degraded") == 1.0
     assert tenants.c["admin"].describe("other").name == "other"   # the other library is unaffected
+
+
+def test_the_cli_shows_admins_the_damage(damaged, capsys):
+    t = damaged.t
+    common = ["--target", t.h.target, "--token", t.tokens["admin"], "--library", LIB]
+    assert main(["adapters", "ls", *common]) == 0
+    out = capsys.readouterr().out
+    assert f"1\t{HIDDEN}\tDAMAGED" in out and "DATA_LOSS" in out
+    assert main(["libraries", "ls", "--target", t.h.target, "--token", t.tokens["admin"]]) == 0
+    assert "DEGRADED (1 damaged adapters)" in capsys.readouterr().out
+    assert main(["describe", *common]) == 0
+    assert f"DEGRADED: damaged objects [], damaged adapters ['{HIDDEN}']" in capsys.readouterr().out
