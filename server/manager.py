@@ -214,8 +214,7 @@ class LibraryManager:
             for e in state.index.adapters if state is not None else ():
                 got = guarded(lambda e=e: self._store.read_adapter_files(name, e.name), library=name,
                               what=f"adapter {e.name!r}")
-                if isinstance(got, Damage):
-                    self._quarantine(name, e.name, got)
+                if isinstance(got, Damage) and self._quarantine(name, e.name, got):
                     found.setdefault(name, []).append(e.name)
         return found
 
@@ -341,14 +340,15 @@ class LibraryManager:
         yield from (s.record for s in self._libs.values())
         yield from (self._store.library(n) for n in self._failed)
 
-    def _quarantine(self, library: str, name: str, damage: Damage) -> None:
+    def _quarantine(self, library: str, name: str, damage: Damage) -> bool:
         """Set a routable adapter aside after a read found its stored data damaged."""
         with self._write:
             cur = self._libs.get(library)
             if cur is None or name not in cur.index.names:
-                return                                # deleted (or already quarantined) meanwhile
+                return False                          # deleted (or already quarantined) meanwhile
             index, _ = cur.index.remove_adapter(name, version=cur.version)
             self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage)))
+            return True
 
     def _swap(self, state: LibraryState) -> None:
         libs = dict(self._libs)

@@ -51,7 +51,7 @@ def everything_seen(t: Tenants) -> dict:
 
 @pytest.fixture
 def tenants(world, tmp_path):
-    t = Tenants(world, tmp_path)
+    t = Tenants(world, tmp_path, principals={**PRINCIPALS, "admin-a": dict(roles=["admin"], adapters=["team-a-*"])})
     yield t
     t.close()
 
@@ -138,6 +138,12 @@ def test_deleting_a_damaged_adapter_crypto_shreds_it(tenants):
     version = admin.describe(LIB).version
     with pytest.raises(AlreadyExistsError):           # the store still holds the name
         admin.put_adapter(world.adapters["shared-a0"], name=HIDDEN, library=LIB)
+    with pytest.raises(NotFoundError) as hidden:      # to an admin it is hidden from, it is absent
+        tenants.c["admin-a"].delete_adapter(HIDDEN, library=LIB)
+    with pytest.raises(NotFoundError) as absent:
+        tenants.c["admin-a"].delete_adapter("team-b-absent", library=LIB)
+    assert str(hidden.value).replace(HIDDEN, "<x>") == str(absent.value).replace("team-b-absent", "<x>")
+    assert blob.exists() and admin.describe(LIB).version == version
     gone = admin.delete_adapter(HIDDEN, library=LIB)
     assert (gone.name, gone.adapter_id, gone.library_version) == (HIDDEN, 1, version + 1)
     assert not blob.exists()                          # its wrapped data key was only in that file
