@@ -75,6 +75,8 @@ class AdapterInfo:
     size_bytes: int
     meta: Mapping[str, str]
     calibrated: bool
+    status: str = "ready"     # "ready" | "damaged" (quarantined: never routed; delete and re-upload)
+    damaged_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class LibraryInfo:
     calibration_sequences: int
     meta: Mapping[str, str]
     shared_a: Mapping[str, np.ndarray] = field(default_factory=dict)   # include_shared_a=True
+    degraded: bool = False                 # damage this caller may know of (see damaged_objects, adapters)
+    damaged_objects: tuple[str, ...] = ()  # quarantined library objects, e.g. "calibration"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class LibrarySummary:
     version: int
     base_model: str
     adapters: int
+    degraded: bool = False
+    damaged_adapters: int = 0
 
 
 @dataclass(frozen=True)

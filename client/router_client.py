@@ -157,7 +157,8 @@ class RouterClient:
     def list_libraries(self, *, timeout: float | None = None) -> list[R.LibrarySummary]:
         resp = self._admin.ListLibraries(admin_pb2.ListLibrariesRequest(), timeout=self._t(timeout),
                                          metadata=self._metadata)
-        return [R.LibrarySummary(l.name, l.version, l.base_model, l.adapters) for l in resp.libraries]
+        return [R.LibrarySummary(l.name, l.version, l.base_model, l.adapters, l.degraded, l.damaged_adapters)
+                for l in resp.libraries]
 
     def put_adapter(self, path: str | Path, *, name: str | None = None, library: str | None = None,
                     meta: Mapping[str, str] | None = None, progress: Callable[[int], None] | None = None,

@@ -125,7 +125,9 @@ def adapter_info(a: library_pb2.AdapterInfo) -> R.AdapterInfo:
     return R.AdapterInfo(name=a.name, adapter_id=a.adapter_id, kind=_KIND_NAMES.get(a.kind, "unknown"),
                          rank=a.rank, modules=tuple(a.modules), upload_dtype=a.upload_dtype,
                          created_at=a.created_at, sha256=dict(a.sha256), size_bytes=a.size_bytes,
-                         meta=dict(a.meta), calibrated=a.calibrated)
+                         meta=dict(a.meta), calibrated=a.calibrated,
+                         status="damaged" if a.status == library_pb2.ADAPTER_DAMAGED else "ready",
+                         damaged_reason=a.damaged_reason)
 
 
 def library_info(i: library_pb2.LibraryInfo) -> R.LibraryInfo:
@@ -136,7 +138,8 @@ def library_info(i: library_pb2.LibraryInfo) -> R.LibraryInfo:
         modules=tuple(R.ModuleInfo(m.name, m.d_in, m.d_out, m.shared_rank) for m in i.signature.modules),
         shared_a_recipe=recipe, adapters=tuple(adapter_info(a) for a in i.adapters),
         calibrated_adapters=tuple(i.calibration.adapters), calibration_sequences=i.calibration.sequences,
-        meta=dict(i.meta), shared_a={m: decode_tensor(t) for m, t in i.shared_a.items()})
+        meta=dict(i.meta), shared_a={m: decode_tensor(t) for m, t in i.shared_a.items()},
+        degraded=i.degraded, damaged_objects=tuple(i.damaged_objects))
 
 
 def signature(sig, base_model: str = "") -> library_pb2.Signature:

@@ -13,7 +13,7 @@ from . import library_objects as lo
 from . import wire
 from .config import Limits
 from .export import UnimplementedError, exporter
-from .info import adapter_info, library_info
+from .info import adapter_info, library_info, library_summary, list_adapters_response
 from .manager import LibraryManager
 from .rpc import Call
 
@@ -27,15 +27,12 @@ class AdminService:
     def CreateLibrary(self, request, call: Call):
         if not call.principal.may_see_library(request.name):
             raise PermissionDeniedError("library name outside the caller's ACL", field="name")
-        state = self.manager.create_library(_library_spec(request, self.limits))
+        state = self.manager.create_library(_library_spec(request, self.limits), principal=call.principal)
         return library_info(state, call.principal)
 
     def ListLibraries(self, request, call: Call):
-        p = call.principal
-        return admin_pb2.ListLibrariesResponse(libraries=[
-            admin_pb2.LibrarySummary(name=s.name, version=s.version, base_model=s.index.signature.base_model,
-                                     adapters=len(s.visible_entries(p)))
-            for s in self.manager.list(p)])
+        return admin_pb2.ListLibrariesResponse(libraries=[library_summary(s, call.principal)
+                                                          for s in self.manager.list(call.principal)])
 
     async def PutAdapter(self, requests, call: Call):
         first = await anext(requests, None)
@@ -45,6 +42,7 @@ class AdminService:
         if not principal.may_use_adapter(h.name):
             raise PermissionDeniedError("adapter name outside the caller's ACL", field="header.name")
         self.manager.get(h.library, principal, field="header.library")   # fail before the bytes
+        self.manager.check_quota(principal, adapters=1, nbytes=sum(f.size for f in h.files))
         total = _check_announced(h, self.limits)
         buf = bytearray()
         async for req in requests:
@@ -64,10 +62,7 @@ class AdminService:
                                                library_version=state.version)
 
     def ListAdapters(self, request, call: Call):
-        state = self.manager.get(request.library, call.principal)
-        return admin_pb2.ListAdaptersResponse(
-            adapters=[adapter_info(state, e) for e in state.visible_entries(call.principal)],
-            library_version=state.version)
+        return list_adapters_response(self.manager.get(request.library, call.principal), call.principal)
 
     async def Calibrate(self, requests, call: Call):
         first = await anext(requests, None)

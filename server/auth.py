@@ -5,7 +5,8 @@ Tokens file (JSON; stores only SHA-256 digests of the tokens, so reading it gran
     {"tokens": [
       {"name": "vllm-host-a", "sha256": "<hex>", "roles": ["route"],
        "libraries": ["prod-*"], "adapters": ["team-a-*", "shared-*"]},
-      {"name": "ops", "sha256": "<hex>", "roles": ["admin"]}
+      {"name": "ops", "sha256": "<hex>", "roles": ["admin"],
+       "quota": {"libraries": 5, "adapters": 50, "bytes": 1073741824}}
     ]}
 
 Roles: ``route`` (Route, RouteStream, DescribeLibrary), ``observer`` (DescribeLibrary,
@@ -13,7 +14,7 @@ ListLibraries, ListAdapters), ``admin`` (everything). ``libraries`` and ``adapte
 patterns (fnmatch, case-sensitive; default ``*``). A caller is only ever routed among the
 adapters it may use, and hidden libraries and adapters look exactly like absent ones.
 Without a tokens file the server is open (every caller is admin on everything) and says so
-loudly at startup.
+loudly at startup. ``quota`` (optional, see quotas.py) limits what the principal may own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Iterable, Sequence
 
 from seqr_core.errors import (FailedPreconditionError, InvalidArgumentError, PermissionDeniedError,
                               UnauthenticatedError)
+
+from .quotas import Quota
 
 ROLES = ("route", "observer", "admin")
 
@@ -55,6 +58,7 @@ class Principal:
     roles: frozenset[str]
     libraries: tuple[str, ...] = ("*",)
     adapters: tuple[str, ...] = ("*",)
+    quota: Quota | None = None
 
     @property
     def unrestricted(self) -> bool:
@@ -122,9 +126,12 @@ class Authenticator:
                                            field=f"{where}.roles", actual=roles)
             if digest in out:
                 raise InvalidArgumentError("duplicate token", field=f"{where}.sha256")
+            quota = Quota.parse(e.get("quota"), field=f"{where}.quota")
+            if quota is not None and not e.get("name"):   # the name is the quota account
+                raise InvalidArgumentError("an entry with a quota needs a name", field=f"{where}.name")
             out[digest] = Principal(name=str(e.get("name") or f"token-{i}"), roles=frozenset(roles),
                                     libraries=_patterns(e, "libraries", where),
-                                    adapters=_patterns(e, "adapters", where))
+                                    adapters=_patterns(e, "adapters", where), quota=quota)
         return cls(out)
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]], method: str, *,
@@ -150,14 +157,17 @@ class Authenticator:
 
 
 def new_token_entry(*, name: str, roles: Sequence[str], libraries: Sequence[str] = ("*",),
-                    adapters: Sequence[str] = ("*",)) -> tuple[str, dict]:
+                    adapters: Sequence[str] = ("*",), quota: Quota | None = None) -> tuple[str, dict]:
     """A fresh random token and the tokens-file entry that admits it (only its digest)."""
     if not roles or not set(roles) <= set(ROLES):
         raise InvalidArgumentError(f"roles must be a non-empty subset of {ROLES}", field="roles",
                                    actual=list(roles))
     token = "seqr_" + secrets.token_urlsafe(32)
-    return token, {"name": name, "sha256": token_digest(token), "roles": list(roles),
-                   "libraries": list(libraries), "adapters": list(adapters)}
+    entry = {"name": name, "sha256": token_digest(token), "roles": list(roles),
+             "libraries": list(libraries), "adapters": list(adapters)}
+    if quota is not None and quota.to_json():
+        entry["quota"] = quota.to_json()
+    return token, entry
 
 
 def append_token(path: str | os.PathLike[str], entry: dict) -> None:

@@ -121,10 +121,19 @@ def cmd_keys_init(a) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be a non-negative integer")
+    return n
+
+
 def cmd_tokens_new(a) -> int:
     from .auth import append_token, new_token_entry
+    from .quotas import Quota
+    quota = Quota(libraries=a.quota_libraries, adapters=a.quota_adapters, bytes=a.quota_bytes)
     token, entry = new_token_entry(name=a.name, roles=a.role, libraries=a.libraries or ["*"],
-                                   adapters=a.adapters or ["*"])
+                                   adapters=a.adapters or ["*"], quota=quota)
     append_token(a.file, entry)
     print(token)
     print(f"added {a.name!r} ({', '.join(a.role)}) to {a.file}; the token above is shown only once. "
@@ -163,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeat for several roles")
     tn.add_argument("--libraries", action="append", help="glob of library names (repeatable; default *)")
     tn.add_argument("--adapters", action="append", help="glob of adapter names it may use (repeatable; default *)")
+    tn.add_argument("--quota-libraries", type=_count, metavar="N", help="most libraries it may create and own")
+    tn.add_argument("--quota-adapters", type=_count, metavar="N", help="most adapters it may upload and own")
+    tn.add_argument("--quota-bytes", type=_count, metavar="N",
+                    help="most bytes it may own: uploaded adapter files plus its libraries' shared A")
     tn.set_defaults(func=cmd_tokens_new)
 
     cli_client.add_commands(sub)

@@ -89,8 +89,9 @@ def cmd_libraries_create(a) -> int:
 def cmd_libraries_ls(a) -> int:
     with _client(a) as c:
         libs = c.list_libraries()
-    _print(a, libs, "\n".join(f"{x.name}\tv{x.version}\t{x.adapters} adapters\t{x.base_model}" for x in libs)
-           or "(no libraries)")
+    _print(a, libs, "\n".join(f"{x.name}\tv{x.version}\t{x.adapters} adapters\t{x.base_model}"
+                               + (f"\tDEGRADED ({x.damaged_adapters} damaged adapters)" if x.degraded else "")
+                               for x in libs) or "(no libraries)")
     return 0
 
 
@@ -118,7 +119,9 @@ def cmd_adapters_put(a) -> int:
 def cmd_adapters_ls(a) -> int:
     with _client(a) as c:
         ads = c.list_adapters(a.library)
-    _print(a, ads, "\n".join(f"{i.adapter_id}\t{i.name}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
+    _print(a, ads, "\n".join(f"{i.adapter_id}\t{i.name}\tDAMAGED (quarantined; delete it): {i.damaged_reason}"
+                             if i.status == "damaged" else
+                             f"{i.adapter_id}\t{i.name}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
                              f"{'calibrated' if i.calibrated else ''}" for i in ads) or "(no adapters)")
     return 0
 
@@ -171,6 +174,8 @@ def cmd_describe(a) -> int:
     text = [f"{info.name} v{info.version}  base model {info.base_model}",
             f"  {len(info.modules)} modules, {len(shared)} with shared A ({recipe})",
             f"  calibration: {info.calibration_sequences} sequences, {len(info.calibrated_adapters)} adapters",
+            *([f"  DEGRADED: damaged objects {list(info.damaged_objects)}, damaged adapters "
+               f"{[x.name for x in info.adapters if x.status == 'damaged']}"] if info.degraded else []),
             f"  {len(info.adapters)} adapters:"]
     text += [f"    {x.adapter_id}\t{x.name}\t{x.kind}\tr={x.rank}" for x in info.adapters]
     _print(a, info, "\n".join(text))

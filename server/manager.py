@@ -4,8 +4,11 @@ Readers take ``self._libs`` (one reference, swapped whole) and keep the snapshot
 routing never waits for an admin write. Writers serialise on one lock and do, in order:
 parse and validate (outside the lock where possible), dry-run the change on the current
 snapshot, write the store (durable on return), then swap in the new snapshot at the store's
-version. Anything that can fail fails before the store is written, so nothing is half applied
-and the index version always equals the store's library version.
+version. Anything that can fail fails before the store is written (quotas included), so
+nothing is half applied and the index version always equals the store's library version.
+
+Damaged stored adapters are quarantined at load and whenever a later read finds them damaged
+(quarantine.py): the library keeps serving the rest. Callers are told view versions (views.py).
 """
 
 from __future__ import annotations
@@ -14,30 +17,43 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, RouteOptions,
                        merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
-from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
+from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
+from seqr_core.peft_io import ParsedAdapter
 
 from . import library_objects as lo
 from .auth import Principal
 from .metrics import Metrics
+from .quarantine import Damage, LibraryDamage, guarded
+from .quotas import OWNER, Usage, usage_of
+from .store import AdapterRecord, LibraryRecord
+from .views import ChangeLog, view_version
 
 log = logging.getLogger("seqr.manager")
 
 
 @dataclass(frozen=True)
 class LibraryState:
-    """One library as routing sees it: the index snapshot and the store record it came from."""
+    """One library as routing sees it: the index snapshot and the store record it came from.
+
+    ``index`` holds the routable adapters; ``damage`` the quarantined ones (still in the store,
+    never routed) and quarantined library objects.
+    """
 
     spec: lo.LibrarySpec
     index: LibraryIndex
-    records: Mapping[str, object]            # adapter name -> store AdapterRecord
+    record: LibraryRecord
+    damage: LibraryDamage = LibraryDamage()
+    records: Mapping[str, AdapterRecord] = field(default_factory=dict)   # every stored adapter
     names_by_id: Mapping[int, str] = field(default_factory=dict)
+    changes: ChangeLog = ChangeLog(library=0, adapters=MappingProxyType({}))
+    _views: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -50,10 +66,27 @@ class LibraryState:
     def visible_entries(self, principal: Principal) -> list[AdapterEntry]:
         return [e for e in self.index.adapters if principal.may_use_adapter(e.name)]
 
+    def visible_damage(self, principal: Principal) -> list[tuple[AdapterRecord, Damage]]:
+        """Quarantined adapters the caller may see, in id order."""
+        return sorted(((self.records[n], d) for n, d in self.damage.adapters.items()
+                       if principal.may_use_adapter(n)), key=lambda rd: rd[0].adapter_id)
+
+    def degraded_for(self, principal: Principal) -> bool:
+        """Damage the caller may know of: a quarantined library object, or an adapter it can see."""
+        return bool(self.damage.objects) or bool(self.visible_damage(principal))
+
+    def view_version(self, principal: Principal) -> int:
+        """The version this caller is told: moves only with changes it can see (views.py)."""
+        return view_version(self.changes, principal, version=self.version, cache=self._views)
+
     def entry(self, name: str, principal: Principal, *, field: str = "adapter") -> AdapterEntry:
         # Hidden adapters raise the very error an absent one does (same type, text and field).
         if not principal.may_use_adapter(name):
             return self.without_adapters().entry(name, field=field)
+        damage = self.damage.adapters.get(name)
+        if damage is not None:
+            raise IntegrityError(f"adapter {name!r} is quarantined: its stored data is damaged "
+                                 f"({damage.code}); delete it and upload it again", field=field, actual=name)
         return self.index.entry(name, field=field)
 
     def without_adapters(self) -> LibraryIndex:
@@ -63,10 +96,12 @@ class LibraryState:
                                    version=idx.version)
 
 
-def _state(spec: lo.LibrarySpec, index: LibraryIndex, records) -> LibraryState:
-    recs = {r.name: r for r in records}
-    return LibraryState(spec=spec, index=index, records=MappingProxyType(recs),
-                        names_by_id=MappingProxyType({e.adapter_id: e.name for e in index.adapters}))
+def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
+           damage: LibraryDamage = LibraryDamage()) -> LibraryState:
+    recs = {r.name: r for r in record.adapters}
+    return LibraryState(spec=spec, index=index, record=record, damage=damage, records=MappingProxyType(recs),
+                        names_by_id=MappingProxyType({e.adapter_id: e.name for e in index.adapters}),
+                        changes=ChangeLog.of(record))
 
 
 class LibraryManager:
@@ -93,7 +128,7 @@ class LibraryManager:
         if name in libs and principal.may_see_library(name):
             return libs[name]
         if name in self._failed and principal.may_see_library(name):
-            raise self._failed[name]
+            raise _failure(self._failed[name], principal, name, field=field)
         raise NotFoundError(f"no library {name!r}", field=field, actual=name)
 
     def names(self) -> list[str]:
@@ -121,24 +156,39 @@ class LibraryManager:
             self._libs, self._failed = MappingProxyType(libs), MappingProxyType(failed)
         for s in libs.values():
             self._changed(s)
+        if self._metrics:
+            for name in failed:
+                self._metrics.library_failed(name)
         self._loaded.set()
         log.info("libraries loaded", extra={"libraries": len(libs), "failed": len(failed),
-                                            "adapters": sum(len(s.index.adapters) for s in libs.values())})
+                                            "adapters": sum(len(s.index.adapters) for s in libs.values()),
+                                            "quarantined": sum(len(s.damage.adapters) for s in libs.values())})
 
     def _rebuild(self, name: str) -> LibraryState:
         rec = self._store.library(name)
         spec = lo.spec_from_store(name, rec.meta, self._store.read_library_object(name, lo.SHARED_A))
-        items = []
+        items, damage = [], LibraryDamage()
         for ar in rec.adapters:                      # adapter id order
-            parsed = parse_peft_adapter(self._store.read_adapter_files(name, ar.name), name=ar.name,
-                                        signature=spec.signature)
-            items.append((parsed.adapter, ar.adapter_id, parsed.upload_dtype))
+            got = self._load_adapter(name, ar, spec)
+            if isinstance(got, Damage):
+                damage = damage.with_adapter(ar.name, got)
+            else:
+                items.append((got.adapter, ar.adapter_id, got.upload_dtype))
         index, _ = spec.empty_index(version=rec.version).add_adapters(items, version=rec.version)
-        raw = self._store.read_library_object(name, lo.CALIBRATION)
-        if raw is not None:
+        raw = guarded(lambda: self._store.read_library_object(name, lo.CALIBRATION), library=name,
+                      what=lo.CALIBRATION)
+        if isinstance(raw, Damage):
+            damage = LibraryDamage(damage.adapters, MappingProxyType({lo.CALIBRATION: raw}))
+        elif raw is not None:
             ids = {e.name: e.adapter_id for e in index.adapters}
             index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
-        return _state(spec, index, rec.adapters)
+        return _state(spec, index, rec, damage)
+
+    def _load_adapter(self, library: str, ar: AdapterRecord, spec: lo.LibrarySpec) -> ParsedAdapter | Damage:
+        """One stored adapter, parsed; or the Damage that quarantines it (the library loads on)."""
+        return guarded(lambda: parse_peft_adapter(self._store.read_adapter_files(library, ar.name), name=ar.name,
+                                                  signature=spec.signature),
+                       library=library, what=f"adapter {ar.name!r}")
 
     def warm(self) -> None:
         """Route one small synthetic request per library so first real calls pay no lazy setup."""
@@ -151,22 +201,47 @@ class LibraryManager:
                 (1, s.index.signature.spec(m).d_in)).astype(np.float32), 1) for m in mods}
             route(s.index, inputs, RouteOptions())
 
+    def scrub(self, library: str | None = None) -> dict[str, list[str]]:
+        """Re-read every routable adapter's stored files (all libraries, or one) and quarantine
+        those that no longer authenticate; returns the newly quarantined names per library.
+
+        Reads run outside the writer lock; each finding is applied under it to the state current
+        by then. Meant for a periodic or operator-triggered check of the data at rest.
+        """
+        found: dict[str, list[str]] = {}
+        for name in ([library] if library is not None else sorted(self._libs)):
+            state = self._libs.get(name)
+            for e in state.index.adapters if state is not None else ():
+                got = guarded(lambda e=e: self._store.read_adapter_files(name, e.name), library=name,
+                              what=f"adapter {e.name!r}")
+                if isinstance(got, Damage) and self._quarantine(name, e.name, got):
+                    found.setdefault(name, []).append(e.name)
+        return found
+
     # ------------------------------------------------------------------ writes
-    def create_library(self, spec: lo.LibrarySpec) -> LibraryState:
+    def create_library(self, spec: lo.LibrarySpec, *, principal: Principal | None = None) -> LibraryState:
+        """Create an empty library; ``principal`` becomes its owner and its quota applies."""
         check_adapter_name(spec.name, field="name")
         spec.empty_index(version=1)                  # validates shared A against the signature
+        objects = spec.objects()
+        meta = spec.store_meta() if principal is None else {**spec.store_meta(), OWNER: principal.name}
         with self._write:
             self._check_open()
             if spec.name in self._libs or spec.name in self._failed:
                 raise AlreadyExistsError(f"library {spec.name!r} already exists", field="name",
                                          actual=spec.name)
-            rec = self._store.create_library(spec.name, meta=spec.store_meta(), objects=spec.objects())
-            state = _state(spec, spec.empty_index(version=rec.version), rec.adapters)
+            self._check_quota(principal, Usage(libraries=1, bytes=len(objects.get(lo.SHARED_A, b""))))
+            rec = self._store.create_library(spec.name, meta=meta, objects=objects)
+            state = _state(spec, spec.empty_index(version=rec.version), rec)
             self._swap(state)
         log.info("library created", extra={"library": spec.name, "version": state.version,
                                            "modules": len(spec.signature.modules),
                                            "shared_a_modules": len(spec.shared_a)})
         return state
+
+    def check_quota(self, principal: Principal, *, adapters: int = 0, nbytes: int = 0) -> None:
+        """Early refusal (before an upload's bytes are read); put_adapter checks again under the lock."""
+        self._check_quota(principal, Usage(adapters=adapters, bytes=nbytes))
 
     def put_adapter(self, library: str, name: str, files: dict[str, bytes], meta: Mapping[str, str],
                     principal: Principal) -> tuple[LibraryState, AdapterEntry]:
@@ -176,38 +251,47 @@ class LibraryManager:
         with self._write:
             self._check_open()
             cur = self.get(library, principal, field="header.library")
+            if name in cur.damage.adapters:   # the index no longer holds it; the store still does
+                raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
+                                         "delete it first)", field="adapter.name", actual=name)
+            self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
             predicted = self._store.library(library).next_adapter_id
             dry, entry = cur.index.add_adapter(parsed.adapter, adapter_id=predicted,
                                                upload_dtype=parsed.upload_dtype)
             rec = self._store.put_adapter(library, name, files=files, meta={
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
-                "base_model": parsed.base_model})
+                "base_model": parsed.base_model, OWNER: principal.name})
             lib = self._store.library(library)
             if rec.adapter_id == predicted:
                 new = dry.with_version(lib.version)
             else:   # cannot happen while we are the store's only writer; stay correct anyway
                 new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
                                                    upload_dtype=parsed.upload_dtype, version=lib.version)
-            state = _state(cur.spec, new, lib.adapters)
+            state = _state(cur.spec, new, lib, cur.damage)
             self._swap(state)
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
         return state, state.index.entry(name)
 
-    def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterEntry]:
+    def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterRecord]:
+        """Delete (crypto-shred) an adapter, quarantined ones included; returns its store record."""
         with self._write:
             self._check_open()
             cur = self.get(library, principal)
-            entry = cur.entry(name, principal, field="name")
-            dry, _ = cur.index.remove_adapter(name)
+            if name in cur.damage.adapters and principal.may_use_adapter(name):
+                index, damage = cur.index, cur.damage.without_adapter(name)
+            else:
+                cur.entry(name, principal, field="name")
+                (index, _), damage = cur.index.remove_adapter(name), cur.damage
             lib = self._store.delete_adapter(library, name)
-            state = _state(cur.spec, dry.with_version(lib.version), lib.adapters)
+            state = _state(cur.spec, index.with_version(lib.version), lib, damage)
             self._swap(state)
         if self._metrics:
             self._metrics.adapter_deleted(library, name)
+        gone = cur.records[name]
         log.info("adapter deleted", extra={"library": library, "adapter": name,
-                                           "adapter_id": entry.adapter_id, "version": state.version})
-        return state, entry
+                                           "adapter_id": gone.adapter_id, "version": state.version})
+        return state, gone
 
     def store_calibration(self, library: str, basis: LibraryIndex, fresh: CalibrationStats,
                           principal: Principal) -> tuple[LibraryState, list[str]]:
@@ -223,7 +307,9 @@ class LibraryManager:
             merged = merge_into(cur.index, fresh)
             lib = self._store.put_library_object(library, lo.CALIBRATION,
                                                  lo.encode_calibration(merged, now_ids))
-            state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib.adapters)
+            # A quarantined calibration object is replaced by this one.
+            state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib,
+                           cur.damage.without_object(lo.CALIBRATION))
             self._swap(state)
         names = sorted(fresh.adapters)
         log.info("calibration stored", extra={"library": library, "sequences": fresh.sequences,
@@ -242,6 +328,28 @@ class LibraryManager:
         if self._closed:
             raise UnavailableError("the service is shutting down")
 
+    def _check_quota(self, principal: Principal | None, adding: Usage) -> None:
+        """Call with the writer lock held, so usage cannot change before the write."""
+        if principal is None or principal.quota is None:
+            return
+        principal.quota.check(owner=principal.name, usage=usage_of(principal.name, self._records()),
+                              adding=adding)
+
+    def _records(self) -> Iterator[LibraryRecord]:
+        """The store record of every library, failed ones included (they still hold data)."""
+        yield from (s.record for s in self._libs.values())
+        yield from (self._store.library(n) for n in self._failed)
+
+    def _quarantine(self, library: str, name: str, damage: Damage) -> bool:
+        """Set a routable adapter aside after a read found its stored data damaged."""
+        with self._write:
+            cur = self._libs.get(library)
+            if cur is None or name not in cur.index.names:
+                return False                          # deleted (or already quarantined) meanwhile
+            index, _ = cur.index.remove_adapter(name, version=cur.version)
+            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage)))
+            return True
+
     def _swap(self, state: LibraryState) -> None:
         libs = dict(self._libs)
         libs[state.name] = state
@@ -250,7 +358,16 @@ class LibraryManager:
 
     def _changed(self, s: LibraryState) -> None:
         if self._metrics:
-            self._metrics.library_changed(s.name, version=s.version, adapters=len(s.index.adapters))
+            self._metrics.library_changed(s.name, version=s.version, adapters=len(s.index.adapters),
+                                          damaged=len(s.damage.adapters), degraded=bool(s.damage))
         if self._on_change is not None and s.index.adapters:    # nothing to score without adapters
             self._on_change(s.index)
 
+
+def _failure(err: SeqrError, principal: Principal, library: str, *, field: str) -> SeqrError:
+    """A library that failed to load answers with its error; a caller with adapter globs gets
+    the same code without the detail, which may name adapters hidden from it."""
+    if principal.unrestricted:
+        return err
+    return type(err)(f"library {library!r} cannot be loaded: its stored data is damaged or unreadable "
+                     "(see the server log)", field=field, actual=library)

@@ -27,7 +27,16 @@ class Metrics:
                                  ["library"], registry=r)
         self.library_version = Gauge("seqr_library_version", "Current library version", ["library"],
                                      registry=r)
-        self.adapters = Gauge("seqr_library_adapters", "Adapters in the library", ["library"], registry=r)
+        self.adapters = Gauge("seqr_library_adapters", "Routable adapters in the library", ["library"], registry=r)
+        self.damaged = Gauge("seqr_library_damaged_adapters",
+                             "Adapters quarantined because their stored data is damaged (never routed; "
+                             "delete and re-upload them)", ["library"], registry=r)
+        self.degraded = Gauge("seqr_library_degraded",
+                              "1 while the library serves with damaged parts quarantined, or cannot load at all",
+                              ["library"], registry=r)
+        self.failed = Gauge("seqr_library_failed",
+                            "1 when the library cannot be loaded at all (damaged meta or shared A)",
+                            ["library"], registry=r)
         self.rpcs = Counter("seqr_rpcs_total", "RPCs by method and final status code",
                             ["method", "code"], registry=r)
         self.errors = Counter("seqr_rpc_errors_total", "Failed RPCs by method and status code",
@@ -47,9 +56,17 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-    def library_changed(self, library: str, *, version: int, adapters: int) -> None:
+    def library_changed(self, library: str, *, version: int, adapters: int, damaged: int = 0,
+                        degraded: bool = False) -> None:
         self.library_version.labels(library).set(version)
         self.adapters.labels(library).set(adapters)
+        self.damaged.labels(library).set(damaged)
+        self.degraded.labels(library).set(int(degraded))
+        self.failed.labels(library).set(0)
+
+    def library_failed(self, library: str) -> None:
+        self.failed.labels(library).set(1)
+        self.degraded.labels(library).set(1)
 
     def adapter_deleted(self, library: str, adapter: str) -> None:
         # A deleted adapter's series would otherwise be exported forever.

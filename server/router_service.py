@@ -17,6 +17,7 @@ from .info import library_info
 from .manager import LibraryManager, LibraryState
 from .metrics import Metrics
 from .rpc import Call
+from .views import route_in_view
 
 RouteFn = Callable[[LibraryIndex, dict, RouteOptions], Decision]
 
@@ -54,12 +55,13 @@ class RouterService:
         # caches per library name: it only ever raises the empty library's error.
         route_fn = self.route_fn if index is state.index else core_route
         t1 = time.perf_counter()
-        decision = route_fn(index, inputs, options)
+        decision, view = route_in_view(route_fn, state, principal, index, inputs, options)
         t2 = time.perf_counter()
         resp = wire.route_response(decision, names_by_id=state.names_by_id,
                                    include_scores=req.options.include_scores,
                                    timings=router_pb2.Timings(decode_ms=(t1 - t0) * 1e3,
                                                               score_ms=(t2 - t1) * 1e3))
+        resp.library_version = view
         t3 = time.perf_counter()
         resp.timings.total_ms = (t3 - t0) * 1e3
         forms = {i.form for i in inputs.values()}

@@ -70,6 +70,9 @@ from .manifest import (
     iter_blob_refs,
     iter_refs,
     library_blob_names,
+    note_adapter_deleted,
+    note_adapter_put,
+    note_library_change,
     object_context,
     successor,
     writable_library,
@@ -239,7 +242,7 @@ class LibraryStore:
             if name in manifest["libraries"]:
                 raise AlreadyExistsError(f"library {name!r} already exists", field="library", actual=name)
             lib = {"version": 1, "meta": meta, "next_adapter_id": 0, "created_at": _now(), "objects": {},
-                   "adapters": {}}
+                   "adapters": {}, "changed": 1, "deleted": {}}
             manifest["libraries"][name] = lib
             for role, data in objects.items():
                 lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], name, role))
@@ -277,7 +280,7 @@ class LibraryStore:
                 entry["files"][file_name] = self._write_blob(txn, data, context)
             lib["adapters"][name] = entry
             lib["next_adapter_id"] = adapter_id + 1
-            lib["version"] += 1
+            note_adapter_put(lib, name, entry)
             return adapter_record(name, entry)
 
         return self._mutate(edit)
@@ -290,7 +293,7 @@ class LibraryStore:
             lib = writable_library(manifest, library)
             txn.obsolete.extend(ref["blob"] for ref in entry["files"].values())
             del lib["adapters"][name]
-            lib["version"] += 1
+            note_adapter_deleted(lib, name)
             return library_record(library, lib)
 
         return self._mutate(edit)
@@ -307,7 +310,7 @@ class LibraryStore:
             if old is not None:
                 txn.obsolete.append(old["blob"])
             lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], library, role))
-            lib["version"] += 1
+            note_library_change(lib)
             return library_record(library, lib)
 
         return self._mutate(edit)
@@ -322,7 +325,7 @@ class LibraryStore:
             if old is None:
                 raise NotFoundError(f"library {library!r} has no {role!r} object", field="role", actual=role)
             txn.obsolete.append(old["blob"])
-            lib["version"] += 1
+            note_library_change(lib)
             return library_record(library, lib)
 
         return self._mutate(edit)

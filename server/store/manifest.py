@@ -14,11 +14,20 @@ Schema::
 
     {"format": 1, "store_id": str, "seq": int,
      "libraries": {name: {"version": int, "meta": {...}, "next_adapter_id": int, "created_at": str,
+                          "changed": int, "deleted": {adapter name: int},
                           "objects": {role: ref},
                           "adapters": {name: {"adapter_id": int, "created_at": str, "meta": {...},
                                               "sha256": {file: hex}, "size_bytes": int,
-                                              "files": {file: ref}}}}}}
+                                              "changed": int, "files": {file: ref}}}}}}
     ref = {"blob": 32 hex chars, "version": int, "key_id": str, "size": plaintext bytes}
+
+Every library edit advances ``version`` by one through one of the ``note_*`` functions, which
+also record what that version changed: an adapter's ``changed`` (its upload), a tombstone in
+``deleted`` (its deletion), or the library-wide ``changed`` (creation, library objects). The
+service derives per-caller view versions from them (a caller's view moves only with what it can
+see). ``deleted`` is bounded: past MAX_TOMBSTONES the oldest half folds into the library-wide
+``changed``. Libraries written before these fields existed get ``changed`` = their version at
+their next edit and count older adapters as changed no later than that.
 """
 
 from __future__ import annotations
@@ -45,6 +54,9 @@ __all__ = [
     "iter_blob_refs",
     "iter_refs",
     "library_blob_names",
+    "note_adapter_deleted",
+    "note_adapter_put",
+    "note_library_change",
     "new_manifest",
     "object_context",
     "open_manifest",
@@ -56,6 +68,7 @@ __all__ = [
 MANIFEST_NAME = "MANIFEST"
 MANIFEST_CONTEXT = b'{"object":"manifest"}'
 _FORMAT = 1
+MAX_TOMBSTONES = 4096
 _BLOB_NAME = re.compile(r"[0-9a-f]{32}")
 
 
@@ -73,9 +86,35 @@ def successor(manifest: dict[str, Any], *, deep: bool = False) -> dict[str, Any]
 def writable_library(manifest: dict[str, Any], name: str) -> dict[str, Any]:
     """Replace library ``name`` in a successor by a copy whose entry maps may be edited."""
     lib = find_library(manifest, name)
-    lib = {**lib, "objects": dict(lib["objects"]), "adapters": dict(lib["adapters"])}
+    lib = {**lib, "objects": dict(lib["objects"]), "adapters": dict(lib["adapters"]),
+           "changed": lib.get("changed", lib["version"]), "deleted": dict(lib.get("deleted", {}))}
     manifest["libraries"][name] = lib
     return lib
+
+
+def note_library_change(lib: dict[str, Any]) -> None:
+    """Advance a writable library's version for a change that concerns all of it."""
+    lib["version"] += 1
+    lib["changed"] = lib["version"]
+
+
+def note_adapter_put(lib: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
+    """Advance a writable library's version for adapter ``name`` (a new ``entry``) being stored."""
+    lib["version"] += 1
+    entry["changed"] = lib["version"]
+    lib["deleted"].pop(name, None)   # the live entry is newer than any tombstone of the name
+
+
+def note_adapter_deleted(lib: dict[str, Any], name: str) -> None:
+    """Advance a writable library's version for adapter ``name`` being deleted."""
+    lib["version"] += 1
+    deleted = lib["deleted"]
+    deleted[name] = lib["version"]
+    if len(deleted) > MAX_TOMBSTONES:
+        # Bounded manifest: the oldest half becomes one library-wide change. Callers then see
+        # one version step they cannot attribute, once per MAX_TOMBSTONES / 2 deletions.
+        oldest = sorted(deleted, key=deleted.__getitem__)[: len(deleted) - MAX_TOMBSTONES // 2]
+        lib["changed"] = max(lib["changed"], *(deleted.pop(n) for n in oldest))
 
 
 def seal_manifest(manifest: dict[str, Any], keys: KeyProvider) -> bytes:

@@ -7,8 +7,9 @@ copies, so callers cannot change the store's state by editing a record.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
 
 __all__ = ["AdapterRecord", "LibraryRecord", "adapter_record", "library_record"]
 
@@ -23,11 +24,17 @@ class AdapterRecord:
     sha256: dict[str, str]
     meta: dict
     size_bytes: int
+    changed: int = 0          # library version of its upload (0: stored before versions were kept)
 
 
 @dataclass(frozen=True)
 class LibraryRecord:
-    """One library at one version; ``objects`` are the role names of its library-level objects."""
+    """One library at one version; ``objects`` are the role names of its library-level objects.
+
+    ``changed`` is the last library version whose change concerns every adapter (creation, a
+    library object written or removed); ``deleted`` maps names of deleted adapters to the version
+    that deleted them. With each adapter's ``changed`` they say which version last changed what.
+    """
 
     name: str
     version: int
@@ -35,6 +42,9 @@ class LibraryRecord:
     next_adapter_id: int
     adapters: tuple[AdapterRecord, ...]
     objects: tuple[str, ...]
+    changed: int = 0
+    deleted: Mapping[str, int] = field(default_factory=dict)
+    object_sizes: Mapping[str, int] = field(default_factory=dict)   # role -> plaintext bytes
 
 
 def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
@@ -45,6 +55,7 @@ def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
         sha256=dict(entry["sha256"]),
         meta=copy.deepcopy(entry["meta"]),
         size_bytes=entry["size_bytes"],
+        changed=entry.get("changed", 0),
     )
 
 
@@ -59,4 +70,8 @@ def library_record(name: str, entry: dict[str, Any]) -> LibraryRecord:
         next_adapter_id=entry["next_adapter_id"],
         adapters=tuple(adapters),
         objects=tuple(sorted(entry["objects"])),
+        # A library stored before these were kept: everything counts as changed at its version.
+        changed=entry.get("changed", entry["version"]),
+        deleted=MappingProxyType(dict(entry.get("deleted", {}))),
+        object_sizes=MappingProxyType({role: ref["size"] for role, ref in entry["objects"].items()}),
     )

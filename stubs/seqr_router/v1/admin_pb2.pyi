@@ -52,16 +52,20 @@ class ListLibrariesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LibrarySummary(_message.Message):
-    __slots__ = ("name", "version", "base_model", "adapters")
+    __slots__ = ("name", "version", "base_model", "adapters", "degraded", "damaged_adapters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     base_model: str
     adapters: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., adapters: _Optional[int] = ...) -> None: ...
+    degraded: bool
+    damaged_adapters: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., adapters: _Optional[int] = ..., degraded: _Optional[bool] = ..., damaged_adapters: _Optional[int] = ...) -> None: ...
 
 class ListLibrariesResponse(_message.Message):
     __slots__ = ("libraries",)

@@ -102,14 +102,14 @@ class LibraryAdminServicer:
 
     def DeleteAdapter(self, request, context):
         """Delete an adapter: its data key is destroyed (crypto-shredding) and it is never routed
-        to again. Its adapter_id is never reused.
+        to again. Its adapter_id is never reused. Works for quarantined (damaged) adapters too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Adapters visible to the caller, in id order.
+        """Adapters visible to the caller, in id order, quarantined (damaged) ones included.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,10 +14,19 @@ class AdapterKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SHARED_A: _ClassVar[AdapterKind]
     GENERAL: _ClassVar[AdapterKind]
     MIXED: _ClassVar[AdapterKind]
+
+class AdapterStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_STATUS_UNSPECIFIED: _ClassVar[AdapterStatus]
+    ADAPTER_READY: _ClassVar[AdapterStatus]
+    ADAPTER_DAMAGED: _ClassVar[AdapterStatus]
 ADAPTER_KIND_UNSPECIFIED: AdapterKind
 SHARED_A: AdapterKind
 GENERAL: AdapterKind
 MIXED: AdapterKind
+ADAPTER_STATUS_UNSPECIFIED: AdapterStatus
+ADAPTER_READY: AdapterStatus
+ADAPTER_DAMAGED: AdapterStatus
 
 class ModuleSpec(_message.Message):
     __slots__ = ("name", "d_in", "d_out", "shared_rank")
@@ -50,7 +59,7 @@ class SharedARecipe(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., scheme: _Optional[str] = ..., rng: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "adapter_id", "kind", "rank", "modules", "upload_dtype", "created_at", "sha256", "size_bytes", "meta", "calibrated")
+    __slots__ = ("name", "adapter_id", "kind", "rank", "modules", "upload_dtype", "created_at", "sha256", "size_bytes", "meta", "calibrated", "status", "damaged_reason")
     class Sha256Entry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +85,8 @@ class AdapterInfo(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     adapter_id: int
     kind: AdapterKind
@@ -87,7 +98,9 @@ class AdapterInfo(_message.Message):
     size_bytes: int
     meta: _containers.ScalarMap[str, str]
     calibrated: bool
-    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ..., upload_dtype: _Optional[str] = ..., created_at: _Optional[str] = ..., sha256: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., calibrated: _Optional[bool] = ...) -> None: ...
+    status: AdapterStatus
+    damaged_reason: str
+    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ..., upload_dtype: _Optional[str] = ..., created_at: _Optional[str] = ..., sha256: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., calibrated: _Optional[bool] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., damaged_reason: _Optional[str] = ...) -> None: ...
 
 class CalibrationInfo(_message.Message):
     __slots__ = ("sequences", "adapters")
@@ -98,7 +111,7 @@ class CalibrationInfo(_message.Message):
     def __init__(self, sequences: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LibraryInfo(_message.Message):
-    __slots__ = ("name", "version", "signature", "shared_a_recipe", "adapters", "calibration", "meta", "shared_a")
+    __slots__ = ("name", "version", "signature", "shared_a_recipe", "adapters", "calibration", "meta", "shared_a", "degraded", "damaged_objects")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +134,8 @@ class LibraryInfo(_message.Message):
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SHARED_A_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     signature: Signature
@@ -129,4 +144,6 @@ class LibraryInfo(_message.Message):
     calibration: CalibrationInfo
     meta: _containers.ScalarMap[str, str]
     shared_a: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., shared_a_recipe: _Optional[_Union[SharedARecipe, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., calibration: _Optional[_Union[CalibrationInfo, _Mapping]] = ..., meta: _Optional[_Mapping[str, str]] = ..., shared_a: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    degraded: bool
+    damaged_objects: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., shared_a_recipe: _Optional[_Union[SharedARecipe, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., calibration: _Optional[_Union[CalibrationInfo, _Mapping]] = ..., meta: _Optional[_Mapping[str, str]] = ..., shared_a: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., degraded: _Optional[bool] = ..., damaged_objects: _Optional[_Iterable[str]] = ...) -> None: ...
