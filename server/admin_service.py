@@ -29,7 +29,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
     def CreateLibrary(self, request, context, principal):
         if not principal.may_see_library(request.name):
             raise PermissionDeniedError("library name outside the caller's ACL", field="name")
-        state = self.manager.create_library(_library_spec(request, self.limits))
+        state = self.manager.create_library(_library_spec(request, self.limits), principal=principal)
         return library_info(state, principal)
 
     @unary("LibraryAdmin/ListLibraries")
@@ -101,7 +101,8 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
             raise PermissionDeniedError("exporting a scorer needs access to every adapter (adapters: ['*'])",
                                         field="authorization")
         form = wire.input_form(request.form or router_pb2.ACTIVATIONS, field="form")
-        data = export(state.index, form=form, tokens=int(request.tokens) or None)
+        with self.manager.audit.mutation(principal=principal, action="ExportScorer", library=state.name):
+            data = export(state.index, form=form, tokens=int(request.tokens) or None)
         for off in range(0, max(len(data), 1), EXPORT_CHUNK):
             yield admin_pb2.ExportScorerChunk(data=data[off: off + EXPORT_CHUNK],
                                               library_version=state.version if off == 0 else 0)

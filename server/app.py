@@ -35,6 +35,7 @@ from seqr_router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grp
 
 from . import demo
 from .admin_service import AdminService
+from .audit import NO_AUDIT, AuditLog, NullAudit, open_audit
 from .auth import Authenticator
 from .config import KeySource, ServerConfig
 from .export import Backend, load_backend
@@ -61,9 +62,9 @@ def key_provider(k: KeySource, data_dir: Path):
     return dev_key_file(data_dir)            # logs its own loud warning
 
 
-def _auth(config: ServerConfig) -> Authenticator:
+def _auth(config: ServerConfig, audit: AuditLog | NullAudit) -> Authenticator:
     if config.tokens_file is not None:
-        return Authenticator.from_file(config.tokens_file)
+        return Authenticator.from_file(config.tokens_file, audit=audit)
     log.warning("NO TOKENS FILE: the server is OPEN - every caller may route, read and modify every "
                 "library. Pass --tokens-file (see `seqr tokens new`) before exposing this port.")
     return Authenticator.open_server()
@@ -112,6 +113,8 @@ class ServerHandles:
     metrics: Metrics
     backend: Backend
     metrics_port: int | None = None
+    audit: AuditLog | NullAudit = NO_AUDIT
+    auth: Authenticator | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
     _stopped: bool = False
@@ -171,6 +174,7 @@ class ServerHandles:
             time.sleep(self.config.drain_s)   # let load balancers see NOT_SERVING first
         self.server.stop(grace).wait()
         self.manager.close()                  # waits for a write still inside the store
+        self.audit.close()
         if self.backend.close is not None:
             self.backend.close()
         self.metrics.stop()
@@ -180,12 +184,13 @@ class ServerHandles:
 def create_server(config: ServerConfig) -> tuple[grpc.Server, ServerHandles]:
     metrics = Metrics()
     backend = load_backend(config.backend)
-    auth = _auth(config)
+    audit = open_audit(config)             # a server that cannot audit does not start
+    auth = _auth(config, audit)
     creds = _credentials(config)           # fail on bad TLS files before the store is locked
     store = LibraryStore.open(config.data_dir, key_provider(config.keys, config.data_dir), create=True)
     demo_wanted = config.demo if config.demo is not None else config.keys.is_dev
     config = replace(config, demo=demo_wanted)
-    manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare)
+    manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare, audit=audit)
     guard = Guard(auth, metrics)
     server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc"),
                          options=server_options(config),
@@ -205,10 +210,11 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, ServerHandles]:
                 else server.add_insecure_port(config.listen))
     except RuntimeError as e:    # grpc raises RuntimeError when it cannot bind
         store.close()
+        audit.close()
         raise UnavailableError(f"cannot listen on {config.listen}: {e}", field="listen",
                                actual=config.listen) from None
     return server, ServerHandles(server=server, port=port, config=config, manager=manager,
-                                 health=hs, metrics=metrics, backend=backend)
+                                 health=hs, metrics=metrics, backend=backend, audit=audit, auth=auth)
 
 
 def serve(config: ServerConfig) -> int:
@@ -219,6 +225,7 @@ def serve(config: ServerConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: handles.auth.reload(trigger="SIGHUP"))
     handles.start()
     stop.wait()
     handles.stop()

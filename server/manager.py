@@ -24,6 +24,7 @@ from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
 
 from . import library_objects as lo
+from .audit import NO_AUDIT
 from .auth import Principal
 from .metrics import Metrics
 
@@ -71,8 +72,9 @@ def _state(spec: lo.LibrarySpec, index: LibraryIndex, records) -> LibraryState:
 
 class LibraryManager:
     def __init__(self, store, *, metrics: Metrics | None = None,
-                 on_change: Callable[[LibraryIndex], object] | None = None):
+                 on_change: Callable[[LibraryIndex], object] | None = None, audit=None):
         self._store = store
+        self.audit = audit if audit is not None else NO_AUDIT    # server/audit.py: writes fail closed
         self._metrics = metrics
         self._on_change = on_change          # e.g. the onnx backend builds sessions for new snapshots
         self._libs: Mapping[str, LibraryState] = MappingProxyType({})
@@ -152,10 +154,10 @@ class LibraryManager:
             route(s.index, inputs, RouteOptions())
 
     # ------------------------------------------------------------------ writes
-    def create_library(self, spec: lo.LibrarySpec) -> LibraryState:
+    def create_library(self, spec: lo.LibrarySpec, *, principal: Principal | None = None) -> LibraryState:
         check_adapter_name(spec.name, field="name")
         spec.empty_index(version=1)                  # validates shared A against the signature
-        with self._write:
+        with self.audit.mutation(principal=principal, action="CreateLibrary", library=spec.name), self._write:
             self._check_open()
             if spec.name in self._libs or spec.name in self._failed:
                 raise AlreadyExistsError(f"library {spec.name!r} already exists", field="name",
@@ -173,7 +175,8 @@ class LibraryManager:
         check_adapter_name(name, field="header.name")
         sig = self.get(library, principal, field="header.library").index.signature
         parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
-        with self._write:
+        with self.audit.mutation(principal=principal, action="PutAdapter", library=library, adapter=name), \
+                self._write:
             self._check_open()
             cur = self.get(library, principal, field="header.library")
             predicted = self._store.library(library).next_adapter_id
@@ -195,7 +198,8 @@ class LibraryManager:
         return state, state.index.entry(name)
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterEntry]:
-        with self._write:
+        with self.audit.mutation(principal=principal, action="DeleteAdapter", library=library, adapter=name), \
+                self._write:
             self._check_open()
             cur = self.get(library, principal)
             entry = cur.entry(name, principal, field="name")
@@ -212,7 +216,7 @@ class LibraryManager:
     def store_calibration(self, library: str, basis: LibraryIndex, fresh: CalibrationStats,
                           principal: Principal) -> tuple[LibraryState, list[str]]:
         """Store stats fitted on snapshot ``basis``; adapters replaced since then are dropped."""
-        with self._write:
+        with self.audit.mutation(principal=principal, action="Calibrate", library=library), self._write:
             self._check_open()
             cur = self.get(library, principal)
             now_ids = {e.name: e.adapter_id for e in cur.index.adapters}

@@ -37,10 +37,12 @@ class Guard:
         t0, principal, code = time.perf_counter(), None, "OK"
         self.metrics.in_flight.inc()
         try:
-            principal = self.auth.authenticate(context.invocation_metadata(), method)
+            principal = self.auth.authenticate(context.invocation_metadata(), method,
+                                               peer_identity=context.auth_context())
             yield principal
         except SeqrError as e:
             code = e.code
+            self.auth.refused(method, e, peer=context.peer(), principal=principal)
             level = logging.WARNING if e.code in ("DATA_LOSS", "UNAVAILABLE") else logging.INFO
             log.log(level, "rpc refused", extra={"method": method, "code": e.code, "field": e.field,
                                                  "error": str(e)})
