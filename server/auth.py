@@ -299,8 +299,10 @@ class Authenticator:
                 raise UnauthenticatedError("unknown bearer token", field="authorization")
         allowed = METHOD_ROLES.get(method, frozenset({"admin"}))
         if not principal.roles & allowed:
-            raise PermissionDeniedError(f"roles {sorted(principal.roles)} may not call {method}",
+            err = PermissionDeniedError(f"roles {sorted(principal.roles)} may not call {method}",
                                         field="authorization", limit=sorted(allowed))
+            err.principal = principal    # for the audit record (see refused); never sent to the caller
+            raise err
         return principal
 
     @staticmethod
@@ -317,7 +319,8 @@ class Authenticator:
     def refused(self, method: str, error: SeqrError, *, peer: str | None, principal: Principal | None) -> None:
         """Audit a call refused for who it is (UNAUTHENTICATED / PERMISSION_DENIED)."""
         if error.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            self.audit.auth_failure(method, error.message, peer, principal=principal, code=error.code)
+            who = principal or getattr(error, "principal", None)
+            self.audit.auth_failure(method, error.message, peer, principal=who, code=error.code)
 
 
 def new_token_entry(*, name: str, roles: Sequence[str], libraries: Sequence[str] = ("*",),
