@@ -253,3 +253,20 @@ def test_seqr_audit_verify_exit_codes(tmp_path, capsys):
     assert main(["audit", "verify", str(path)]) == 1
     assert "line 3" in capsys.readouterr().out
     assert main(["audit", "verify", str(tmp_path / "missing.log")]) == 2
+
+
+def test_keys_init_is_audited_and_refused_when_the_log_is_unavailable(tmp_path, capsys):
+    log_path, kek = tmp_path / "audit.log", tmp_path / "keys" / "kek.json"
+    assert main(["keys", "init", str(kek), "--audit-log", str(log_path)]) == 0
+    recs = [json.loads(line) for line in _lines(log_path)]
+    result = [r for r in recs if r.get("phase") == "result"][0]
+    assert (result["action"], result["code"], result["path"]) == ("keys.init", "OK", str(kek))
+    assert result["key_id"] in kek.read_text() and result["principal"].startswith("local:")
+    key_b64 = json.loads(kek.read_text())["keys"][0]["key"]
+    assert key_b64.encode() not in log_path.read_bytes()
+    held = AuditLog(log_path)                  # a running server holds the log: fail closed
+    other = tmp_path / "keys" / "other.json"
+    assert main(["keys", "init", str(other), "--audit-log", str(log_path)]) == 1
+    assert "in use" in capsys.readouterr().err and not other.exists()
+    held.close()
+    assert verify(log_path).ok
