@@ -148,20 +148,24 @@ def _lines(path: str | os.PathLike[str], chunk: int = 1 << 16) -> Iterator[tuple
             yield pending, False
 
 
+def _follows(line: bytes, complete: bool, head: Head) -> tuple[dict | None, str]:
+    """(record, "") if ``line`` is a whole record that continues the chain ending at ``head``."""
+    if not complete:
+        return None, "the line is cut (no newline at its end) or too long"
+    record, why = check_line(line)
+    if record is None:
+        return None, why
+    why = check_link(record, expect_seq=head.seq + 1, expect_prev=head.sha256)
+    return (None, why) if why else (record, "")
+
+
 def verify(path: str | os.PathLike[str]) -> Verdict:
     """Check the whole chain; the first broken line wins. Raises OSError if unreadable."""
     head, intents = Head(), set()
     for n, (line, complete) in enumerate(_lines(path), start=1):
-        def broken(reason: str) -> Verdict:
-            return Verdict(ok=False, records=n - 1, head=head, line=n, reason=reason, open_intents=len(intents))
-        if not complete:
-            return broken("the line is cut (no newline at its end) or too long")
-        record, why = check_line(line)
+        record, why = _follows(line, complete, head)
         if record is None:
-            return broken(why)
-        why = check_link(record, expect_seq=head.seq + 1, expect_prev=head.sha256)
-        if why:
-            return broken(why)
+            return Verdict(ok=False, records=n - 1, head=head, line=n, reason=why, open_intents=len(intents))
         if record.get("event") == "mutation":
             (intents.add if record.get("phase") == "intent" else intents.discard)(record.get("id"))
         head = Head(seq=record["seq"], sha256=line_digest(line))
