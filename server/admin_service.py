@@ -106,7 +106,8 @@ class AdminService:
             raise PermissionDeniedError("exporting a scorer needs access to every adapter (adapters: ['*'])",
                                         field="authorization")
         form = wire.input_form(request.form or router_pb2.ACTIVATIONS, field="form")
-        data = export(state.index, form=form, tokens=int(request.tokens) or None)
+        with self.manager.audit.mutation(principal=call.principal, action="ExportScorer", library=state.name):
+            data = export(state.index, form=form, tokens=int(request.tokens) or None)
         return [admin_pb2.ExportScorerChunk(data=data[off: off + EXPORT_CHUNK],
                                             library_version=state.version if off == 0 else 0)
                 for off in range(0, max(len(data), 1), EXPORT_CHUNK)]

@@ -38,6 +38,7 @@ from seqr_router.v1 import admin_pb2, router_pb2
 
 from . import demo
 from .admin_service import AdminService
+from .audit import NO_AUDIT, AuditLog, NullAudit, open_audit
 from .auth import Authenticator
 from .config import KeySource, ServerConfig
 from .export import Backend, load_backend
@@ -64,9 +65,9 @@ def key_provider(k: KeySource, data_dir: Path):
     return dev_key_file(data_dir)            # logs its own loud warning
 
 
-def _auth(config: ServerConfig) -> Authenticator:
+def _auth(config: ServerConfig, audit: AuditLog | NullAudit) -> Authenticator:
     if config.tokens_file is not None:
-        return Authenticator.from_file(config.tokens_file)
+        return Authenticator.from_file(config.tokens_file, audit=audit)
     log.warning("NO TOKENS FILE: the server is OPEN - every caller may route, read and modify every "
                 "library. Pass --tokens-file (see `seqr tokens new`) before exposing this port.")
     return Authenticator.open_server()
@@ -137,6 +138,8 @@ class ServerHandles:
     pool: ThreadPoolExecutor
     loop: _LoopThread
     metrics_port: int | None = None
+    audit: AuditLog | NullAudit = NO_AUDIT
+    auth: Authenticator | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
     _stopped: bool = False
@@ -208,6 +211,7 @@ class ServerHandles:
         # Handlers still running in the pool finish their write (the manager lock); none start.
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.manager.close()                  # waits for a write still inside the store
+        self.audit.close()
         if self.backend.close is not None:
             self.backend.close()
         self.metrics.stop()
@@ -242,15 +246,19 @@ async def _build(config: ServerConfig, dispatcher: Dispatcher, router: RouterSer
 def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]:
     metrics = Metrics()
     backend = load_backend(config.backend)
-    auth = _auth(config)
+    audit = open_audit(config)             # a server that cannot audit does not start
+    auth = _auth(config, audit)
     creds = _credentials(config)           # fail on bad TLS files before the store is locked
     store = LibraryStore.open(config.data_dir, key_provider(config.keys, config.data_dir), create=True)
     demo_wanted = config.demo if config.demo is not None else config.keys.is_dev
     config = replace(config, demo=demo_wanted)
-    manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare)
+    manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare, audit=audit)
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc")
     dispatcher = Dispatcher(auth=auth, metrics=metrics, pool=pool, admission=admission(config),
-                            tls=creds is not None)
+                            tls=creds is not None,
+                            # auditing fsyncs: off the event loop (and rate-limited inside)
+                            on_auth_failure=lambda method, err, peer: pool.submit(
+                                auth.refused, method, err, peer=peer))
     router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route)
     admin = AdminService(manager=manager, limits=config.limits)
     loop = _LoopThread()
@@ -260,10 +268,11 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
         loop.close()
         pool.shutdown(wait=False)
         store.close()
+        audit.close()
         raise UnavailableError(f"cannot listen on {config.listen}: {e}", field="listen",
                                actual=config.listen) from None
     return server, ServerHandles(server=server, port=port, config=config, manager=manager, health=hs,
-                                 metrics=metrics, backend=backend, pool=pool, loop=loop)
+                                 metrics=metrics, backend=backend, pool=pool, loop=loop, audit=audit, auth=auth)
 
 
 def serve(config: ServerConfig) -> int:
@@ -274,6 +283,7 @@ def serve(config: ServerConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: handles.auth.reload(trigger="SIGHUP"))
     handles.start()
     stop.wait()
     # Shutdown always finishes: if something still holds on past drain + grace, exit anyway.

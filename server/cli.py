@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--tokens-file", type=Path, default=env("TOKENS_FILE"),
                    help="bearer tokens -> roles and adapter ACLs (see `seqr tokens new`); without it "
                         "the server is OPEN [SEQR_TOKENS_FILE]")
+    p.add_argument("--audit-log", default=env("AUDIT_LOG"),
+                   help="hash-chained audit log of admin changes, exports and refused calls; 'off' disables "
+                        "(loud warning). Default: <data-dir>.audit.log [SEQR_AUDIT_LOG]")
     p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM) [SEQR_TLS_CERT]")
     p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM) [SEQR_TLS_KEY]")
     p.add_argument("--tls-client-ca", type=Path, default=env("TLS_CLIENT_CA"),
@@ -100,6 +104,8 @@ def config_from_args(a) -> ServerConfig:
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
                        key_command=a.key_command),
         tokens_file=Path(a.tokens_file) if a.tokens_file else None, tls=tls, backend=a.backend,
+        audit=str(a.audit_log).lower() != "off",
+        audit_log=Path(a.audit_log) if a.audit_log and str(a.audit_log).lower() != "off" else None,
         demo=a.demo, workers=a.workers, blas_threads=a.blas_threads, grace_s=a.grace, drain_s=a.drain,
         limits=Limits(max_message_bytes=a.max_message_mb << 20, max_tokens=a.max_tokens,
                       max_modules=a.max_modules, max_top_k=a.max_top_k,
@@ -114,8 +120,15 @@ def cmd_serve(a) -> int:
 
 
 def cmd_keys_init(a) -> int:
+    from .audit import NO_AUDIT, AuditLog
     from .store import init_key_file
-    key_id = init_key_file(a.path)
+    audit = AuditLog(a.audit_log) if a.audit_log else NO_AUDIT
+    try:
+        with audit.mutation(principal=f"local:{_local_user()}", action="keys.init", path=str(a.path)) as out:
+            key_id = init_key_file(a.path)
+            out["key_id"] = key_id
+    finally:
+        audit.close()
     print(f"created {a.path} (mode 0600), key id {key_id}. Keep it away from the data directory "
           f"and back it up: without it the store cannot be read.")
     return 0
@@ -137,7 +150,30 @@ def cmd_tokens_new(a) -> int:
     append_token(a.file, entry)
     print(token)
     print(f"added {a.name!r} ({', '.join(a.role)}) to {a.file}; the token above is shown only once. "
-          "Restart the server to pick it up.", file=sys.stderr)
+          "A running server picks it up within a second (at once on SIGHUP).", file=sys.stderr)
+    return 0
+
+
+def _local_user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):       # no passwd entry (containers)
+        return f"uid {os.getuid()}"
+
+
+def cmd_audit_verify(a) -> int:
+    from .audit_chain import verify
+    try:
+        v = verify(a.file)
+    except OSError as e:
+        print(f"seqr audit verify: cannot read {a.file}: {e.strerror}", file=sys.stderr)
+        return 2
+    if not v.ok:
+        print(f"BROKEN: {a.file}: line {v.line}: {v.reason} ({v.records} records verified before it)")
+        return 1
+    pending = f"; {v.open_intents} change(s) logged as intent without a result" if v.open_intents else ""
+    print(f"OK: {a.file}: {v.records} records, head {v.head}{pending}")
     return 0
 
 
@@ -156,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "without it the store cannot be read. Use it with "
                                      "`seqr serve --key-file PATH` (or SEQR_KEY_FILE).")
     ki.add_argument("path", type=Path, help="where to write the key file (must not exist)")
+    ki.add_argument("--audit-log", type=Path, default=env("AUDIT_LOG"),
+                    help="record the operation (who, when, key id) in this audit log; not while a server "
+                         "holds it [SEQR_AUDIT_LOG]")
     ki.set_defaults(func=cmd_keys_init)
 
     tokens = sub.add_parser("tokens", help="bearer tokens for callers").add_subparsers(dest="sub", required=True)
@@ -177,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--quota-bytes", type=_count, metavar="N",
                     help="most bytes it may own: uploaded adapter files plus its libraries' shared A")
     tn.set_defaults(func=cmd_tokens_new)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
+    av = audit.add_parser("verify", help="check an audit log's hash chain",
+                          description="Check every line of an audit log: canonical JSON, its own hash, sequence "
+                                      "number and the sha256 of the line before. Prints the head (seq:sha256); "
+                                      "compare it with a copy kept elsewhere to detect lines cut from the end. "
+                                      "Exit 0: intact; 1: broken (the first broken line is printed); 2: unreadable.")
+    av.add_argument("file", type=Path)
+    av.set_defaults(func=cmd_audit_verify)
 
     cli_client.add_commands(sub)
 

@@ -73,6 +73,8 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     keys: KeySource = field(default_factory=KeySource)
     tokens_file: Path | None = None         # None: open server (a loud warning is logged)
+    audit: bool = True                      # False: no audit log (a loud warning is logged)
+    audit_log: Path | None = None           # None: <data_dir>.audit.log (see server/audit.py)
     tls: TLSConfig | None = None
     backend: str = "numpy"                  # "numpy" | "onnx"
     demo: bool | None = None                # None: create the demo library only with the dev key

@@ -28,6 +28,7 @@ from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, 
 from seqr_core.peft_io import ParsedAdapter
 
 from . import library_objects as lo
+from .audit import NO_AUDIT
 from .auth import Principal
 from .metrics import Metrics
 from .quarantine import Damage, LibraryDamage, guarded
@@ -106,8 +107,9 @@ def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
 
 class LibraryManager:
     def __init__(self, store, *, metrics: Metrics | None = None,
-                 on_change: Callable[[LibraryIndex], object] | None = None):
+                 on_change: Callable[[LibraryIndex], object] | None = None, audit=None):
         self._store = store
+        self.audit = audit if audit is not None else NO_AUDIT    # server/audit.py: writes fail closed
         self._metrics = metrics
         self._on_change = on_change          # e.g. the onnx backend builds sessions for new snapshots
         self._libs: Mapping[str, LibraryState] = MappingProxyType({})
@@ -225,7 +227,7 @@ class LibraryManager:
         spec.empty_index(version=1)                  # validates shared A against the signature
         objects = spec.objects()
         meta = spec.store_meta() if principal is None else {**spec.store_meta(), OWNER: principal.name}
-        with self._write:
+        with self.audit.mutation(principal=principal, action="CreateLibrary", library=spec.name), self._write:
             self._check_open()
             if spec.name in self._libs or spec.name in self._failed:
                 raise AlreadyExistsError(f"library {spec.name!r} already exists", field="name",
@@ -248,7 +250,8 @@ class LibraryManager:
         check_adapter_name(name, field="header.name")
         sig = self.get(library, principal, field="header.library").index.signature
         parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
-        with self._write:
+        with self.audit.mutation(principal=principal, action="PutAdapter", library=library, adapter=name), \
+                self._write:
             self._check_open()
             cur = self.get(library, principal, field="header.library")
             if name in cur.damage.adapters:   # the index no longer holds it; the store still does
@@ -275,7 +278,8 @@ class LibraryManager:
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterRecord]:
         """Delete (crypto-shred) an adapter, quarantined ones included; returns its store record."""
-        with self._write:
+        with self.audit.mutation(principal=principal, action="DeleteAdapter", library=library, adapter=name), \
+                self._write:
             self._check_open()
             cur = self.get(library, principal)
             if name in cur.damage.adapters and principal.may_use_adapter(name):
@@ -296,7 +300,7 @@ class LibraryManager:
     def store_calibration(self, library: str, basis: LibraryIndex, fresh: CalibrationStats,
                           principal: Principal) -> tuple[LibraryState, list[str]]:
         """Store stats fitted on snapshot ``basis``; adapters replaced since then are dropped."""
-        with self._write:
+        with self.audit.mutation(principal=principal, action="Calibrate", library=library), self._write:
             self._check_open()
             cur = self.get(library, principal)
             now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
