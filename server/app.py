@@ -256,9 +256,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc")
     dispatcher = Dispatcher(auth=auth, metrics=metrics, pool=pool, admission=admission(config),
                             tls=creds is not None,
-                            # auditing fsyncs: off the event loop (and rate-limited inside)
-                            on_auth_failure=lambda method, err, peer: pool.submit(
-                                auth.refused, method, err, peer=peer))
+                            on_auth_failure=lambda method, err, peer: auth.refused(method, err, peer=peer, principal=None))
     router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route)
     admin = AdminService(manager=manager, limits=config.limits)
     loop = _LoopThread()

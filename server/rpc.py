@@ -204,8 +204,9 @@ class Dispatcher:
                 principal = self.auth.authenticate(context.invocation_metadata(), method,
                                                    peer_identity=_peer_identity(context) if self._tls else None)
             except SeqrError as e:
-                if self._on_auth_failure is not None:
-                    self._on_auth_failure(method, e, context.peer())
+                if self._on_auth_failure is not None:   # it may fsync: in the pool, awaited for order
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.pool, self._on_auth_failure, method, e, context.peer())
                 raise
             self._slots.acquire(principal.name)
             admitted = True
