@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from seqr_client import RouterClient
-from seqr_server.cli import build_parser, main
+from seqr_cli.main import build_parser, main
 
 from .conftest import LIB, activations, create_library
 
