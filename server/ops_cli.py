@@ -45,15 +45,12 @@ def _print(doc: dict) -> int:
 def cmd_keys_rotate(a) -> int:
     """Add (or pick) a KEK, make it primary, re-encrypt every data key under it, optionally retire the rest."""
     keys = provider(_keys(a), a.data_dir)
-    added = None
-    target = a.to
-    if target is None:
-        if not isinstance(keys, KeyFileProvider):
-            raise FailedPreconditionError("this key source cannot create keys: add the new key in the KMS or "
-                                          "environment, then pass its id with --to", field="to")
-        target = added = keys.add_key()
-    with LibraryStore.open(a.data_dir, keys, create=False) as store:
-        result = store.rotate_kek(target)
+    if a.to is None and not isinstance(keys, KeyFileProvider):
+        raise FailedPreconditionError("this key source cannot create keys: add the new key in the KMS or "
+                                      "environment, then pass its id with --to", field="to")
+    with LibraryStore.open(a.data_dir, keys, create=False) as store:   # the lock first: server stopped?
+        added = keys.add_key() if a.to is None else None
+        result = store.rotate_kek(a.to or added)
         in_use = store.key_ids_in_use()
     retired: list[str] = []
     if a.retire_old:
