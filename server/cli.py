@@ -36,6 +36,10 @@ def _add_serve(sub) -> None:
                    help="HOST:PORT to bind; 0.0.0.0:50051 for all interfaces [SEQR_LISTEN]")
     p.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")),
                    help="encrypted store directory (created if missing) [SEQR_DATA_DIR]")
+    p.add_argument("--anchor-dir", type=Path, default=env("ANCHOR_DIR"),
+                   help="rollback anchor directory, outside the data directory (default: <key file>.anchors, "
+                        "or <data-dir>.anchor for env/command keys); needed when the key file is read-only "
+                        "[SEQR_ANCHOR_DIR]")
     p.add_argument("--metrics-port", default=env("METRICS_PORT", "9464"),
                    help="Prometheus /metrics port; 'off' disables [SEQR_METRICS_PORT]")
     p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="[SEQR_METRICS_HOST]")
@@ -92,7 +96,8 @@ def config_from_args(a) -> ServerConfig:
         tls = TLSConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
     metrics = None if str(a.metrics_port).lower() in ("off", "none", "-1") else int(a.metrics_port)
     return ServerConfig(
-        listen=a.listen, data_dir=a.data_dir, metrics_port=metrics, metrics_host=a.metrics_host,
+        listen=a.listen, data_dir=a.data_dir, anchor_dir=Path(a.anchor_dir) if a.anchor_dir else None,
+        metrics_port=metrics, metrics_host=a.metrics_host,
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
                        key_command=a.key_command),
         tokens_file=Path(a.tokens_file) if a.tokens_file else None, tls=tls, backend=a.backend,
@@ -168,6 +173,8 @@ def add_store_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     """--data-dir and the key source, for commands that open the store offline."""
     p.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")),
                    help=f"{what} (the server must be stopped: the store is locked) [SEQR_DATA_DIR]")
+    p.add_argument("--anchor-dir", type=Path, default=env("ANCHOR_DIR"),
+                   help="rollback anchor directory, as for serve [SEQR_ANCHOR_DIR]")
     p.add_argument("--key-file", type=Path, default=env("KEY_FILE"), help="[SEQR_KEY_FILE]")
     p.add_argument("--key-env", default=env("KEY_ENV"), help="[SEQR_KEY_ENV]")
     p.add_argument("--key-command", default=env("KEY_COMMAND"), help="[SEQR_KEY_COMMAND]")
@@ -184,7 +191,8 @@ def load_library_offline(a):
     from .auth import OPEN
     from .manager import LibraryManager
     from .store import LibraryStore
-    store = LibraryStore.open(a.data_dir, key_provider(key_source(a), a.data_dir), create=False)
+    store = LibraryStore.open(a.data_dir, key_provider(key_source(a), a.data_dir), create=False,
+                              anchor_dir=a.anchor_dir)
     try:
         manager = LibraryManager(store)
         manager.load()

@@ -48,7 +48,7 @@ def cmd_keys_rotate(a) -> int:
     if a.to is None and not isinstance(keys, KeyFileProvider):
         raise FailedPreconditionError("this key source cannot create keys: add the new key in the KMS or "
                                       "environment, then pass its id with --to", field="to")
-    with LibraryStore.open(a.data_dir, keys, create=False) as store:   # the lock first: server stopped?
+    with LibraryStore.open(a.data_dir, keys, create=False, anchor_dir=a.anchor_dir) as store:  # lock: stopped?
         added = keys.add_key() if a.to is None else None
         result = store.rotate_kek(a.to or added)
         in_use = store.key_ids_in_use()
@@ -67,19 +67,20 @@ def cmd_keys_ls(a) -> int:
     keys = provider(_keys(a), a.data_dir)
     doc = {"primary_key_id": keys.primary_key_id, "key_ids": keys.key_ids()}
     if (Path(a.data_dir) / "MANIFEST").is_file():
-        with LibraryStore.open(a.data_dir, keys, create=False) as store:
+        with LibraryStore.open(a.data_dir, keys, create=False, anchor_dir=a.anchor_dir) as store:
             doc["key_ids_in_use"] = sorted(store.key_ids_in_use())
     return _print(doc)
 
 
 def cmd_backup(a) -> int:
     keys = provider(_keys(a), a.data_dir)
-    return _print(write_backup(a.data_dir, a.out, keys).as_dict())
+    return _print(write_backup(a.data_dir, a.out, keys, anchor_dir=a.anchor_dir).as_dict())
 
 
 def cmd_restore(a) -> int:
     keys = provider(_keys(a), a.data_dir)
-    return _print(restore_backup(a.backup, a.data_dir, keys, accept_rollback=a.accept_rollback))
+    return _print(restore_backup(a.backup, a.data_dir, keys, anchor_dir=a.anchor_dir,
+                                 accept_rollback=a.accept_rollback))
 
 
 def add_keys_commands(keys, *, add_store_flags) -> None:
