@@ -5,12 +5,12 @@
 
 The pipeline, end to end through the real service:
 
-1. corpora (bench/corpora.py: 9 domains fetched from package registries, 50 test chunks each);
+1. corpora (eval/corpora.py: 9 domains fetched from package registries, 50 test chunks each);
 2. adapters: 9 shared-A LoRAs (one per domain, one frozen A from a seed, only B trained) and 3
-   general ones (bench/train_adapters.py; cached, reused when the recipe matches);
+   general ones (eval/train_adapters.py; cached, reused when the recipe matches);
 3. capture: the input of every layer's q_proj/v_proj (one hidden state per layer) on the first
    128 tokens of each test chunk and of the unlabeled calibration mix (cached fp16 under
-   ``<cache>/eval``; bench/eval_lib.py);
+   ``<cache>/eval``; eval/eval_lib.py);
 4. a real server (``seqr_server.app.create_server``, 127.0.0.1:0, encrypted store in a temp dir);
    two libraries created and filled through ``RouterClient.put_adapter``: ``seqr9`` (the 9 shared-A
    adapters) and ``mixed12`` (those + the 3 general ones);
@@ -38,15 +38,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-import eval_lib as L  # noqa: E402
-import pipeline as P  # noqa: E402
-from corpora import DOMAINS, build_corpora  # noqa: E402
-from train_adapters import (DEFAULT_CONTRAST, DEFAULT_SHARED_A_SEED, GENERAL_DOMAINS, RECIPE,  # noqa: E402
-                            train_all)
+from seqr_eval import eval_lib as L  # noqa: E402
+from seqr_eval import pipeline as P  # noqa: E402
+from seqr_eval.corpora import DOMAINS, build_corpora  # noqa: E402
+from seqr_eval.train_adapters import (DEFAULT_CONTRAST, DEFAULT_SHARED_A_SEED, GENERAL_DOMAINS,  # noqa: E402
+                                      RECIPE, train_all)
 
 RESULTS = HERE / "results"
 MAX_TOKENS = 128          # routing prompt: the first 128 tokens of a chunk

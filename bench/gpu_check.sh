@@ -6,7 +6,7 @@
 # Steps (each bounded by a timeout, all inside one 290 s budget):
 #   1. machine: nvidia-smi must see a GPU;
 #   2. python: .venv (made with --system-site-packages if absent) with the project and
-#      onnxruntime-gpu; installs from requirements.txt only what is missing — from PyPI, or
+#      onnxruntime-gpu; installs what is missing at the versions of locks/dev.txt — from PyPI, or
 #      offline from wheels in $SEQR_WHEELS (pip --no-index --find-links);
 #   3. probe: a one-node session on the CUDA provider must really run on CUDA (if not, tries
 #      onnxruntime-gpu's [cuda,cudnn] extras once, then fails with the reason);
@@ -62,9 +62,9 @@ if ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' no
   missing="$missing onnxruntime-gpu"     # plain (CPU) onnxruntime, or none: the GPU build is needed
 fi
 if [[ -n ${missing// /} ]]; then
-  echo "installing:$missing (pinned by requirements.txt where listed)"
+  echo "installing:$missing (pinned by locks/dev.txt where listed)"
   pins=()
-  for p in $missing; do pins+=("$(grep -E "^${p}([=<>~ ]|$)" requirements.txt || echo "$p")"); done
+  for p in $missing; do pins+=("$(grep -oE "^${p}==[^ ]+" locks/dev.txt || echo "$p")"); done
   timeout "$(cap 120)" "${PIP[@]}" "${pins[@]}" || { record python "FAIL: could not install${missing}"; finish; }
 fi
 if ! "$PY" -c "import seqr_core, seqr_server" 2>/dev/null; then

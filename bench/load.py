@@ -95,7 +95,7 @@ def make_request(target: int, dirs: dict, shared_a: dict, rng) -> dict[str, dict
 def start_server(data_dir: Path, kind: str) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "SEQR_METRICS_PORT": "off", "SEQR_LOG_LEVEL": "warning"}
     if kind == "seqr":
-        cmd = [sys.executable, "-m", "seqr_server.cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
+        cmd = [sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
                "--data-dir", str(data_dir), "--log-level", "info"]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "sync_server.py"), "--data-dir", str(data_dir)]

@@ -41,7 +41,7 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 def start(data_dir: Path, tokens: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "SEQR_METRICS_PORT": "off"}
-    proc = subprocess.Popen([sys.executable, "-m", "seqr_server.cli", "serve", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0",
                              "--no-demo", "--data-dir", str(data_dir), "--tokens-file", str(tokens),
                              "--max-message-mb", "64", "--log-level", "info"],
                             env=env, stderr=subprocess.PIPE, text=True, cwd=data_dir.parent)

@@ -249,7 +249,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
     audit = open_audit(config)             # a server that cannot audit does not start
     auth = _auth(config, audit)
     creds = _credentials(config)           # fail on bad TLS files before the store is locked
-    store = LibraryStore.open(config.data_dir, key_provider(config.keys, config.data_dir), create=True)
+    store = LibraryStore.open(config.data_dir, key_provider(config.keys, config.data_dir), create=True,
+                              anchor_dir=config.anchor_dir)
     demo_wanted = config.demo if config.demo is not None else config.keys.is_dev
     config = replace(config, demo=demo_wanted)
     manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare, audit=audit)

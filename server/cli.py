@@ -1,29 +1,24 @@
-"""`seqr`: run the service and manage it from the command line.
+"""Server-side commands of `seqr`: serve, keys, tokens, export, backup, restore.
 
 Every flag has a SEQR_* environment variable (shown in --help); flags win over variables.
-Server-side commands (serve, keys, tokens) live here; client commands in cli_client.py.
+``seqr_cli`` mounts these with :func:`add_commands`; client commands live in seqr_client.cli.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from seqr_core.errors import SeqrError
-
-from . import cli_client
-from .cli_client import env
+from . import ops_cli
 from .config import KeySource, Limits, ServerConfig, TLSConfig
 from .export_cli import add_export_parser
 
-EPILOG = """quick start:
-  seqr serve                      # ./data, dev key, demo library, 127.0.0.1:50051, metrics :9464
-  seqr describe --library demo    # in another shell
-  seqr route --library demo --random 16
-"""
+
+def env(name: str, default=None):
+    """The SEQR_<name> environment variable (every flag's default)."""
+    return os.environ.get(f"SEQR_{name}", default)
 
 
 def _bool(v) -> bool | None:
@@ -41,6 +36,10 @@ def _add_serve(sub) -> None:
                    help="HOST:PORT to bind; 0.0.0.0:50051 for all interfaces [SEQR_LISTEN]")
     p.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")),
                    help="encrypted store directory (created if missing) [SEQR_DATA_DIR]")
+    p.add_argument("--anchor-dir", type=Path, default=env("ANCHOR_DIR"),
+                   help="rollback anchor directory, outside the data directory (default: <key file>.anchors, "
+                        "or <data-dir>.anchor for env/command keys); needed when the key file is read-only "
+                        "[SEQR_ANCHOR_DIR]")
     p.add_argument("--metrics-port", default=env("METRICS_PORT", "9464"),
                    help="Prometheus /metrics port; 'off' disables [SEQR_METRICS_PORT]")
     p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="[SEQR_METRICS_HOST]")
@@ -100,7 +99,8 @@ def config_from_args(a) -> ServerConfig:
         tls = TLSConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
     metrics = None if str(a.metrics_port).lower() in ("off", "none", "-1") else int(a.metrics_port)
     return ServerConfig(
-        listen=a.listen, data_dir=a.data_dir, metrics_port=metrics, metrics_host=a.metrics_host,
+        listen=a.listen, data_dir=a.data_dir, anchor_dir=Path(a.anchor_dir) if a.anchor_dir else None,
+        metrics_port=metrics, metrics_host=a.metrics_host,
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
                        key_command=a.key_command),
         tokens_file=Path(a.tokens_file) if a.tokens_file else None, tls=tls, backend=a.backend,
@@ -177,11 +177,8 @@ def cmd_audit_verify(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="seqr", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description="seqr-router: route LLM requests to LoRA adapters from their own "
-                                             "activations (SEQR). Privacy-first, on-prem gRPC service.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_commands(sub) -> None:
+    """serve, keys, tokens, export, backup, restore on a ``seqr`` sub-command set."""
     _add_serve(sub)
 
     keys = sub.add_parser("keys", help="key-encryption keys for the store").add_subparsers(dest="sub", required=True)
@@ -196,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="record the operation (who, when, key id) in this audit log; not while a server "
                          "holds it [SEQR_AUDIT_LOG]")
     ki.set_defaults(func=cmd_keys_init)
+    ops_cli.add_keys_commands(keys, add_store_flags=add_store_flags)
 
     tokens = sub.add_parser("tokens", help="bearer tokens for callers").add_subparsers(dest="sub", required=True)
     tn = tokens.add_parser("new", help="mint a token, append its digest to the tokens file, print the token once",
@@ -226,20 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("file", type=Path)
     av.set_defaults(func=cmd_audit_verify)
 
-    cli_client.add_commands(sub)
-
     exp = add_export_parser(sub, load_library=load_library_offline)
-    exp.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")),
-                     help="the store to read (the server must be stopped: the store is locked) [SEQR_DATA_DIR]")
-    exp.add_argument("--key-file", type=Path, default=env("KEY_FILE"), help="[SEQR_KEY_FILE]")
-    exp.add_argument("--key-env", default=env("KEY_ENV"), help="[SEQR_KEY_ENV]")
-    exp.add_argument("--key-command", default=env("KEY_COMMAND"), help="[SEQR_KEY_COMMAND]")
+    add_store_flags(exp, what="the store to read")
+    ops_cli.add_backup_commands(sub, add_store_flags=add_store_flags)
 
-    tr = sub.add_parser("train", help="train an adapter for a library (seqr_client.training)", add_help=False)
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
-    tr.set_defaults(func=cmd_train)
-    _add_model_demo(sub)
-    return ap
+
+def add_store_flags(p: argparse.ArgumentParser, *, what: str) -> None:
+    """--data-dir and the key source, for commands that open the store offline."""
+    p.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")),
+                   help=f"{what} (the server must be stopped: the store is locked) [SEQR_DATA_DIR]")
+    p.add_argument("--anchor-dir", type=Path, default=env("ANCHOR_DIR"),
+                   help="rollback anchor directory, as for serve [SEQR_ANCHOR_DIR]")
+    p.add_argument("--key-file", type=Path, default=env("KEY_FILE"), help="[SEQR_KEY_FILE]")
+    p.add_argument("--key-env", default=env("KEY_ENV"), help="[SEQR_KEY_ENV]")
+    p.add_argument("--key-command", default=env("KEY_COMMAND"), help="[SEQR_KEY_COMMAND]")
+
+
+def key_source(a) -> KeySource:
+    return KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
+                     key_command=a.key_command)
 
 
 def load_library_offline(a):
@@ -248,44 +251,11 @@ def load_library_offline(a):
     from .auth import OPEN
     from .manager import LibraryManager
     from .store import LibraryStore
-    keys = KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
-                     key_command=a.key_command)
-    store = LibraryStore.open(a.data_dir, key_provider(keys, a.data_dir), create=False)
+    store = LibraryStore.open(a.data_dir, key_provider(key_source(a), a.data_dir), create=False,
+                              anchor_dir=a.anchor_dir)
     try:
         manager = LibraryManager(store)
         manager.load()
         return manager.get(a.library, OPEN).index
     finally:
         store.close()
-
-
-def cmd_train(a) -> int:
-    try:
-        from seqr_client import training
-    except ImportError as e:
-        print(f"seqr train needs the training extras (torch, transformers, peft): {e}", file=sys.stderr)
-        return 2
-    return int(training.main(a.rest) or 0)
-
-
-# --- `seqr demo` (issue 6, helper "eval"): the real-model demo lives in model_demo.py -------------
-def _add_model_demo(sub) -> None:
-    from . import model_demo
-    p = sub.add_parser("demo", help="real-model demo: SmolLM2-135M + trained adapters, routed by the service",
-                       description=model_demo.__doc__.split("\n\n")[0])
-    model_demo.add_arguments(p)
-    p.set_defaults(func=model_demo.run)
-# ---------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except SeqrError as e:
-        print(json.dumps({"error": e.code, "field": e.field, "message": str(e)}), file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

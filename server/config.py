@@ -69,6 +69,7 @@ class KeySource:
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     data_dir: Path = Path("data")
+    anchor_dir: Path | None = None          # rollback anchor; None: beside the key file (or the data)
     metrics_port: int | None = 9464         # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"
     keys: KeySource = field(default_factory=KeySource)

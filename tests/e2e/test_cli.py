@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from seqr_client import RouterClient
-from seqr_server.cli import build_parser, main
+from seqr_cli.main import build_parser, main
 
 from .conftest import LIB, activations, create_library
 
 SEQR = str(Path(sys.executable).with_name("seqr"))
 COMMANDS = [["serve"], ["keys", "init"], ["tokens", "new"], ["libraries", "create"], ["libraries", "ls"],
             ["adapters", "put"], ["adapters", "ls"], ["adapters", "rm"], ["route"], ["describe"],
-            ["calibrate"], ["health"], ["export", "onnx"], ["audit", "verify"]]
+            ["calibrate"], ["health"], ["export", "onnx"], ["keys", "rotate"], ["keys", "ls"], ["backup"],
+            ["restore"], ["audit", "verify"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)

@@ -10,17 +10,13 @@ every sample; then the model-host round trip: capture → route → set adapter 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import pipeline as P  # noqa: E402  (bench/pipeline.py)
+from seqr_eval import pipeline as P  # noqa: E402
 from seqr_client.hf_host import capture_inputs, load_adapters  # noqa: E402
 from seqr_client.hf_models import signature_of, tiny_llama  # noqa: E402
 from seqr_client.training import train_lora  # noqa: E402
@@ -133,9 +129,9 @@ def test_host_round_trip_capture_route_set_adapter_generate(world, service):
 
 
 def test_research_harness_scores_like_the_service(world, service):
-    """bench/eval_lib.py (the in-process sweep behind bench/results/research.md) must pick what the
+    """seqr_eval.eval_lib (the in-process sweep behind bench/results/research.md) must pick what the
     service picks, so its numbers are the service's numbers."""
-    import eval_lib as L
+    from seqr_eval import eval_lib as L
 
     client, _ = service
     P.calibrate(client, LIB, world["calib"])
@@ -159,8 +155,8 @@ def test_research_harness_scores_like_the_service(world, service):
 
 
 def test_seqr_demo_is_mounted_on_the_cli():
-    from seqr_server import model_demo
-    from seqr_server.cli import build_parser
+    from seqr_cli.main import build_parser
+    from seqr_eval import demo as model_demo
 
     a = build_parser().parse_args(["demo", "--prompt", "def f(x):", "--max-new-tokens", "4"])
     assert a.func is model_demo.run and a.prompt == ["def f(x):"] and a.normalisation == model_demo.NORMALISATION

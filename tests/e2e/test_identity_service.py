@@ -19,7 +19,7 @@ from seqr_client import (NotFoundError, PermissionDeniedError, RouterClient, Una
                          tls_credentials)
 from seqr_server.audit_chain import verify
 from seqr_server.auth import new_token_entry
-from seqr_server.cli import main
+from seqr_cli.main import main
 from seqr_server.config import TLSConfig
 
 from .certs import TestCA

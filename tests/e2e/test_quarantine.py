@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from seqr_client import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError
-from seqr_server.cli import main
+from seqr_cli.main import main
 
 from .conftest import LIB, activations
 from .tenants import HIDDEN, PRINCIPALS, TEAM_A, UPLOADS, Tenants, adapter_blob, flip_bit, metric, object_blob

@@ -10,7 +10,7 @@ import pytest
 from seqr_client import LimitExceededError
 from seqr_client.router_client import read_peft_dir
 from seqr_server.auth import Authenticator
-from seqr_server.cli import main
+from seqr_cli.main import main
 
 from .conftest import LIB, create_library
 from .tenants import Tenants

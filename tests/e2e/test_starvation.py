@@ -175,7 +175,7 @@ def _limits(**kw):
 @pytest.mark.slow
 def test_sigterm_stops_the_server_after_undecodable_and_idle_streams(tmp_path):
     env = {**os.environ, "SEQR_METRICS_PORT": "off"}
-    proc = subprocess.Popen([sys.executable, "-m", "seqr_server.cli", "serve", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0",
                              "--data-dir", str(tmp_path / "d"), "--no-demo", "--grace", "2"],
                             env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:

@@ -13,7 +13,7 @@ import pytest
 from seqr_core.errors import FailedPreconditionError, IntegrityError, NotFoundError, UnavailableError
 from seqr_server.audit import AuditLog, default_path
 from seqr_server.audit_chain import GENESIS, MAX_STRING, seal, verify
-from seqr_server.cli import main
+from seqr_cli.main import main
 
 
 def _log(tmp_path: Path, n: int = 6) -> Path:

@@ -4,14 +4,14 @@
    on 127.0.0.1 (a free port);
 2. builds the demo library on the first run, with progress bars — corpora from the package
    registries, the 9 domain adapters trained with the library's shared frozen A (see
-   bench/train_adapters.py), uploaded with PutAdapter and calibrated on unlabeled traffic through
+   seqr_eval.train_adapters), uploaded with PutAdapter and calibrated on unlabeled traffic through
    Calibrate — and reuses it afterwards (adapters are re-uploaded only if their files changed);
 3. routes a few prompts from different domains through the real client, as a model host would:
    capture the q/v inputs with forward hooks, Route, show what was chosen and why (top scores,
    margin, normalisation, server time), set the adapter on the PEFT model and generate.
 
-Building the library needs the source checkout's ``bench/`` (corpora and the training recipe) and
-the training extras (torch, transformers, peft); ``./dev demo`` has both.
+Building the library needs the ``host`` extra (torch, transformers, peft) besides ``server``;
+``./dev demo`` has both. Corpora and the training recipe come from this package (seqr_eval).
 """
 
 from __future__ import annotations
@@ -44,15 +44,6 @@ PROMPTS = (
 )
 
 
-def _bench_dir() -> Path:
-    here = Path(__file__).resolve()
-    for cand in (here.parents[1] / "bench", Path.cwd() / "bench"):
-        if (cand / "train_adapters.py").is_file():
-            return cand
-    raise SystemExit("seqr demo: building the demo library needs the source checkout's bench/ "
-                     "(run it as ./dev demo from the repository)")
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -79,11 +70,9 @@ def build_library(client, model, tok, *, cache_dir, rebuild: bool) -> dict[str, 
     from seqr_client.errors import NotFoundError
     from seqr_client.hf_models import signature_of
 
-    sys.path.insert(0, str(_bench_dir()))
-    import eval_lib  # noqa: E402  (bench/)
-    import pipeline  # noqa: E402
-    from corpora import build_corpora  # noqa: E402
-    from train_adapters import DEFAULT_SHARED_A_SEED, RECIPE, train_all  # noqa: E402
+    from . import eval_lib, pipeline
+    from .corpora import build_corpora
+    from .train_adapters import DEFAULT_SHARED_A_SEED, RECIPE, train_all
 
     corpora = build_corpora(cache_dir=cache_dir, progress=True)
     dirs = train_all(cache_dir=cache_dir, model=model, tokenizer=tok, general_domains=(), progress=True)
@@ -130,9 +119,9 @@ def run(a: argparse.Namespace) -> int:
         return 2
     from seqr_client import RouterClient
 
-    from .app import create_server
-    from .config import KeySource, ServerConfig
-    from .store import init_key_file
+    from seqr_server.app import create_server
+    from seqr_server.config import KeySource, ServerConfig
+    from seqr_server.store import init_key_file
 
     cache = default_cache_dir(a.cache_dir)
     data = a.data_dir or cache / "demo-store"
@@ -187,6 +176,14 @@ def run(a: argparse.Namespace) -> int:
     finally:
         client.close()
         handles.stop(grace=1.0)
+
+
+def add_commands(sub) -> None:
+    """Mount ``seqr demo`` on a ``seqr`` sub-command set (seqr_cli does)."""
+    p = sub.add_parser("demo", help="real-model demo: SmolLM2-135M + trained adapters, routed by the service",
+                       description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=run)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
-"""Client commands of `seqr`: libraries, adapters, route, describe, calibrate, health.
+"""Client commands of `seqr`: libraries, adapters, route, describe, calibrate, health, train.
 
-They talk to a running server through seqr_client (never to the store directly).
+They talk to a running server through seqr_client (never to the store directly); ``seqr_cli``
+mounts them with :func:`add_commands`. Heavy imports (tqdm, torch) happen inside the commands.
 """
 
 from __future__ import annotations
@@ -270,3 +271,19 @@ def add_commands(sub) -> None:
                           description="Ask the server's grpc.health.v1 service. Prints SERVING or NOT_SERVING (loading, or shutting down); exit code 0 only when SERVING.")
     _common(p, library=False)
     p.set_defaults(func=cmd_health)
+    add_train_command(sub)
+
+
+def cmd_train(a) -> int:
+    try:
+        from seqr_client import training
+    except ImportError as e:
+        print(f"seqr train needs the training extras (torch, transformers, peft): {e}", file=sys.stderr)
+        return 2
+    return int(training.main(a.rest) or 0)
+
+
+def add_train_command(sub) -> None:
+    tr = sub.add_parser("train", help="train an adapter for a library (seqr_client.training)", add_help=False)
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=cmd_train)

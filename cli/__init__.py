@@ -1,0 +1,1 @@
+"""seqr_cli: the `seqr` command line, dispatching to the packages that own each command."""
