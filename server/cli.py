@@ -67,7 +67,9 @@ def _add_serve(sub) -> None:
                    help="create the synthetic demo library if the store is empty (default: only with "
                         "the dev key) [SEQR_DEMO=1]")
     d.add_argument("--no-demo", dest="demo", action="store_false", help="never create the demo library")
-    p.add_argument("--workers", type=int, default=int(env("WORKERS", "16")), help="handler threads [SEQR_WORKERS]")
+    p.add_argument("--workers", type=int, default=int(env("WORKERS", "16")),
+                   help="threads that run requests' CPU work (scoring, parsing, store writes); waiting for "
+                        "the network costs none [SEQR_WORKERS]")
     p.add_argument("--blas-threads", type=int, default=int(env("BLAS_THREADS", "1")),
                    help="BLAS threads per request; 1 is fastest under concurrent load because requests "
                         "already run in parallel (multi-threaded small GEMMs stall when a core is busy) "
@@ -83,7 +85,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-modules", type=int, default=int(env("MAX_MODULES", lim.max_modules)), help="[SEQR_MAX_MODULES]")
     p.add_argument("--max-top-k", type=int, default=int(env("MAX_TOP_K", lim.max_top_k)), help="[SEQR_MAX_TOP_K]")
     p.add_argument("--max-concurrent-rpcs", type=int,
-                   default=int(env("MAX_CONCURRENT_RPCS", lim.max_concurrent_rpcs)), help="[SEQR_MAX_CONCURRENT_RPCS]")
+                   default=int(env("MAX_CONCURRENT_RPCS", lim.max_concurrent_rpcs)),
+                   help="calls open at once, whole server [SEQR_MAX_CONCURRENT_RPCS]")
+    p.add_argument("--max-calls-per-principal", type=int,
+                   default=int(env("MAX_CALLS_PER_PRINCIPAL", lim.max_calls_per_principal)),
+                   help="calls one caller may hold open at once (waiting ones included); more are "
+                        "RESOURCE_EXHAUSTED [SEQR_MAX_CALLS_PER_PRINCIPAL]")
+    p.add_argument("--max-streams-per-connection", type=int,
+                   default=int(env("MAX_STREAMS_PER_CONNECTION", lim.max_streams_per_connection)),
+                   help="HTTP/2 streams one connection may open at once [SEQR_MAX_STREAMS_PER_CONNECTION]")
+    p.add_argument("--read-timeout", type=float, default=float(env("READ_TIMEOUT_S", lim.read_timeout_s)),
+                   help="seconds a unary request's message may take to arrive [SEQR_READ_TIMEOUT_S]")
+    p.add_argument("--stream-idle", type=float, default=float(env("STREAM_IDLE_S", lim.stream_idle_s)),
+                   help="seconds a stream may wait for its next message [SEQR_STREAM_IDLE_S]")
     p.add_argument("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", lim.max_upload_bytes >> 20)),
                    help="largest adapter upload [SEQR_MAX_UPLOAD_MB]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
@@ -109,7 +123,10 @@ def config_from_args(a) -> ServerConfig:
         demo=a.demo, workers=a.workers, blas_threads=a.blas_threads, grace_s=a.grace, drain_s=a.drain,
         limits=Limits(max_message_bytes=a.max_message_mb << 20, max_tokens=a.max_tokens,
                       max_modules=a.max_modules, max_top_k=a.max_top_k,
-                      max_concurrent_rpcs=a.max_concurrent_rpcs, max_upload_bytes=a.max_upload_mb << 20))
+                      max_concurrent_rpcs=a.max_concurrent_rpcs, max_upload_bytes=a.max_upload_mb << 20,
+                      max_calls_per_principal=a.max_calls_per_principal,
+                      max_streams_per_connection=a.max_streams_per_connection,
+                      read_timeout_s=a.read_timeout, stream_idle_s=a.stream_idle))
 
 
 def cmd_serve(a) -> int:
