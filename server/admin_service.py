@@ -16,6 +16,7 @@ from .config import Limits
 from .export import UnimplementedError, exporter
 from .info import adapter_info, library_info
 from .manager import LibraryManager
+from .request_bounds import check_request, checked
 from .rpc import Guard, streaming, unary
 
 EXPORT_CHUNK = 1 << 20
@@ -27,6 +28,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 
     @unary("LibraryAdmin/CreateLibrary")
     def CreateLibrary(self, request, context, principal):
+        check_request(request, limits=self.limits)
         if not principal.may_see_library(request.name):
             raise PermissionDeniedError("library name outside the caller's ACL", field="name")
         state = self.manager.create_library(_library_spec(request, self.limits))
@@ -41,6 +43,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 
     @unary("LibraryAdmin/PutAdapter")
     def PutAdapter(self, request_iterator, context, principal):
+        request_iterator = checked(request_iterator, limits=self.limits)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgumentError("the first message must be the header", field="header")
@@ -54,12 +57,14 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 
     @unary("LibraryAdmin/DeleteAdapter")
     def DeleteAdapter(self, request, context, principal):
+        check_request(request, limits=self.limits)
         state, entry = self.manager.delete_adapter(request.library, request.name, principal)
         return admin_pb2.DeleteAdapterResponse(name=entry.name, adapter_id=entry.adapter_id,
                                                library_version=state.version)
 
     @unary("LibraryAdmin/ListAdapters")
     def ListAdapters(self, request, context, principal):
+        check_request(request, limits=self.limits)
         state = self.manager.get(request.library, principal)
         return admin_pb2.ListAdaptersResponse(
             adapters=[adapter_info(state, e) for e in state.visible_entries(principal)],
@@ -67,6 +72,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 
     @unary("LibraryAdmin/Calibrate")
     def Calibrate(self, request_iterator, context, principal):
+        request_iterator = checked(request_iterator, limits=self.limits)
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgumentError("no sequences in the stream", field="sequences", limit=">=1", actual=0)
@@ -92,6 +98,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 
     @streaming("LibraryAdmin/ExportScorer")
     def ExportScorer(self, request, context, principal):
+        check_request(request, limits=self.limits)
         export = exporter()
         if export is None:
             raise UnimplementedError("this server was built without the ONNX exporter "
@@ -110,6 +117,7 @@ class AdminService(admin_pb2_grpc.LibraryAdminServicer):
 def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.LibrarySpec:
     if not req.signature.modules:
         raise InvalidArgumentError("a signature needs at least one module", field="signature.modules")
+    lo.check_signature_shape(req.signature.modules, limits=limits)
     sig = BaseModelSignature(base_model=req.signature.base_model, modules=tuple(
         ModuleSpec(m.name, int(m.d_in), int(m.d_out)) for m in req.signature.modules))
     which = req.WhichOneof("shared_a")
@@ -117,11 +125,13 @@ def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.Lib
     if which == "recipe":
         recipe = SharedARecipe(seed=int(req.recipe.seed), scheme=req.recipe.scheme or "peft_kaiming_uniform",
                                rng=req.recipe.rng or "numpy.PCG64")
-        shared = lo.recipe_shared_a(sig, recipe, rank=int(req.shared_a_rank), modules=list(req.shared_a_modules))
+        shared = lo.recipe_shared_a(sig, recipe, rank=int(req.shared_a_rank), modules=list(req.shared_a_modules),
+                                    limits=limits)
     elif which == "uploaded":
         for m, t in req.uploaded.modules.items():
             sig.spec(m, field=f"uploaded.modules[{m}]")
             shared[m] = wire.decode_tensor(t, field=f"uploaded.modules[{m}]", limits=limits)
+        lo.check_uploaded_shared_a(shared, limits=limits)
     return lo.LibrarySpec(name=req.name, signature=sig, shared_a=shared, recipe=recipe, meta=dict(req.meta))
 
 

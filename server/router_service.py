@@ -16,6 +16,7 @@ from .config import Limits
 from .info import library_info
 from .manager import LibraryManager, LibraryState
 from .metrics import Metrics
+from .request_bounds import check_request, checked
 from .rpc import Guard, streaming, unary
 
 RouteFn = Callable[[LibraryIndex, dict, RouteOptions], Decision]
@@ -29,12 +30,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     @unary("Router/Route")
     def Route(self, request, context, principal):
+        check_request(request, limits=self.limits)
         return self._route(request, principal)
 
     @streaming("Router/RouteStream")
     def RouteStream(self, request_iterator, context, principal):
         library, options = "", router_pb2.RouteOptions()
-        for req in request_iterator:
+        for req in checked(request_iterator, limits=self.limits):
             # Decode-time hosts send the library and options once; later steps only tensors.
             if not req.library:
                 req.library = library
@@ -45,6 +47,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     @unary("Router/DescribeLibrary")
     def DescribeLibrary(self, request, context, principal):
+        check_request(request, limits=self.limits)
         state = self.manager.get(request.library, principal)
         return library_info(state, principal, include_shared_a=request.include_shared_a)
 
