@@ -107,8 +107,10 @@ def _route_with(**kw):
                 req.inputs[1].tensor = value
             elif path == "candidate":
                 req.options.candidates.append(value)
-            elif path == "input0_tensor":
-                req.inputs[0].tensor = value
+            elif path == "rename_tensor":
+                req.tensors[value].CopyFrom(req.tensors.pop("h0"))
+                for mi in req.inputs:
+                    mi.tensor = value
             else:
                 setattr(req, path, value)
         return req
@@ -116,7 +118,7 @@ def _route_with(**kw):
 
 
 ROUTE_NAME_CASES = [
-    ("space in a module name", _route_with(input0_tensor="h 0"), "inputs[0].tensor"),
+    ("space in a tensor name", _route_with(rename_tensor="h 0"), "tensors"),
     ("newline in a candidate", _route_with(candidate="shared-a0\nforged log line"), "options.candidates[0]"),
     ("non-ASCII library", _route_with(library="tïny"), "library"),
     ("NUL in a library", _route_with(library="tiny\x00"), "library"),
