@@ -43,8 +43,8 @@ def bounded(value: Any, limit: int = MAX_ECHO) -> Any:
     if isinstance(value, str):
         return cut(value, limit)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value[:limit])
-        return bytes(value) if len(value) <= limit else f"{raw!r}…({len(value)} bytes)"
+        # repr can take 4 characters per byte
+        return bytes(value) if len(value) <= limit // 4 else f"{repr(bytes(value[:limit]))[:limit]}…({len(value)} bytes)"
     if isinstance(value, (tuple, list)) and len(value) <= 16 and all(
             v is None or isinstance(v, (bool, float)) or (isinstance(v, int) and v.bit_length() <= 256)
             or (isinstance(v, str) and len(v) <= limit) for v in value):
