@@ -17,8 +17,9 @@ Kinds:
   other than the space), at most its own limit: the free-form base-model name and meta values.
 
 Cost: the plan for each message type is built once; a request is checked by collecting its
-strings and testing them together (one ``max(len)`` and one regex over their concatenation).
-Only a request that fails is walked again to name the field.
+strings and testing them together (one ``max(len)``, then deleting the allowed bytes from their
+concatenation must leave nothing). Only a request that fails is walked again to name the field.
+Measured (bench/request_bounds_bench.py): 26 µs for a Route with 60 modules and 30 tensors.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _plan(desc: Descriptor, visiting: frozenset = frozenset()) -> tuple[_Field, 
     cached = _PLANS.get(desc.full_name)
     if cached is not None:
         return cached
-    if desc.full_name in visiting:      # a recursive message: our protos have none; refuse quietly
+    if desc.full_name in visiting:      # our protos have none; fail loudly should one appear
         raise TypeError(f"recursive message {desc.full_name} is not supported")
     visiting = visiting | {desc.full_name}
     plan = []
