@@ -116,6 +116,7 @@ class AdminService:
 def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.LibrarySpec:
     if not req.signature.modules:
         raise InvalidArgumentError("a signature needs at least one module", field="signature.modules")
+    lo.check_signature_shape(req.signature.modules, limits=limits)   # before anything is allocated
     sig = BaseModelSignature(base_model=req.signature.base_model, modules=tuple(
         ModuleSpec(m.name, int(m.d_in), int(m.d_out)) for m in req.signature.modules))
     which = req.WhichOneof("shared_a")
@@ -123,11 +124,13 @@ def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.Lib
     if which == "recipe":
         recipe = SharedARecipe(seed=int(req.recipe.seed), scheme=req.recipe.scheme or "peft_kaiming_uniform",
                                rng=req.recipe.rng or "numpy.PCG64")
-        shared = lo.recipe_shared_a(sig, recipe, rank=int(req.shared_a_rank), modules=list(req.shared_a_modules))
+        shared = lo.recipe_shared_a(sig, recipe, rank=int(req.shared_a_rank), modules=list(req.shared_a_modules),
+                                    limits=limits)
     elif which == "uploaded":
         for m, t in req.uploaded.modules.items():
             sig.spec(m, field=f"uploaded.modules[{m}]")
             shared[m] = wire.decode_tensor(t, field=f"uploaded.modules[{m}]", limits=limits)
+        lo.check_uploaded_shared_a(shared, limits=limits)
     return lo.LibrarySpec(name=req.name, signature=sig, shared_a=shared, recipe=recipe, meta=dict(req.meta))
 
 

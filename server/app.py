@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import shlex
@@ -45,6 +46,7 @@ from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
 from .router_service import RouterService
+from .request_bounds import check_request
 from .rpc import Admission, Dispatcher
 from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, LibraryStore, dev_key_file
 
@@ -257,6 +259,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="seqr-rpc")
     dispatcher = Dispatcher(auth=auth, metrics=metrics, pool=pool, admission=admission(config),
                             tls=creds is not None,
+                            check_request=functools.partial(check_request, limits=config.limits),
                             on_auth_failure=lambda method, err, peer: auth.refused(method, err, peer=peer, principal=None))
     router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route)
     admin = AdminService(manager=manager, limits=config.limits)

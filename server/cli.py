@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from seqr_core.errors import InvalidArgumentError, SeqrError
+
 from . import ops_cli
 from .config import KeySource, Limits, ServerConfig, TLSConfig
 from .export_cli import add_export_parser
@@ -52,14 +54,18 @@ def _add_serve(sub) -> None:
                    help="external KMS/HSM plugin command line [SEQR_KEY_COMMAND]")
     p.add_argument("--tokens-file", type=Path, default=env("TOKENS_FILE"),
                    help="bearer tokens -> roles and adapter ACLs (see `seqr tokens new`); without it "
-                        "the server is OPEN [SEQR_TOKENS_FILE]")
+                        "the server is OPEN, which is refused off loopback [SEQR_TOKENS_FILE]")
+    p.add_argument("--insecure-open", action="store_true", default=bool(_bool(env("INSECURE_OPEN"))),
+                   help="allow an OPEN server (no --tokens-file) on a non-loopback --listen: any "
+                        "caller that reaches the port may route, export and delete [SEQR_INSECURE_OPEN=1]")
     p.add_argument("--audit-log", default=env("AUDIT_LOG"),
                    help="hash-chained audit log of admin changes, exports and refused calls; 'off' disables "
                         "(loud warning). Default: <data-dir>.audit.log [SEQR_AUDIT_LOG]")
     p.add_argument("--tls-cert", type=Path, default=env("TLS_CERT"), help="server certificate (PEM) [SEQR_TLS_CERT]")
     p.add_argument("--tls-key", type=Path, default=env("TLS_KEY"), help="server private key (PEM) [SEQR_TLS_KEY]")
     p.add_argument("--tls-client-ca", type=Path, default=env("TLS_CLIENT_CA"),
-                   help="require client certificates signed by this CA (mTLS) [SEQR_TLS_CLIENT_CA]")
+                   help="require client certificates signed by this CA (mTLS; needs --tls-cert and "
+                        "--tls-key) [SEQR_TLS_CLIENT_CA]")
     p.add_argument("--backend", choices=("numpy", "onnx"), default=env("BACKEND", "numpy"),
                    help="scorer backend [SEQR_BACKEND]")
     d = p.add_mutually_exclusive_group()
@@ -100,16 +106,34 @@ def _add_serve(sub) -> None:
                    help="seconds a stream may wait for its next message [SEQR_STREAM_IDLE_S]")
     p.add_argument("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", lim.max_upload_bytes >> 20)),
                    help="largest adapter upload [SEQR_MAX_UPLOAD_MB]")
+    p.add_argument("--max-name-length", type=int, default=int(env("MAX_NAME_LENGTH", lim.max_name_length)),
+                   help="longest name in a request (library, adapter, module, tensor, file); names use "
+                        "[A-Za-z0-9._:/@+=-] [SEQR_MAX_NAME_LENGTH]")
+    p.add_argument("--max-meta-value-length", type=int,
+                   default=int(env("MAX_META_VALUE_LENGTH", lim.max_meta_value_length)),
+                   help="longest free-text meta value [SEQR_MAX_META_VALUE_LENGTH]")
+    p.add_argument("--max-library-modules", type=int,
+                   default=int(env("MAX_LIBRARY_MODULES", lim.max_library_modules)),
+                   help="modules in one library's signature [SEQR_MAX_LIBRARY_MODULES]")
+    p.add_argument("--max-d-in", type=int, default=int(env("MAX_D_IN", lim.max_d_in)),
+                   help="largest module input size [SEQR_MAX_D_IN]")
+    p.add_argument("--max-d-out", type=int, default=int(env("MAX_D_OUT", lim.max_d_out)),
+                   help="largest module output size [SEQR_MAX_D_OUT]")
+    p.add_argument("--max-rank", type=int, default=int(env("MAX_RANK", lim.max_rank)),
+                   help="largest shared-A rank [SEQR_MAX_RANK]")
+    p.add_argument("--max-shared-a-mb", type=int,
+                   default=int(env("MAX_SHARED_A_MB", lim.max_shared_a_bytes >> 20)),
+                   help="largest shared A of one library (fp32, held in memory and on disk); the "
+                        "default fits Llama-3-70B's 7 modules x 80 layers at rank 64 [SEQR_MAX_SHARED_A_MB]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("json", "text"), default=env("LOG_FORMAT", "json"), help="[SEQR_LOG_FORMAT]")
     p.set_defaults(func=cmd_serve)
 
 
 def config_from_args(a) -> ServerConfig:
+    """The config the flags describe; InvalidArgumentError for unsafe or incomplete ones."""
     tls = None
-    if a.tls_cert or a.tls_key:
-        if not (a.tls_cert and a.tls_key):
-            raise SystemExit("seqr serve: --tls-cert and --tls-key go together")
+    if a.tls_cert or a.tls_key or a.tls_client_ca:     # TLSConfig refuses any of them alone
         tls = TLSConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
     metrics = None if str(a.metrics_port).lower() in ("off", "none", "-1") else int(a.metrics_port)
     return ServerConfig(
@@ -117,7 +141,8 @@ def config_from_args(a) -> ServerConfig:
         metrics_port=metrics, metrics_host=a.metrics_host,
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
                        key_command=a.key_command),
-        tokens_file=Path(a.tokens_file) if a.tokens_file else None, tls=tls, backend=a.backend,
+        tokens_file=Path(a.tokens_file) if a.tokens_file else None, insecure_open=a.insecure_open,
+        tls=tls, backend=a.backend,
         audit=str(a.audit_log).lower() != "off",
         audit_log=Path(a.audit_log) if a.audit_log and str(a.audit_log).lower() != "off" else None,
         demo=a.demo, workers=a.workers, blas_threads=a.blas_threads, grace_s=a.grace, drain_s=a.drain,
@@ -126,14 +151,22 @@ def config_from_args(a) -> ServerConfig:
                       max_concurrent_rpcs=a.max_concurrent_rpcs, max_upload_bytes=a.max_upload_mb << 20,
                       max_calls_per_principal=a.max_calls_per_principal,
                       max_streams_per_connection=a.max_streams_per_connection,
-                      read_timeout_s=a.read_timeout, stream_idle_s=a.stream_idle))
+                      read_timeout_s=a.read_timeout, stream_idle_s=a.stream_idle,
+                      max_name_length=a.max_name_length, max_meta_value_length=a.max_meta_value_length,
+                      max_library_modules=a.max_library_modules, max_d_in=a.max_d_in, max_d_out=a.max_d_out,
+                      max_rank=a.max_rank, max_shared_a_bytes=a.max_shared_a_mb << 20))
 
 
 def cmd_serve(a) -> int:
+    try:
+        config = config_from_args(a)
+    except InvalidArgumentError as e:    # one line an operator can act on, before anything starts
+        print(f"seqr serve: refusing to start: {e.message}", file=sys.stderr)
+        return 2
     from . import logs
     from .app import serve
     logs.setup(a.log_level, json_format=a.log_format == "json")
-    return serve(config_from_args(a))
+    return serve(config)
 
 
 def cmd_keys_init(a) -> int:

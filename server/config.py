@@ -2,12 +2,19 @@
 
 Limits are explicit so every refusal can name the limit it applied. Defaults fit one
 SmolLM2-sized library: a 128-token prompt with q/v activations on 30 layers is 8.8 MB fp32.
+Library-shape limits fit Llama-3-70B (80 layers x 7 modules, d_in up to 28672).
+
+Unsafe combinations are refused when the config is built (``__post_init__``), so the CLI,
+create_server and every embedder get the same refusal before anything starts.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from seqr_core.errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,17 @@ class Limits:
     max_upload_bytes: int = 512 << 20       # all files of one adapter
     max_upload_files: int = 4
     max_calibration_sequences: int = 1_000_000
+    # Every caller-supplied string is checked at the wire (server/request_bounds.py).
+    max_name_length: int = 256              # names: library, adapter, module, tensor, file, base model
+    max_meta_value_length: int = 1024       # free-text meta values
+    # Library shape, checked before CreateLibrary allocates anything. The shared A is held in
+    # memory and on disk (fp32): 2 GiB fits Llama-3-70B's 7 modules x 80 layers at rank 64,
+    # or q/v at rank 256.
+    max_library_modules: int = 1024
+    max_d_in: int = 65536
+    max_d_out: int = 65536
+    max_rank: int = 256
+    max_shared_a_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,14 @@ class TLSConfig:
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        missing = [f for f in ("cert_file", "key_file") if getattr(self, f) is None]
+        if missing:
+            # Otherwise the server would run plaintext and nobody would notice the missing mTLS.
+            why = " (--tls-client-ca alone would run plaintext, without mTLS)" if len(missing) == 2 else ""
+            raise InvalidArgumentError(f"TLS needs both --tls-cert and --tls-key{why}",
+                                       field=f"tls.{missing[0]}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,7 @@ class ServerConfig:
     tokens_file: Path | None = None         # None: open server (a loud warning is logged)
     audit: bool = True                      # False: no audit log (a loud warning is logged)
     audit_log: Path | None = None           # None: <data_dir>.audit.log (see server/audit.py)
+    insecure_open: bool = False             # allow an open server on a non-loopback address
     tls: TLSConfig | None = None
     backend: str = "numpy"                  # "numpy" | "onnx"
     demo: bool | None = None                # None: create the demo library only with the dev key
@@ -87,3 +114,25 @@ class ServerConfig:
     warm: bool = True                       # route a synthetic request per library before SERVING
     limits: Limits = field(default_factory=Limits)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+
+    def __post_init__(self) -> None:
+        if self.tokens_file is None and not self.insecure_open and not is_local_address(self.listen):
+            raise InvalidArgumentError(
+                f"--listen {self.listen} is reachable from other hosts and no --tokens-file is given: "
+                "every caller could route, export and delete. Pass --tokens-file (see `seqr tokens "
+                "new`), or --insecure-open (SEQR_INSECURE_OPEN=1) to accept an open server",
+                field="listen", actual=self.listen)
+
+
+def is_local_address(listen: str) -> bool:
+    """True for loopback HOST:PORT and unix sockets; anything else (names included) is not."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = listen.rsplit(":", 1)[0] if ":" in listen else listen
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -17,6 +17,7 @@ from seqr_core import (Calibrator, ModuleInput, SharedARecipe, generate_shared_a
 
 from . import library_objects as lo
 from .auth import OPEN
+from .config import Limits
 from .manager import LibraryManager
 
 NAME = "demo"
@@ -31,7 +32,7 @@ def demo_spec() -> lo.LibrarySpec:
                           heads=4, kv_heads=4)
     recipe = SharedARecipe(seed=SEED)
     mods = [m.name for m in sig.modules if m.name.rsplit(".", 1)[-1] in TARGETS]
-    shared = lo.recipe_shared_a(sig, recipe, rank=RANK, modules=mods)
+    shared = lo.recipe_shared_a(sig, recipe, rank=RANK, modules=mods, limits=Limits())  # ours, tiny
     return lo.LibrarySpec(name=NAME, signature=sig, shared_a=shared, recipe=recipe,
                           meta={"description": "synthetic demo library (random adapters)"})
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from seqr_core import (BaseModelSignature, CalibrationStats, LibraryIndex, SharedARecipe,
                        generate_shared_a, read_safetensors, write_safetensors)
 from seqr_core.adapters import MAX_RANK
-from seqr_core.errors import InvalidArgumentError, IntegrityError
+from seqr_core.errors import InvalidArgumentError, IntegrityError, LimitExceededError
+
+from .config import Limits
 
 FORMAT = 1
 SHARED_A = "shared_a"
@@ -48,17 +50,60 @@ class LibrarySpec:
                                    shared_a=self.shared_a, version=version)
 
 
-def recipe_shared_a(signature: BaseModelSignature, recipe: SharedARecipe, *, rank: int,
-                    modules: list[str]) -> dict[str, np.ndarray]:
-    """A from a seed for ``modules`` (empty: all of the signature) at ``rank``."""
+# --- library shape: checked before anything is allocated ----------------------------------
+# A 35-byte CreateLibrary (d_in 2**20, rank 128) used to cost 525 MB of memory and 537 MB of
+# disk. Each refusal names the Limits field (and its `seqr serve` flag).
+
+def check_signature_shape(modules: Sequence, *, limits: Limits) -> None:
+    """Module count and sizes of a requested signature (wire ModuleSpecs or anything with
+    ``d_in``/``d_out``), before any core object is built from them."""
+    if len(modules) > limits.max_library_modules:
+        raise LimitExceededError("more modules than a library may have (max_library_modules, "
+                                 "--max-library-modules)", field="signature.modules",
+                                 limit=limits.max_library_modules, actual=len(modules))
+    for i, m in enumerate(modules):
+        for dim, limit in (("d_in", limits.max_d_in), ("d_out", limits.max_d_out)):
+            if int(getattr(m, dim)) > limit:
+                raise LimitExceededError(f"module {dim} above the server limit (max_{dim}, "
+                                         f"--max-{dim.replace('_', '-')})",
+                                         field=f"signature.modules[{i}].{dim}", limit=limit,
+                                         actual=int(getattr(m, dim)))
+
+
+def _check_rank(rank: int, *, field: str, limits: Limits) -> None:
+    if rank > limits.max_rank:
+        raise LimitExceededError("rank above the server limit (max_rank, --max-rank)", field=field,
+                                 limit=limits.max_rank, actual=rank)
     if not (1 <= rank <= MAX_RANK):
-        raise InvalidArgumentError("shared_a_rank must be in range", field="shared_a_rank",
-                                   limit=f"[1, {MAX_RANK}]", actual=rank)
+        raise InvalidArgumentError("rank must be in range", field=field, limit=f"[1, {MAX_RANK}]", actual=rank)
+
+
+def _check_shared_a_bytes(total: int, *, field: str, limits: Limits) -> None:
+    if total > limits.max_shared_a_bytes:
+        raise LimitExceededError("shared A larger than a library may hold (max_shared_a_bytes, "
+                                 "--max-shared-a-mb)", field=field, limit=limits.max_shared_a_bytes,
+                                 actual=total)
+
+
+def check_uploaded_shared_a(shared: Mapping[str, np.ndarray], *, limits: Limits) -> None:
+    """Rank and total size of an uploaded A (already bounded by the message size)."""
+    for m, a in shared.items():
+        if a.ndim == 2:
+            _check_rank(int(a.shape[0]), field=f"uploaded.modules[{m}].shape[0]", limits=limits)
+    _check_shared_a_bytes(sum(4 * int(a.size) for a in shared.values()), field="uploaded.modules",
+                          limits=limits)
+
+
+def recipe_shared_a(signature: BaseModelSignature, recipe: SharedARecipe, *, rank: int,
+                    modules: list[str], limits: Limits) -> dict[str, np.ndarray]:
+    """A from a seed for ``modules`` (empty: all of the signature) at ``rank``."""
+    _check_rank(rank, field="shared_a_rank", limits=limits)
     names = modules or list(signature.names)
     if len(set(names)) != len(names):
         raise InvalidArgumentError("duplicate module", field="shared_a_modules")
-    return {m: generate_shared_a(recipe, module=m, rank=rank,
-                                 d_in=signature.spec(m, field="shared_a_modules").d_in) for m in names}
+    d_in = {m: signature.spec(m, field="shared_a_modules").d_in for m in names}
+    _check_shared_a_bytes(4 * rank * sum(d_in.values()), field="shared_a_rank", limits=limits)
+    return {m: generate_shared_a(recipe, module=m, rank=rank, d_in=d_in[m]) for m in names}
 
 
 def spec_from_store(name: str, meta: dict, shared_a_bytes: bytes | None) -> LibrarySpec:
