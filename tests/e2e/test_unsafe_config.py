@@ -18,7 +18,8 @@ import pytest
 from seqr_client import RouterClient
 from seqr_core.errors import InvalidArgumentError
 from seqr_server.auth import append_token, new_token_entry
-from seqr_server.cli import build_parser, config_from_args
+from seqr_cli.main import build_parser
+from seqr_server.cli import config_from_args
 from seqr_server.config import TLSConfig
 
 from .test_cli import SEQR
