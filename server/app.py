@@ -40,6 +40,7 @@ from . import demo
 from .admin_service import AdminService
 from .auth import Authenticator
 from .config import KeySource, ServerConfig
+from .decision_log import open_decision_log
 from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
@@ -240,7 +241,7 @@ async def _build(config: ServerConfig, dispatcher: Dispatcher, router: RouterSer
 
 
 def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]:
-    metrics = Metrics()
+    metrics = Metrics(decision_log=open_decision_log(config.decision_log))
     backend = load_backend(config.backend)
     auth = _auth(config)
     creds = _credentials(config)           # fail on bad TLS files before the store is locked

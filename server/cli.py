@@ -83,6 +83,10 @@ def _add_serve(sub) -> None:
                    default=int(env("MAX_CONCURRENT_RPCS", lim.max_concurrent_rpcs)), help="[SEQR_MAX_CONCURRENT_RPCS]")
     p.add_argument("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", lim.max_upload_bytes >> 20)),
                    help="largest adapter upload [SEQR_MAX_UPLOAD_MB]")
+    p.add_argument("--decision-log", metavar="FILE|-", default=env("DECISION_LOG"),
+                   help="append one JSON line per routing decision (time, library, version, caller, top-k "
+                        "ids and scores, margin; never activations) to FILE (mode 0600), '-' for stdout "
+                        "[SEQR_DECISION_LOG]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("json", "text"), default=env("LOG_FORMAT", "json"), help="[SEQR_LOG_FORMAT]")
     p.set_defaults(func=cmd_serve)
@@ -101,6 +105,7 @@ def config_from_args(a) -> ServerConfig:
                        key_command=a.key_command),
         tokens_file=Path(a.tokens_file) if a.tokens_file else None, tls=tls, backend=a.backend,
         demo=a.demo, workers=a.workers, blas_threads=a.blas_threads, grace_s=a.grace, drain_s=a.drain,
+        decision_log=a.decision_log or None,
         limits=Limits(max_message_bytes=a.max_message_mb << 20, max_tokens=a.max_tokens,
                       max_modules=a.max_modules, max_top_k=a.max_top_k,
                       max_concurrent_rpcs=a.max_concurrent_rpcs, max_upload_bytes=a.max_upload_mb << 20))
