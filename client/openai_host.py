@@ -19,9 +19,9 @@ a time, with at most ``max_queue`` requests admitted (429 beyond).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -45,7 +45,6 @@ log = logging.getLogger("seqr.host")
 @dataclass(frozen=True)
 class HostConfig:
     served_name: str = "seqr"             # the model id that routes
-    min_margin: float = 0.0               # below it the base model answers
     router_required: bool = False         # 503 instead of the base model when routing fails
     max_new_tokens: int = 512             # the most a request may ask for
     max_prompt_tokens: int = 4096
@@ -121,13 +120,13 @@ class OpenAIHost:
     async def _serve(self, req, encode, *, chat: bool):
         if req.model not in self.model_ids():
             raise _no_model(req.model)
-        limit = req.limit() or (self.config.max_new_tokens if chat else 16)
-        if limit > self.config.max_new_tokens:
+        asked = req.limit()
+        if asked is not None and asked > self.config.max_new_tokens:
             raise S.ApiError(400, f"max_tokens: at most {self.config.max_new_tokens} on this host",
                              param="max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
                              code="invalid_value")
         ids = await run_in_threadpool(encode)
-        self._check_prompt(ids, limit)
+        limit = self._limit(ids, asked, chat=chat)
         self._admission.enter()
         try:
             served = await run_in_threadpool(self._decide, req.model, ids)
@@ -152,14 +151,24 @@ class OpenAIHost:
                                   prompt_tokens=len(ids), completion_tokens=gen.completion_tokens,
                                   seqr=served.as_json()), headers=served.headers())
 
-    def _check_prompt(self, ids: list[int], limit: int) -> None:
+    def _limit(self, ids: list[int], asked: int | None, *, chat: bool) -> int:
+        """max_new_tokens for this request; 400 when the prompt (or prompt + asked) does not fit.
+        Unasked, chat gets what the context leaves (up to the host's cap), completions 16 (as
+        OpenAI's API)."""
+        where = "messages" if chat else "prompt"
         if not ids:
-            raise S.ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
-        ctx = self.engine.context
-        most = min(self.config.max_prompt_tokens, ctx - limit if ctx else self.config.max_prompt_tokens)
-        if len(ids) > most:
-            raise S.ApiError(400, f"the prompt has {len(ids)} tokens; this host takes at most {most} with "
-                                  f"max_tokens={limit}", param="messages", code="context_length_exceeded")
+            raise S.ApiError(400, "the prompt is empty", param=where, code="invalid_value")
+        ctx = self.engine.context or (len(ids) + self.config.max_new_tokens)
+        room = min(ctx - len(ids), self.config.max_new_tokens)
+        if len(ids) > self.config.max_prompt_tokens or room < 1:
+            raise S.ApiError(400, f"the prompt has {len(ids)} tokens; this host takes at most "
+                                  f"{min(self.config.max_prompt_tokens, ctx - 1)}", param=where,
+                             code="context_length_exceeded")
+        limit = asked if asked is not None else (room if chat else min(16, room))
+        if len(ids) + limit > ctx:
+            raise S.ApiError(400, f"{len(ids)} prompt tokens + max_tokens={limit} exceed the model's {ctx}-token "
+                                  "context", param="max_tokens", code="context_length_exceeded")
+        return limit
 
     def _decide(self, model: str, ids: list[int]) -> Served:
         if model == "base":
@@ -282,12 +291,21 @@ class HostServer:
             self._thread.join(10)
 
     def run(self) -> None:
-        """Serve in the calling thread until SIGINT/SIGTERM (uvicorn installs the handlers)."""
-        asyncio.run(self.server.serve())
+        """Serve until SIGINT/SIGTERM, then stop (in-flight generations get a few seconds)."""
+        import signal
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        print(f"seqr host: listening on {self.url}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            if self._thread is not None and not self._thread.is_alive():
+                break
+        self.stop()
 
 
 def build_host(*, model: str, adapters: dict[str, Path], client=None, library: str | None = None,
-               config: HostConfig = HostConfig(), top_k: int = 1, form: str = "auto",
+               config: HostConfig = HostConfig(), top_k: int = 1, min_margin: float = 0.0, form: str = "auto",
                route_tokens: int = 512, router_timeout: float = 2.0) -> OpenAIHost:
     """Load the model and adapters and wire the router (``client`` None: no routing)."""
     from .host_engine import load_model
@@ -297,6 +315,6 @@ def build_host(*, model: str, adapters: dict[str, Path], client=None, library: s
     router = None
     if client is not None:
         router = HostRouter(client, library=library, local={n: weights_sha256(p) for n, p in adapters.items()},
-                            top_k=top_k, min_margin=config.min_margin, form=form, route_tokens=route_tokens,
+                            top_k=top_k, min_margin=min_margin, form=form, route_tokens=route_tokens,
                             timeout=router_timeout)
     return OpenAIHost(engine, router, config)

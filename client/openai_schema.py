@@ -24,7 +24,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
     "best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "n": (None, 1),
+    "prediction": (None,), "n": (None, 1), "response_format": (None, {"type": "text"}),
 }
 
 

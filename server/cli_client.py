@@ -200,14 +200,17 @@ def cmd_health(a) -> int:
 def cmd_host(a) -> int:
     from seqr_client.host_engine import adapter_folders
     from seqr_client.openai_host import HostConfig, HostServer, build_host
+
+    from .logs import setup
+    setup(a.log_level, json_format=True)
     adapters = adapter_folders(a.adapters, a.adapter or [])
-    cfg = HostConfig(served_name=a.served_model_name, min_margin=a.min_margin, router_required=a.router_required,
+    cfg = HostConfig(served_name=a.served_model_name, router_required=a.router_required,
                      max_new_tokens=a.max_new_tokens, max_prompt_tokens=a.max_prompt_tokens, max_queue=a.max_queue)
     client = None if a.no_routing else _client(a)
     host = build_host(model=a.model, adapters=adapters, client=client, library=a.library, config=cfg,
-                      top_k=a.top_k, form=a.form, route_tokens=a.route_tokens, router_timeout=a.router_timeout)
-    print(f"seqr host: {len(adapters)} adapters on {a.model}; OpenAI API at http://{a.listen}/v1 "
-          f"(model {a.served_model_name!r} routes through {'nothing' if client is None else a.target})",
+                      top_k=a.top_k, min_margin=a.min_margin, form=a.form, route_tokens=a.route_tokens, router_timeout=a.router_timeout)
+    print(f"seqr host: {len(adapters)} adapters on {a.model}; model {a.served_model_name!r} routes "
+          f"{'nowhere (--no-routing)' if client is None else f'through {a.target}, library {a.library}'}",
           file=sys.stderr)
     HostServer(host, listen=a.listen, log_level=a.log_level).run()
     return 0

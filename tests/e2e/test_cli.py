@@ -20,7 +20,7 @@ from .conftest import LIB, activations, create_library
 SEQR = str(Path(sys.executable).with_name("seqr"))
 COMMANDS = [["serve"], ["keys", "init"], ["tokens", "new"], ["libraries", "create"], ["libraries", "ls"],
             ["adapters", "put"], ["adapters", "ls"], ["adapters", "rm"], ["route"], ["describe"],
-            ["calibrate"], ["health"], ["export", "onnx"]]
+            ["calibrate"], ["health"], ["export", "onnx"], ["host"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
