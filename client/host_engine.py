@@ -19,6 +19,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import InvalidArgumentError
 from .hf_host import apply_decision, load_adapters
 from .host_routing import Served
 from .openai_schema import StopFilter
@@ -36,8 +37,8 @@ def load_model(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); "
-                                "use a local folder, 'smollm2' or 'tiny'")
+        raise InvalidArgumentError(f"{path}: not a Hugging Face model folder (no config.json); use a local "
+                                   "folder, 'smollm2' or 'tiny'", field="model", actual=spec)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token_id is None:
@@ -51,13 +52,16 @@ def adapter_folders(root: str | Path | None = None, pairs: list[str] = ()) -> di
     service accepts (safetensors; pickles are refused)."""
     out: dict[str, Path] = {}
     if root is not None:
+        if not Path(root).is_dir():
+            raise InvalidArgumentError(f"{root}: no such folder of adapter folders", field="adapters",
+                                       actual=str(root))
         for sub in sorted(Path(root).iterdir()):
             if (sub / "adapter_config.json").is_file():
                 out[sub.name] = sub
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--adapter takes NAME=PATH, got {pair!r}")
+            raise InvalidArgumentError(f"--adapter takes NAME=PATH, got {pair!r}", field="adapter", actual=pair)
         out[name] = Path(path)
     for folder in out.values():
         read_peft_dir(folder)                  # AdapterFolderError: pickles, missing files

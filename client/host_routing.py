@@ -43,7 +43,8 @@ class Served:
     library: str = ""
     library_version: int | None = None
     margin: float | None = None
-    route_ms: float | None = None
+    capture_ms: float | None = None                # the prompt's forward pass up to the last targeted module
+    route_ms: float | None = None                  # the router call (wire + server)
 
     @property
     def label(self) -> str:
@@ -56,7 +57,7 @@ class Served:
                 "adapters": [{"name": n, "id": i, "weight": w} for n, i, w in self.adapters],
                 "margin": None if self.margin is None or not math.isfinite(self.margin) else self.margin,
                 "library": self.library or None, "library_version": self.library_version,
-                "reason": self.reason, "route_ms": self.route_ms}
+                "reason": self.reason, "capture_ms": self.capture_ms, "route_ms": self.route_ms}
 
     def headers(self) -> dict[str, str]:
         h = {"x-seqr-adapter": self.label, "x-seqr-routed": "true" if self.routed else "false"}
@@ -139,18 +140,19 @@ class HostRouter:
                               library=self.library, library_version=view.version)
             t0 = time.perf_counter()
             kwargs = self._inputs(view, capture_inputs(model, input_ids, modules=view.modules))
+            t1 = time.perf_counter()
             try:
                 result = self._route(view, kwargs)
             except NotFoundError:           # an adapter was deleted since the view: look again once
                 view = self.view(refresh=True)
                 result = self._route(view, kwargs)
-            ms = (time.perf_counter() - t0) * 1e3
+            t2 = time.perf_counter()
         except SeqrError as e:
             raise RoutingFailed(f"routing failed: {e.code}: {e.message}"[:300]) from None
         if result.library_version != view.version:
             self.view(refresh=True)         # for the next request: new or changed adapters
         common = dict(library=self.library, library_version=result.library_version, margin=result.margin,
-                      route_ms=round(ms, 3))
+                      capture_ms=round((t1 - t0) * 1e3, 3), route_ms=round((t2 - t1) * 1e3, 3))
         if result.margin < self.min_margin:
             return Served(True, (), f"margin {result.margin:.4g} below min-margin {self.min_margin:g}", **common)
         chosen = tuple((c.name, c.adapter_id, float(c.weight)) for c in result.choices

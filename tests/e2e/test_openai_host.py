@@ -1,128 +1,28 @@
-"""`seqr host` driven by the official `openai` client: a tiny Llama saved as a real Hugging Face
-folder, real PEFT adapters, a real seqr server and library, and a reference computed here with
-the plain helpers (capture -> route -> apply -> generate) that the host's answers must equal."""
+"""`seqr host` driven by the official `openai` client against a real server: chat, completion,
+streaming, stop strings, top-k mixes, the margin gate, pinned adapters, and the command."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import openai
 import pytest
-import torch
 
 from seqr_client import RouterClient
-from seqr_client.hf_host import apply_decision, capture_inputs, load_adapters, moments, project
+from seqr_client.hf_host import capture_inputs
 from seqr_client.hf_models import tiny_llama
-from seqr_client.host_engine import Engine, adapter_folders, load_model
+from seqr_client.host_engine import Engine, load_model
 from seqr_client.host_routing import HostRouter, weights_sha256
-from seqr_client.openai_host import HostConfig, HostServer, OpenAIHost
-from seqr_core import SharedARecipe, signature_from_hf_config
+from seqr_client.openai_host import HostServer, OpenAIHost
+from seqr_core import SharedARecipe
 
 from ..peft_factory import make_peft_adapter
-from .conftest import launch
-
-LIB, MIXED, SEED, RANK = "hosted", "hosted-mixed", 777, 4
-QV = ("q_proj", "v_proj")
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "def add(a, b): return"}]
-PROMPT = "import numpy as np\nx ="
-
-
-@dataclass
-class Hosted:
-    base_dir: Path
-    shared: dict          # name -> folder (shared A)
-    general: dict         # name -> folder (own A)
-    server: object        # ServerHandles
-    client: RouterClient
-    engine: Engine
-    reference: object     # an independent PeftModel with the same adapters
-    tokenizer: object
-
-
-@pytest.fixture(scope="module")
-def hosted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hosted")
-    model, tok = tiny_llama(seed=1)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    recipe = SharedARecipe(seed=SEED)
-    shared = {f"shared-{i}": make_peft_adapter(model, root / "adapters" / f"shared-{i}", seed=20 + i, rank=RANK,
-                                               shared_a=recipe, targets=QV) for i in range(3)}
-    general = {"general-0": make_peft_adapter(model, root / "general" / "general-0", seed=30, rank=RANK, targets=QV)}
-    h = launch(root / "data", metrics_port=None)
-    c = RouterClient(h.target, timeout=30)
-    sig = signature_from_hf_config(model.config.to_dict(), base_model="tiny-hosted")
-    qv = [m.name for m in sig.modules if m.name.endswith(QV)]
-    for lib, dirs in ((LIB, shared), (MIXED, {**shared, **general})):
-        c.create_library(lib, signature=sig, shared_a_seed=SEED, shared_a_rank=RANK, shared_a_modules=qv)
-        for name, path in dirs.items():
-            c.put_adapter(path, name=name, library=lib)
-    engine = Engine(*load_model(str(root / "base")), adapter_folders(pairs=[f"{n}={p}" for n, p in
-                                                                            {**shared, **general}.items()]))
-    ref_base, _ = load_model(str(root / "base"))
-    reference = load_adapters(ref_base, {**shared, **general})
-    yield Hosted(root / "base", shared, general, h, c, engine, reference, tok)
-    c.close()
-    h.stop(grace=1.0)
-
-
-@contextmanager
-def host(hosted: Hosted, *, library: str = LIB, target: str | None = None, router: bool = True,
-         top_k: int = 1, min_margin: float = 0.0, timeout: float = 5.0, **config):
-    """A running `seqr host` over the shared engine, and an openai client for it."""
-    local = {n: weights_sha256(p) for n, p in hosted.engine.adapters.items()}
-    r = None
-    if router:
-        rc = RouterClient(target or hosted.server.target, timeout=timeout)
-        r = HostRouter(rc, library=library, local=local, top_k=top_k, min_margin=min_margin, timeout=timeout)
-    srv = HostServer(OpenAIHost(hosted.engine, r, HostConfig(**config)), listen="127.0.0.1:0").start()
-    try:
-        yield srv, openai.OpenAI(base_url=srv.url, api_key="unused", timeout=60, max_retries=0)
-    finally:
-        srv.stop()
-        if r is not None:
-            r.client.close()
-
-
-# ---------------------------------------------------------------------------- the reference
-def prompt_ids(hosted: Hosted, *, chat: bool) -> list[int]:
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in CHAT) + "assistant:" if chat else PROMPT
-    return hosted.tokenizer(text)["input_ids"]          # the byte tokenizer has no chat template
-
-
-def reference_route(hosted: Hosted, ids, *, library: str = LIB, top_k: int = 1):
-    mods = sorted({m for a in hosted.client.describe(library).adapters for m in a.modules})
-    x = capture_inputs(hosted.reference, ids, modules=mods)
-    info = hosted.client.describe(library, include_shared_a=True)
-    z = project(x, info.shared_a)
-    return hosted.client.route(library, moments=moments(z), tokens=len(ids), top_k=top_k)
-
-
-def reference_text(hosted: Hosted, ids, adapters, weights=None, *, max_new_tokens: int = 8) -> tuple[str, int]:
-    m = hosted.reference
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        if adapters:
-            apply_decision(m, adapters, weights)
-            out = m.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=hosted.tokenizer.pad_token_id)
-        else:
-            with m.disable_adapter():
-                out = m.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=hosted.tokenizer.pad_token_id)
-    new = out[0, len(ids):]
-    return hosted.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False), len(new)
+from .openai_host_world import (CHAT, LIB, MIXED, PROMPT, QV, RANK, SEED, host, hosted, prompt_ids,  # noqa: F401
+                                reference_route, reference_text)
 
 
 # ---------------------------------------------------------------------------- chat, completion, stream
@@ -246,141 +146,6 @@ def test_an_adapter_whose_host_copy_differs_is_never_routed_to(hosted, tmp_path)
         r.client.close()
     assert resp.model_extra["seqr"]["adapter"] is None
     assert resp.model_extra["seqr"]["reason"] == "no adapter of the library is held by this host"
-
-
-# ---------------------------------------------------------------------------- router down
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-@pytest.fixture
-def blackhole():
-    """A port that accepts TCP connections and never says a word: a hung router."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    yield f"127.0.0.1:{s.getsockname()[1]}"
-    s.close()
-
-
-@pytest.mark.parametrize("down", ["refused", "silent"])
-def test_router_down_answers_with_the_base_model_and_says_so(hosted, down, blackhole):
-    target = f"127.0.0.1:{_closed_port()}" if down == "refused" else blackhole
-    ids = prompt_ids(hosted, chat=True)
-    base_text, _ = reference_text(hosted, ids, [])
-    with host(hosted, target=target, timeout=1.0) as (_, client):
-        raw = client.chat.completions.with_raw_response.create(model="seqr", messages=CHAT, max_tokens=8,
-                                                               temperature=0)
-        streamed = list(client.chat.completions.create(model="seqr", messages=CHAT, max_tokens=8, temperature=0,
-                                                       stream=True))
-    seqr = raw.parse().model_extra["seqr"]
-    assert not seqr["routed"] and seqr["adapter"] is None
-    assert seqr["reason"].startswith("routing failed: " + ("UNAVAILABLE" if down == "refused" else "DEADLINE_EXCEEDED"))
-    assert raw.headers["x-seqr-adapter"] == "base" and raw.headers["x-seqr-routed"] == "false"
-    assert raw.parse().choices[0].message.content == base_text
-    assert streamed[0].model_extra["seqr"]["reason"].startswith("routing failed")
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == base_text
-
-
-def test_router_required_answers_503(hosted, blackhole):
-    with host(hosted, target=blackhole, timeout=1.0, router_required=True) as (_, client):
-        with pytest.raises(openai.InternalServerError) as ei:
-            client.chat.completions.create(model="seqr", messages=CHAT, max_tokens=4)
-        assert client.chat.completions.create(model="base", messages=CHAT, max_tokens=2).choices  # no routing needed
-    assert ei.value.status_code == 503
-    err = ei.value.body
-    assert err["type"] == "server_error" and err["code"] == "router_unavailable"
-    assert "DEADLINE_EXCEEDED" in err["message"] and err["param"] is None
-
-
-# ---------------------------------------------------------------------------- bad requests
-BAD = [  # (path, body, status, param, code)
-    ("/chat/completions", {"model": "seqr", "messages": []}, 400, "messages", "invalid_value"),
-    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "model", "missing_required_parameter"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "robot", "content": "x"}]}, 400,
-     "messages[0].role", "invalid_value"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content[0].type", "invalid_value"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
-     "max_tokens", "invalid_value"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000},
-     400, "max_tokens", "invalid_value"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "max_tokens": 512},
-     400, "max_tokens", "context_length_exceeded"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400,
-     "temperature", "invalid_value"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
-     "stream", "invalid_value"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n",
-     "unsupported_parameter"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}],
-                           "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400,
-     "stop", "invalid_value"),
-    ("/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model",
-     "model_not_found"),
-    ("/chat/completions", {"model": "seqr", "messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages",
-     "context_length_exceeded"),
-    ("/completions", {"model": "seqr", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
-    ("/completions", {"model": "seqr", "prompt": ""}, 400, "prompt", "invalid_value"),
-    ("/completions", [1, 2], 400, None, "invalid_body"),
-    ("/completions", b"{not json", 400, None, "invalid_json"),
-    ("/completions", b"{" + b" " * 20_000 + b"}", 413, None, "request_too_large"),   # over max_body_bytes
-    ("/embeddings", {"model": "seqr", "input": "x"}, 404, None, "not_found"),
-]
-
-
-def _post(url: str, body) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_bad_requests_get_openai_error_bodies(hosted):
-    with host(hosted, max_prompt_tokens=1024, max_body_bytes=16_384) as (srv, client):
-        for path, body, status, param, code in BAD:
-            got, doc = _post(srv.url + path, body)
-            assert got == status, (path, body if not isinstance(body, bytes) else body[:20], doc)
-            err = doc["error"]
-            assert set(err) == {"message", "type", "param", "code"}
-            assert err["param"] == param and err["code"] == code and err["message"], err
-            assert err["type"] == "invalid_request_error"
-        with pytest.raises(openai.BadRequestError) as ei:          # the official client sees the same body
-            client.chat.completions.create(model="seqr", messages=[])
-        assert ei.value.status_code == 400 and ei.value.body["param"] == "messages"
-        with urllib.request.urlopen(srv.url + "/models", timeout=10) as r:     # still serving
-            assert r.status == 200
-
-
-# ---------------------------------------------------------------------------- admission
-def test_a_full_host_says_429_and_a_client_that_leaves_frees_its_place(hosted):
-    with host(hosted, max_queue=1) as (_, client):
-        stream = client.chat.completions.create(model="base", messages=CHAT, max_tokens=440, temperature=0,
-                                                stream=True)
-        first = next(iter(stream))
-        assert first.choices[0].delta.role == "assistant"
-        with pytest.raises(openai.RateLimitError) as ei:
-            client.chat.completions.create(model="base", messages=CHAT, max_tokens=2)
-        assert ei.value.status_code == 429 and ei.value.body["code"] == "rate_limit_exceeded"
-        stream.close()            # the client goes away mid-stream: its generation is cancelled
-        for _ in range(100):
-            try:
-                resp = client.chat.completions.create(model="base", messages=CHAT, max_tokens=2)
-                break
-            except openai.RateLimitError:
-                import time
-                time.sleep(0.05)
-        else:
-            pytest.fail("the place of a client that left was never freed")
-    assert resp.choices[0].message.content is not None
 
 
 # ---------------------------------------------------------------------------- the command
