@@ -13,6 +13,7 @@ that the routing decision was not computed on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -131,15 +132,19 @@ class HostRouter:
         return None if view is None else view.ids.get(name)
 
     # ------------------------------------------------------------------ one request
-    def decide(self, model, input_ids) -> Served:
-        """Capture, route and decide for one prompt ``input_ids`` (1, T). Raises RoutingFailed."""
+    def decide(self, model, input_ids, *, lock=contextlib.nullcontext()) -> Served:
+        """Capture, route and decide for one prompt ``input_ids`` (1, T). Raises RoutingFailed.
+
+        ``lock`` is held while the model runs (the capture), not while the router answers."""
         try:
             view = self.view()
             if not view.candidates:
                 return Served(False, (), "no adapter of the library is held by this host",
                               library=self.library, library_version=view.version)
             t0 = time.perf_counter()
-            kwargs = self._inputs(view, capture_inputs(model, input_ids, modules=view.modules))
+            with lock:
+                captured = capture_inputs(model, input_ids, modules=view.modules)
+            kwargs = self._inputs(view, captured)
             t1 = time.perf_counter()
             try:
                 result = self._route(view, kwargs)

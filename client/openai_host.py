@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -178,12 +179,10 @@ class OpenAIHost:
                           "adapter requested by name")
         if self.router is None:
             return Served(False, (), "routing is off on this host")
-        import torch
-        with self.engine.lock:               # capture runs the model: one at a time
-            try:
-                return self.router.decide(self.engine.model, torch.tensor([ids], dtype=torch.long))
-            except RoutingFailed as e:
-                reason = str(e)
+        try:
+            return self.router.decide(self.engine.model, torch.tensor([ids], dtype=torch.long), lock=self.engine.lock)
+        except RoutingFailed as e:
+            reason = str(e)
         log.warning("routing failed; answering with the base model", extra={"reason": reason})
         if self.config.router_required:
             raise S.ApiError(503, f"{reason} (this host requires routing)", type="server_error",
