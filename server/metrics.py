@@ -2,7 +2,9 @@
 
 Each server gets its own registry, so several servers in one process (tests) do not collide.
 Labels are bounded: libraries and adapters are operator-created, methods and codes are fixed.
-No request content ever becomes a label.
+No request content ever becomes a label. ``observe_route`` is the one place a routing decision
+is reported: its metrics and, when configured, its decision-log line (server/decision_log.py).
+Every metric is documented in the README's table (a test checks it against /metrics).
 """
 
 from __future__ import annotations
