@@ -24,7 +24,8 @@ EPILOG = """quick start:
 # owner module -> (the extra it needs, its commands); the order is the order of `seqr --help`.
 OWNERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "seqr_server.cli": ("server", ("serve", "keys", "tokens", "audit", "export", "backup", "restore")),
-    "seqr_client.cli": ("client", ("libraries", "adapters", "route", "describe", "calibrate", "health", "train")),
+    "seqr_client.cli": ("client", ("libraries", "adapters", "route", "describe", "calibrate", "health", "train",
+                                   "host")),
     "seqr_eval.demo": ("host", ("demo",)),
 }
 

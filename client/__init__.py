@@ -5,7 +5,7 @@ Import stays light (grpc + numpy): the model-host helpers that need torch live i
 """
 
 from .channel import channel_options, make_channel, tls_credentials
-from .errors import (AlreadyExistsError, CancelledError, DeadlineExceededError, FailedPreconditionError,
+from .errors import (AdapterFolderError, AlreadyExistsError, CancelledError, DeadlineExceededError, FailedPreconditionError,
                      IntegrityError, InternalError, InvalidArgumentError, LimitExceededError, NotFoundError,
                      PermissionDeniedError, SeqrError, UnauthenticatedError, UnavailableError,
                      UnimplementedError)

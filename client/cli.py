@@ -7,6 +7,7 @@ mounts them with :func:`add_commands`. Heavy imports (tqdm, torch) happen inside
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import sys
@@ -202,6 +203,25 @@ def cmd_health(a) -> int:
     return 0 if s == "SERVING" else 1
 
 
+@_run
+def cmd_host(a) -> int:
+    from seqr_client.host_engine import adapter_folders
+    from seqr_client.openai_host import HostConfig, HostServer, build_host
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    adapters = adapter_folders(a.adapters, a.adapter or [])
+    cfg = HostConfig(served_name=a.served_model_name, router_required=a.router_required,
+                     max_new_tokens=a.max_new_tokens, max_prompt_tokens=a.max_prompt_tokens, max_queue=a.max_queue)
+    client = None if a.no_routing else _client(a)
+    host = build_host(model=a.model, adapters=adapters, client=client, library=a.library, config=cfg,
+                      top_k=a.top_k, min_margin=a.min_margin, form=a.form, route_tokens=a.route_tokens, router_timeout=a.router_timeout)
+    print(f"seqr host: {len(adapters)} adapters on {a.model}; model {a.served_model_name!r} routes "
+          f"{'nowhere (--no-routing)' if client is None else f'through {a.target}, library {a.library}'}",
+          file=sys.stderr)
+    HostServer(host, listen=a.listen, log_level=a.log_level).run()
+    return 0
+
+
 def add_commands(sub) -> None:
     libs = sub.add_parser("libraries", help="create and list libraries").add_subparsers(dest="sub", required=True)
     p = libs.add_parser("create", help="create a library for one base model (with a shared frozen A)",
@@ -266,6 +286,39 @@ def add_commands(sub) -> None:
     p.add_argument("--form", choices=("activations", "projected"), default="activations")
     _common(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("host", help="serve a model over an OpenAI-compatible HTTP API, routed by seqr",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="A reference OpenAI-compatible server (POST /v1/chat/completions, /v1/completions "
+                                   "with stream=true as server-sent events; GET /v1/models) on transformers + PEFT. Per "
+                                   "request it captures the prompt's inputs, routes through the service (moments for "
+                                   "shared-A libraries), applies the adapter, a weighted top-k mix, or the base model "
+                                   "below --min-margin, and generates. model='seqr' routes, 'base' is the base model, an "
+                                   "adapter's name pins it. The response's `seqr` object and x-seqr-* headers say what "
+                                   "served it. If routing fails the base model answers and says so (--router-required: "
+                                   "503). Adapters are routed to only if this host's copy is the library's (sha256).")
+    p.add_argument("--model", default=env("HOST_MODEL", "smollm2"),
+                   help="local Hugging Face causal-LM folder, 'smollm2' or 'tiny' [SEQR_HOST_MODEL]")
+    p.add_argument("--adapters", default=env("HOST_ADAPTERS"),
+                   help="folder of PEFT adapter folders; each one's name is its folder name [SEQR_HOST_ADAPTERS]")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="one more adapter (repeatable)")
+    p.add_argument("--listen", default=env("HOST_LISTEN", "127.0.0.1:8000"), help="HOST:PORT [SEQR_HOST_LISTEN]")
+    p.add_argument("--served-model-name", default="seqr", help="the model id that routes")
+    p.add_argument("--top-k", type=int, default=1, help="1: the best adapter; k > 1: a weighted mix of the top k")
+    p.add_argument("--min-margin", type=float, default=0.0, help="below this margin the base model answers")
+    p.add_argument("--form", choices=("auto", "moments", "projected", "activations"), default="auto",
+                   help="what is sent: auto = moments when every adapter shares the library's A, else activations")
+    p.add_argument("--route-tokens", type=int, default=512, help="route on the last N prompt tokens")
+    p.add_argument("--router-timeout", type=float, default=float(env("ROUTER_TIMEOUT", "2")),
+                   help="deadline of each call to the router, seconds [SEQR_ROUTER_TIMEOUT]")
+    p.add_argument("--router-required", action="store_true", help="503 instead of the base model when routing fails")
+    p.add_argument("--no-routing", action="store_true", help="serve without the router (base model or pinned adapters)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-queue", type=int, default=16, help="requests admitted at once; 429 beyond")
+    p.add_argument("--log-level", default="info")
+    _common(p)
+    p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("health", help="SERVING / NOT_SERVING (exit code 0 only when SERVING)",
                           description="Ask the server's grpc.health.v1 service. Prints SERVING or NOT_SERVING (loading, or shutting down); exit code 0 only when SERVING.")

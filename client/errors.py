@@ -78,6 +78,11 @@ class InternalError(SeqrError):
     code = "INTERNAL"
 
 
+class AdapterFolderError(InvalidArgumentError):
+    """A local adapter folder the service would refuse (pickles, missing files), caught before
+    any byte is sent. ``field`` is "path"; the message names the folder and what to do."""
+
+
 _BY_CODE = {c.code: c for c in (InvalidArgumentError, NotFoundError, AlreadyExistsError, LimitExceededError,
                                 FailedPreconditionError, IntegrityError, UnavailableError,
                                 PermissionDeniedError, UnauthenticatedError, DeadlineExceededError,

@@ -12,8 +12,8 @@ The host side of a routing round trip::
 
 All arrays crossing this module's boundary are numpy float32; torch stays inside. Module names
 are canonical (PEFT path without ``base_model.model.``). For a vLLM host,
-:func:`vllm_lora_request_args` turns a routed choice into ``LoRARequest(name, int_id, path)``
-arguments without importing vllm.
+:func:`vllm_lora_request_args` turns a routed choice into ``LoRARequest(name, adapter_id + 1, path)``
+arguments without importing vllm (vLLM's ids start at 1, the service's at 0).
 """
 
 from __future__ import annotations
@@ -215,23 +215,32 @@ def _field(choice: Any, *keys: str):
     return None
 
 
+VLLM_ID_OFFSET = 1
+
+
 def vllm_lora_request_args(choice: Any, adapter_dirs: Mapping[str, str | os.PathLike]) -> tuple[str, int, str]:
     """``(lora_name, lora_int_id, lora_path)`` for ``vllm.lora.request.LoRARequest`` from one routed
-    choice: an object or mapping with ``name`` and ``int_id`` (or ``id``), or a ``(name, int_id)``
-    pair. ``adapter_dirs`` maps adapter names to the PEFT folders the vLLM host can read. vLLM
-    needs a unique ``lora_int_id >= 1`` per adapter; the service's ids are stable and never
-    reused, so they can be passed straight through."""
+    choice: an object or mapping with ``name`` and ``adapter_id`` (or ``int_id`` / ``id``), or a
+    ``(name, adapter_id)`` pair. ``adapter_dirs`` maps adapter names to the PEFT folders the vLLM
+    host can read.
+
+    The id mapping: ``lora_int_id = adapter_id + 1``. vLLM needs a unique ``lora_int_id >= 1``
+    (0 means "no LoRA") while the service numbers a library's adapters from 0. The service's ids
+    are stable and never reused, so the shifted ids are unique and stable too; subtract 1 to get
+    back to the service's id.
+    """
     if isinstance(choice, (tuple, list)) and len(choice) == 2:
-        name, int_id = choice
+        name, adapter_id = choice
     else:
-        name, int_id = _field(choice, "name", "adapter"), _field(choice, "int_id", "id", "adapter_id")
-    if not name or int_id is None:
-        raise ValueError(f"choice needs a name and an int id, got {choice!r}")
-    if int(int_id) < 1:
-        raise ValueError(f"vLLM needs lora_int_id >= 1, got {int_id} for {name!r}")
+        name = _field(choice, "name", "adapter")
+        adapter_id = _field(choice, "adapter_id", "int_id", "id")
+    if not name or adapter_id is None:
+        raise ValueError(f"choice needs a name and an adapter id, got {choice!r}")
+    if isinstance(adapter_id, bool) or int(adapter_id) != adapter_id or int(adapter_id) < 0:
+        raise ValueError(f"adapter ids are integers >= 0, got {adapter_id!r} for {name!r}")
     if name not in adapter_dirs:
         raise KeyError(f"no adapter folder known for {name!r}")
-    return str(name), int(int_id), str(Path(adapter_dirs[name]).resolve())
+    return str(name), int(adapter_id) + VLLM_ID_OFFSET, str(Path(adapter_dirs[name]).resolve())
 
 
 def generate_text(peft_model, tokenizer, prompt: str, *, max_new_tokens: int = 32) -> str:

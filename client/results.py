@@ -11,7 +11,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Choice:
     name: str
-    adapter_id: int      # stable, never reused: use it as vLLM's lora_int_id
+    adapter_id: int      # stable, never reused, from 0; vLLM's lora_int_id is adapter_id + 1
     score: float
     weight: float        # softmax over the returned choices at the request's temperature
 

@@ -25,10 +25,14 @@ from seqr_router.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grp
 from . import results as R
 from . import wire
 from .channel import make_channel
-from .errors import from_rpc_error
+from .errors import AdapterFolderError, from_rpc_error
 
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_FILES = (CONFIG, WEIGHTS)
 OPTIONAL_FILES = ("seqr.json", "README.md")
+# torch.save / pickle files: loading one runs arbitrary code, so the service never takes them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+RESAVE = "re-save with `save_pretrained(..., safe_serialization=True)`"
 CHUNK = 1 << 20
 Array = np.ndarray
 
@@ -44,12 +48,29 @@ def _wrap(fn):
     return call
 
 
+def _refuse(p: Path, why: str) -> AdapterFolderError:
+    msg = f"{p}: {why}"
+    return AdapterFolderError(msg, field="path", actual=str(p), details=msg)
+
+
 def read_peft_dir(path: str | Path) -> dict[str, bytes]:
-    """The files of a PEFT adapter folder that the service accepts."""
+    """The files of a PEFT adapter folder that the service accepts.
+
+    Raises AdapterFolderError (an InvalidArgumentError, field "path") for what the service
+    would refuse anyway, before anything is sent: not a folder, a pickled ``adapter_model.bin``
+    (or .pt/.pth/.pkl/.ckpt) instead of safetensors, no weights, no adapter_config.json.
+    """
     p = Path(path)
-    missing = [f for f in PEFT_FILES if not (p / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{p} is not a PEFT LoRA folder: missing {missing}")
+    if not p.is_dir():
+        raise _refuse(p, "no such adapter folder" if not p.exists() else
+                      "not a folder; pass the PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    if not (p / WEIGHTS).is_file():
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+        if pickles:
+            raise _refuse(p, f"pickles are refused ({', '.join(pickles)}); {RESAVE}")
+        raise _refuse(p, f"missing {WEIGHTS}: not a PEFT LoRA folder ({RESAVE})")
+    if not (p / CONFIG).is_file():
+        raise _refuse(p, f"missing {CONFIG}: not a PEFT LoRA folder")
     return {f: (p / f).read_bytes() for f in PEFT_FILES + OPTIONAL_FILES if (p / f).is_file()}
 
 

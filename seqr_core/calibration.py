@@ -71,6 +71,9 @@ class AdapterStats:
 class CalibrationStats:
     adapters: Mapping[str, AdapterStats] = field(default_factory=dict)
     sequences: int = 0
+    # Unix time of the Calibrate that produced these stats; the service stamps it when it stores
+    # them (the core keeps no clock). None: stats stored before calibration times were recorded.
+    calibrated_at: float | None = None
 
     def get(self, name: str) -> AdapterStats | None:
         return self.adapters.get(name)
@@ -85,6 +88,8 @@ class CalibrationStats:
                 "module_stats": {m: a.tolist() for m, a in s.module_stats.items()},
                 "seq_stats": s.seq_stats.tolist(), "tok_stats": s.tok_stats.tolist()}
             for n, s in sorted(self.adapters.items())}}
+        if self.calibrated_at is not None:
+            doc["calibrated_at"] = float(self.calibrated_at)
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
@@ -98,7 +103,9 @@ class CalibrationStats:
                                                               s["module_stats"].items()}),
                                seq_stats=np.array(s["seq_stats"]), tok_stats=np.array(s["tok_stats"]))
                for n, s in doc["adapters"].items()}
-        return cls(adapters=MappingProxyType(ads), sequences=int(doc["sequences"]))
+        at = doc.get("calibrated_at")
+        return cls(adapters=MappingProxyType(ads), sequences=int(doc["sequences"]),
+                   calibrated_at=None if at is None else float(at))
 
 
 class Calibrator:
@@ -174,4 +181,4 @@ def merge_into(index: LibraryIndex, fresh: CalibrationStats) -> CalibrationStats
     old.update(fresh.adapters)
     names = set(index.names)
     return CalibrationStats(adapters=MappingProxyType({k: v for k, v in old.items() if k in names}),
-                            sequences=fresh.sequences)
+                            sequences=fresh.sequences, calibrated_at=fresh.calibrated_at)

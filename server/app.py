@@ -42,6 +42,7 @@ from .admin_service import AdminService
 from .audit import NO_AUDIT, AuditLog, NullAudit, open_audit
 from .auth import Authenticator
 from .config import KeySource, ServerConfig
+from .decision_log import open_decision_log
 from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
@@ -246,7 +247,7 @@ async def _build(config: ServerConfig, dispatcher: Dispatcher, router: RouterSer
 
 
 def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]:
-    metrics = Metrics()
+    metrics = Metrics(decision_log=open_decision_log(config.decision_log))
     backend = load_backend(config.backend)
     audit = open_audit(config)             # a server that cannot audit does not start
     auth = _auth(config, audit)

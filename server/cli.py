@@ -125,6 +125,10 @@ def _add_serve(sub) -> None:
                    default=int(env("MAX_SHARED_A_MB", lim.max_shared_a_bytes >> 20)),
                    help="largest shared A of one library (fp32, held in memory and on disk); the "
                         "default fits Llama-3-70B's 7 modules x 80 layers at rank 64 [SEQR_MAX_SHARED_A_MB]")
+    p.add_argument("--decision-log", metavar="FILE|-", default=env("DECISION_LOG"),
+                   help="append one JSON line per routing decision (time, library, version, caller, top-k "
+                        "ids and scores, margin; never activations) to FILE (mode 0600), '-' for stdout "
+                        "[SEQR_DECISION_LOG]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("json", "text"), default=env("LOG_FORMAT", "json"), help="[SEQR_LOG_FORMAT]")
     p.set_defaults(func=cmd_serve)
@@ -146,6 +150,7 @@ def config_from_args(a) -> ServerConfig:
         audit=str(a.audit_log).lower() != "off",
         audit_log=Path(a.audit_log) if a.audit_log and str(a.audit_log).lower() != "off" else None,
         demo=a.demo, workers=a.workers, blas_threads=a.blas_threads, grace_s=a.grace, drain_s=a.drain,
+        decision_log=a.decision_log or None,
         limits=Limits(max_message_bytes=a.max_message_mb << 20, max_tokens=a.max_tokens,
                       max_modules=a.max_modules, max_top_k=a.max_top_k,
                       max_concurrent_rpcs=a.max_concurrent_rpcs, max_upload_bytes=a.max_upload_mb << 20,

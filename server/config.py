@@ -112,6 +112,7 @@ class ServerConfig:
     grace_s: float = 10.0                   # in-flight RPCs get this long at shutdown
     drain_s: float = 0.0                    # NOT_SERVING this long before refusing new RPCs
     warm: bool = True                       # route a synthetic request per library before SERVING
+    decision_log: str | None = None         # JSON lines per routing decision: a path, or "-" for stdout
     limits: Limits = field(default_factory=Limits)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping
 
@@ -308,7 +309,7 @@ class LibraryManager:
             for n in list(fresh.adapters):
                 if now_ids.get(n) != then_ids.get(n):
                     fresh = fresh.without(n)
-            merged = merge_into(cur.index, fresh)
+            merged = merge_into(cur.index, replace(fresh, calibrated_at=time.time()))
             lib = self._store.put_library_object(library, lo.CALIBRATION,
                                                  lo.encode_calibration(merged, now_ids))
             # A quarantined calibration object is replaced by this one.
@@ -363,7 +364,8 @@ class LibraryManager:
     def _changed(self, s: LibraryState) -> None:
         if self._metrics:
             self._metrics.library_changed(s.name, version=s.version, adapters=len(s.index.adapters),
-                                          damaged=len(s.damage.adapters), degraded=bool(s.damage))
+                                          damaged=len(s.damage.adapters), degraded=bool(s.damage),
+                                          calibration=s.index.calibration)
         if self._on_change is not None and s.index.adapters:    # nothing to score without adapters
             self._on_change(s.index)
 

@@ -65,11 +65,8 @@ class RouterService:
         t3 = time.perf_counter()
         resp.timings.total_ms = (t3 - t0) * 1e3
         forms = {i.form for i in inputs.values()}
-        self.metrics.route_latency.labels(state.name, forms.pop() if len(forms) == 1 else "mixed").observe(t3 - t0)
-        if decision.choices:
-            self.metrics.route_choices.labels(state.name, decision.choices[0].name).inc()
-        if decision.rechecked:
-            self.metrics.rechecked.labels(state.name).inc(decision.rechecked)
+        self.metrics.observe_route(state.name, decision, form=forms.pop() if len(forms) == 1 else "mixed",
+                                   caller=principal.name, seconds=t3 - t0)
         return resp
 
     def _scope(self, state: LibraryState, asked: list[str], principal: Principal):

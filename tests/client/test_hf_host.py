@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from seqr_client import Choice
 from seqr_client.hf_host import (MIX_NAME, apply_decision, capture_inputs, generate_text,
                                  group_shared_inputs, load_adapters, moments, project,
                                  shared_a_matrices, vllm_lora_request_args)
@@ -180,11 +181,21 @@ def test_vllm_lora_request_args_from_each_choice_form(host, tmp_path):
     class Choice:
         name, int_id, score = "code", 7, 1.5
 
-    want = ("code", 7, str(dirs["code"].resolve()))
+    want = ("code", 8, str(dirs["code"].resolve()))   # lora_int_id = adapter id + 1
     assert vllm_lora_request_args(Choice(), dirs) == want
     assert vllm_lora_request_args({"name": "code", "id": 7}, dirs) == want
     assert vllm_lora_request_args(("code", 7), dirs) == want
     with pytest.raises(ValueError):
-        vllm_lora_request_args(("code", 0), dirs)  # vLLM ids start at 1
+        vllm_lora_request_args(("code", -1), dirs)
+    with pytest.raises(ValueError):
+        vllm_lora_request_args(("code", 1.5), dirs)
     with pytest.raises(KeyError):
         vllm_lora_request_args(("nope", 3), dirs)
+
+
+def test_a_librarys_first_adapter_gets_vllm_id_1(host):
+    _, _, dirs, _ = host
+    first = Choice(name="code", adapter_id=0, score=2.0, weight=1.0)   # what RouterClient.route returns
+    second = Choice(name="bible", adapter_id=1, score=1.0, weight=0.0)
+    assert vllm_lora_request_args(first, dirs)[1] == 1
+    assert vllm_lora_request_args(second, dirs)[1] == 2

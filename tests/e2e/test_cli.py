@@ -21,7 +21,7 @@ SEQR = str(Path(sys.executable).with_name("seqr"))
 COMMANDS = [["serve"], ["keys", "init"], ["tokens", "new"], ["libraries", "create"], ["libraries", "ls"],
             ["adapters", "put"], ["adapters", "ls"], ["adapters", "rm"], ["route"], ["describe"],
             ["calibrate"], ["health"], ["export", "onnx"], ["keys", "rotate"], ["keys", "ls"], ["backup"],
-            ["restore"], ["audit", "verify"]]
+            ["restore"], ["audit", "verify"], ["host"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
