@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from seqr_client import AdapterFolderError, InvalidArgumentError, RouterClient
-from seqr_server.cli import main
+from seqr_cli.main import main
 
 from .conftest import LIB, create_library
 
