@@ -272,7 +272,8 @@ def main(argv=None) -> int:
         P.register_library(client, MAIN, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
                            rank=RECIPE["rank"], modules=modules, adapters=shared, progress=True)
         P.register_library(client, MIXED, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
-                           rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True)
+                           rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True,
+                           allow_general=True)
         kinds = {x.name: x.kind for x in client.list_adapters(MIXED)}
         mark("register", t0)
         log(f"server {handles.target}; {MAIN}: {len(shared)} adapters; {MIXED}: {kinds}")

@@ -43,7 +43,8 @@ class RouterService:
 
     def DescribeLibrary(self, request, call: Call):
         state = self.manager.get(request.library, call.principal)
-        return library_info(state, call.principal, include_shared_a=request.include_shared_a)
+        return library_info(state, call.principal, include_shared_a=request.include_shared_a,
+                            include_background=request.include_background, limits=self.limits)
 
     def _route(self, req: router_pb2.RouteRequest, principal: Principal) -> router_pb2.RouteResponse:
         t0 = time.perf_counter()
