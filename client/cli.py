@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import training
+
 FORMS = ("activations", "projected", "moments")
 
 
@@ -285,15 +287,16 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(a) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from seqr_client import training
+        return int(training.run(a) or 0)
     except ImportError as e:
         print(f"seqr train needs the training extras (torch, transformers, peft): {e}", file=sys.stderr)
         return 2
-    return int(training.main(a.rest) or 0)
 
 
 def add_train_command(sub) -> None:
-    tr = sub.add_parser("train", help="train an adapter for a library (seqr_client.training)", add_help=False)
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
-    tr.set_defaults(func=cmd_train)
+    tr = sub.add_parser("train", help="train an adapter for a library (only B, against its shared A and background)",
+                        description=training.DESCRIPTION)
+    training.add_arguments(tr)
+    tr.set_defaults(func=_run(cmd_train))
