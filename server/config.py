@@ -118,6 +118,11 @@ class ServerConfig:
     grace_s: float = 10.0                   # in-flight RPCs get this long at shutdown
     drain_s: float = 0.0                    # NOT_SERVING this long before refusing new RPCs
     warm: bool = True                       # route a synthetic request per library before SERVING
+    # --learn-from-traffic (server/traffic.py): decayed moments of routed traffic (drift metric),
+    # statistics for adapters that have none, both from aggregates only.
+    learn_from_traffic: bool = False
+    learn_half_life: float = 5000.0         # sequences
+    learn_min_sequences: int = 256          # before learned statistics are stored
     limits: Limits = field(default_factory=Limits)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
 

@@ -17,15 +17,17 @@ from .info import library_info
 from .manager import LibraryManager, LibraryState
 from .metrics import Metrics
 from .rpc import Call
+from .traffic import TrafficLearner
 from .views import route_in_view
 
 RouteFn = Callable[[LibraryIndex, dict, RouteOptions], Decision]
 
 
 class RouterService:
-    def __init__(self, *, manager: LibraryManager, limits: Limits, metrics: Metrics, route_fn: RouteFn):
+    def __init__(self, *, manager: LibraryManager, limits: Limits, metrics: Metrics, route_fn: RouteFn,
+                 learner: TrafficLearner | None = None):
         self.manager, self.limits, self.metrics = manager, limits, metrics
-        self.route_fn = route_fn
+        self.route_fn, self.learner = route_fn, learner
 
     def Route(self, request, call: Call):
         return self._route(request, call.principal)
@@ -71,6 +73,8 @@ class RouterService:
             self.metrics.route_choices.labels(state.name, decision.choices[0].name).inc()
         if decision.rechecked:
             self.metrics.rechecked.labels(state.name).inc(decision.rechecked)
+        if self.learner is not None:
+            self.learner.observe(state, inputs, granularity=options.granularity)
         return resp
 
     def _scope(self, state: LibraryState, asked: list[str], principal: Principal):
