@@ -54,7 +54,7 @@ def _world_modules(world):
 def tiny_world(c, world):
     create_library(c, world, name="tiny")
     for name, path in world.adapters.items():
-        c.put_adapter(path, name=name, library="tiny")
+        c.put_adapter(path, name=name, library="tiny", allow_general=name.startswith("general"))
     return "tiny", _inputs(_world_modules(world))
 
 
