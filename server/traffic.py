@@ -85,14 +85,15 @@ class TrafficLearner:
         try:
             index = state.index
             lib.pool.begin_sequence()
+            x64: dict[int, np.ndarray] = {}    # q/k/v of a layer share one input: convert it once
             for m, inp in inputs.items():
                 if m not in index.shared_a:
                     continue
                 if inp.form == "moments":
                     lib.pool.add_moments(m, inp.data, inp.tokens)
-                else:
-                    z = inp.data.astype(np.float64)
-                    lib.pool.add_tokens(m, z if inp.form == "projected" else z @ index.shared_a[m].T.astype(np.float64))
+                    continue
+                z = x64.setdefault(id(inp.data), inp.data.astype(np.float64))
+                lib.pool.add_tokens(m, z if inp.form == "projected" else z @ index.shared_a[m].T.astype(np.float64))
             lib.seen += 1
             self.metrics.traffic_sequences.labels(state.name).set(lib.pool.sequences)
             self._calibrate_gaps(state, inputs, lib)
