@@ -272,7 +272,8 @@ def main(argv=None) -> int:
         P.register_library(client, MAIN, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
                            rank=RECIPE["rank"], modules=modules, adapters=shared, progress=True)
         P.register_library(client, MIXED, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
-                           rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True)
+                           rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True,
+                           allow_general=True)
         kinds = {x.name: x.kind for x in client.list_adapters(MIXED)}
         mark("register", t0)
         log(f"server {handles.target}; {MAIN}: {len(shared)} adapters; {MIXED}: {kinds}")
@@ -318,6 +319,12 @@ def main(argv=None) -> int:
         mix = routed[(MIXED, f"seqr · {BEST}")]
         res["mixed_general_share"] = float(np.mean([n.startswith("general-") for n in mix.names]))
         res["margins"] = {"median": float(np.median(routed[(MAIN, f"seqr · {BEST}")].margins))}
+        # What a margin means to a host: accuracy by margin, and where to stop trusting top-1.
+        from seqr_eval import confidence
+        res["confidence"] = {f"{lib}: {key}": confidence.report(r.margins, r.scores, labels, owner=P.domain_of)
+                             for lib, key in ((MAIN, f"seqr · {BEST}"), (MAIN, "seqr · activation"),
+                                              (MIXED, f"seqr · {BEST}"))
+                             if (r := routed.get((lib, key))) is not None}
 
         # 7a. input forms: bytes and latency --------------------------------------------
         t0 = time.perf_counter()
@@ -424,6 +431,11 @@ def _prompt(text: str, n: int = 300) -> str:
     return text[:cut if cut > 0 else n]
 
 
+def confidence_lines(rep: dict, title: str) -> list[str]:
+    from seqr_eval import confidence
+    return confidence.markdown(rep, title)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -478,6 +490,10 @@ def report(res: dict, corpora, files: list[str], a) -> str:
               + (f"; best baseline: {best_base} = {_pct(acc[MAIN][best_base])}." if best_base else "."),
               f"In `{MIXED}` the general adapters won {_pct(res['mixed_general_share'])} of the samples under {BEST}.",
               f"Median margin (first − second score) under {BEST}: {res['margins']['median']:.3f}."]
+    for title, rep in res.get("confidence", {}).items():
+        lines += ["", f"### Confidence: accuracy by margin ({title})", "",
+                  "Hosts: below the threshold, serve the base model or a top-2 mix (see README).", "",
+                  *confidence_lines(rep, title)]
     if res["fallbacks"]:
         lines += ["", "Fallbacks reported by the service: " + "; ".join(f"{k}: {v}" for k, v in res["fallbacks"].items())]
     lines += ["", "### seqr vs exact (brute force), per sample", "",

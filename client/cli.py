@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import training
+
 FORMS = ("activations", "projected", "moments")
 
 
@@ -81,7 +83,7 @@ def cmd_libraries_create(a) -> int:
     with _client(a) as c:
         info = c.create_library(a.name, signature=sig, shared_a_seed=a.shared_a_seed if shared is None else None,
                                 shared_a_rank=a.rank, shared_a_modules=modules if a.targets else None,
-                                shared_a=shared)
+                                shared_a=shared, shared_a_only=a.shared_a_only)
     _print(a, info, f"created {info.name} v{info.version}: {len(info.modules)} modules, "
                     f"{sum(1 for m in info.modules if m.shared_rank)} with a shared A")
     return 0
@@ -111,7 +113,8 @@ def cmd_adapters_put(a) -> int:
                                desc=f"uploading {len(dirs)} adapter(s)") as bar:
         for d in dirs:
             bar.set_postfix_str(d.name)
-            out.append(c.put_adapter_files(files[d], name=a.name or d.name, library=a.library, progress=bar.update))
+            out.append(c.put_adapter_files(files[d], name=a.name or d.name, library=a.library, progress=bar.update,
+                                           allow_general=a.allow_general))
     _print(a, out, "\n".join(f"{i.name}\tid={i.adapter_id}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules"
                              for i in out))
     return 0
@@ -175,7 +178,10 @@ def cmd_describe(a) -> int:
     recipe = f"seed {info.shared_a_recipe.seed}" if info.shared_a_recipe else "uploaded/none"
     text = [f"{info.name} v{info.version}  base model {info.base_model}",
             f"  {len(info.modules)} modules, {len(shared)} with shared A ({recipe})",
-            f"  calibration: {info.calibration_sequences} sequences, {len(info.calibrated_adapters)} adapters",
+            f"  calibration: {info.calibration_sequences} sequences, {len(info.calibrated_adapters)} adapters"
+            + (f" ({len(info.derived_adapters)} from the pooled moments of {info.pooled_sequences} sequences)"
+               if info.pooled_sequences else ""),
+            *(["  shared-A adapters only"] if info.shared_a_only else []),
             *([f"  DEGRADED: damaged objects {list(info.damaged_objects)}, damaged adapters "
                f"{[x.name for x in info.adapters if x.status == 'damaged']}"] if info.degraded else []),
             f"  {len(info.adapters)} adapters:"]
@@ -236,6 +242,8 @@ def add_commands(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="shared A rank")
     p.add_argument("--targets", default="q_proj,v_proj",
                    help="module name suffixes that get a shared A ('' for all modules)")
+    p.add_argument("--shared-a-only", action="store_true",
+                   help="refuse every adapter whose lora_A is not the library's shared A (no general adapters)")
     _common(p, library=False)
     p.set_defaults(func=cmd_libraries_create)
     p = libs.add_parser("ls", help="list libraries",
@@ -248,6 +256,10 @@ def add_commands(sub) -> None:
                           description='Upload one or more PEFT LoRA folders (adapter_config.json + adapter_model.safetensors; fp32/fp16/bf16). Each is checked (sha256, strict safetensors parsing - pickles are refused, base-model shapes, rank, finiteness) before it is stored encrypted; the name defaults to the folder name. A progress bar covers all bytes.')
     p.add_argument("dirs", nargs="+", help="folders with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--name", help="adapter name (default: the folder name; one folder only)")
+    p.add_argument("--allow-general", action="store_true",
+                   help="store an adapter whose lora_A is not the library's shared A as a general adapter "
+                        "(exact but slower path; general adapters tend to win over shared-A ones). Without "
+                        "it such an upload is refused; better: retrain it with `seqr train --library`")
     _common(p)
     p.set_defaults(func=cmd_adapters_put)
     p = ads.add_parser("ls", help="list adapters",
@@ -328,15 +340,16 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(a) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from seqr_client import training
+        return int(training.run(a) or 0)
     except ImportError as e:
         print(f"seqr train needs the training extras (torch, transformers, peft): {e}", file=sys.stderr)
         return 2
-    return int(training.main(a.rest) or 0)
 
 
 def add_train_command(sub) -> None:
-    tr = sub.add_parser("train", help="train an adapter for a library (seqr_client.training)", add_help=False)
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
-    tr.set_defaults(func=cmd_train)
+    tr = sub.add_parser("train", help="train an adapter for a library (only B, against its shared A and background)",
+                        description=training.DESCRIPTION)
+    training.add_arguments(tr)
+    tr.set_defaults(func=_run(cmd_train))

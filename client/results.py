@@ -93,6 +93,10 @@ class LibraryInfo:
     shared_a: Mapping[str, np.ndarray] = field(default_factory=dict)   # include_shared_a=True
     degraded: bool = False                 # damage this caller may know of (see damaged_objects, adapters)
     damaged_objects: tuple[str, ...] = ()  # quarantined library objects, e.g. "calibration"
+    background: Mapping[str, np.ndarray] = field(default_factory=dict)  # include_background=True
+    shared_a_only: bool = False            # the library refuses adapters with their own A
+    pooled_sequences: int = 0              # sequences behind the pooled moments (0: none)
+    derived_adapters: tuple[str, ...] = () # calibrated from the pooled moments, not streamed
 
 
 @dataclass(frozen=True)
@@ -117,3 +121,4 @@ class CalibrationResult:
     sequences: int
     adapters: tuple[str, ...]
     library_version: int
+    pooled_moments_updated: bool = False   # the stream replaced the library's pooled moments

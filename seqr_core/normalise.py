@@ -66,7 +66,22 @@ def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisat
     else:
         need = st.present[np.ix_(rows, pos)]                                  # (Mr, n)
         bad = ~st.cal.calibrated[pos] | (need & ~st.cal.has[np.ix_(rows, pos)]).any(axis=0)
+        bad |= ~_has_values(st.cal, norm, rows, pos, need)
     return [index.adapters[int(p)].name for p in pos[bad]]
+
+
+def _has_values(cal, norm: Normalisation, rows, pos: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """(n,) whether the statistics ``norm`` reads are numbers: stats derived from pooled
+    moments (calibration.derived_stats) hold transform e per module only, NaN elsewhere."""
+    t = 0 if norm.kind == "activation" else TRANSFORMS.index(norm.transform)
+    if norm.kind == "zscore" and norm.granularity == "adapter":
+        return np.isfinite(cal.seq_mean[t, pos]) & np.isfinite(cal.seq_std[t, pos]) \
+            & np.isfinite(cal.tok_mean[t, pos]) & np.isfinite(cal.tok_std[t, pos])
+    arrays = [cal.mod_mean[t]] if norm.kind == "activation" else [cal.mod_mean[t], cal.mod_std[t]]
+    ok = np.ones(pos.size, bool)
+    for a in arrays:
+        ok &= ~(need & ~np.isfinite(a[np.ix_(rows, pos)])).any(axis=0)
+    return ok
 
 
 def effective(index: LibraryIndex, norm: Normalisation, modules, ids: np.ndarray | None = None

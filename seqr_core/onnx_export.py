@@ -144,7 +144,8 @@ def _unscorable(index: LibraryIndex, mforms, norm: Normalisation) -> dict[str, s
         st = index.calibration.get(e.name) if index.calibration is not None else None
         if not targeted:
             continue
-        if st is None or not set(targeted) <= set(st.modules):
+        if st is None or not set(targeted) <= set(st.modules) or \
+                not st.serves(norm.kind, norm.granularity, norm.transform):
             why.setdefault(e.name, "uncalibrated on the exported modules")
         elif adapter_level and targeted != tuple(st.modules):
             why.setdefault(e.name, "adapter-level zscore calibrated on other modules")

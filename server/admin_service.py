@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from seqr_core import BaseModelSignature, Calibrator, ModuleSpec, SharedARecipe
@@ -53,7 +54,8 @@ class AdminService:
                 raise InvalidArgumentError("more bytes than the header announced", field="files",
                                            limit=total, actual=len(buf))
         files = await call.run(_split_files, h, buf)
-        state, entry = await call.run(self.manager.put_adapter, h.library, h.name, files, dict(h.meta), principal)
+        state, entry = await call.run(functools.partial(self.manager.put_adapter, allow_general=h.allow_general),
+                                      h.library, h.name, files, dict(h.meta), principal)
         return admin_pb2.PutAdapterResponse(adapter=adapter_info(state, entry), library_version=state.version)
 
     def DeleteAdapter(self, request, call: Call):
@@ -71,7 +73,7 @@ class AdminService:
         principal = call.principal
         state = self.manager.get(first.library, principal)
         index = state.index
-        cal = Calibrator(index)
+        cal = Calibrator(index, second_order=lo.moment_bytes(state.spec) <= self.limits.max_moment_bytes)
 
         def update(n: int, req) -> None:
             if req.library and req.library != state.name:
@@ -92,9 +94,11 @@ class AdminService:
         for name in list(fresh.adapters):       # never fit stats for adapters the caller cannot see
             if not principal.may_use_adapter(name):
                 fresh = fresh.without(name)
-        state, names = await call.run(self.manager.store_calibration, state.name, index, fresh, principal)
-        return admin_pb2.CalibrateResponse(sequences=fresh.sequences, adapters=names,
-                                           library_version=state.version)
+        pool = cal.pool() if principal.unrestricted else None   # the pool serves every adapter
+        state, names = await call.run(functools.partial(self.manager.store_calibration, pool=pool),
+                                      state.name, index, fresh, principal)
+        return admin_pb2.CalibrateResponse(sequences=fresh.sequences, adapters=names, library_version=state.version,
+                                           pooled_moments_updated=pool is not None and bool(pool.modules))
 
     def ExportScorer(self, request, call: Call) -> list:
         export = exporter()
@@ -131,7 +135,8 @@ def _library_spec(req: admin_pb2.CreateLibraryRequest, limits: Limits) -> lo.Lib
             sig.spec(m, field=f"uploaded.modules[{m}]")
             shared[m] = wire.decode_tensor(t, field=f"uploaded.modules[{m}]", limits=limits)
         lo.check_uploaded_shared_a(shared, limits=limits)
-    return lo.LibrarySpec(name=req.name, signature=sig, shared_a=shared, recipe=recipe, meta=dict(req.meta))
+    return lo.LibrarySpec(name=req.name, signature=sig, shared_a=shared, recipe=recipe, meta=dict(req.meta),
+                          shared_a_only=req.shared_a_only)
 
 
 def _check_announced(h: admin_pb2.PutAdapterHeader, limits: Limits) -> int:

@@ -47,6 +47,7 @@ from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
 from .router_service import RouterService
+from .traffic import TrafficLearner
 from .request_bounds import check_request
 from .rpc import Admission, Dispatcher
 from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, LibraryStore, dev_key_file
@@ -143,6 +144,7 @@ class ServerHandles:
     metrics_port: int | None = None
     audit: AuditLog | NullAudit = NO_AUDIT
     auth: Authenticator | None = None
+    learner: TrafficLearner | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
     _stopped: bool = False
@@ -262,7 +264,10 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
                             tls=creds is not None,
                             check_request=functools.partial(check_request, limits=config.limits),
                             on_auth_failure=lambda method, err, peer: auth.refused(method, err, peer=peer, principal=None))
-    router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route)
+    learner = TrafficLearner(manager=manager, metrics=metrics, submit=pool.submit, half_life=config.learn_half_life,
+                             min_sequences=config.learn_min_sequences) if config.learn_from_traffic else None
+    router = RouterService(manager=manager, limits=config.limits, metrics=metrics, route_fn=backend.route,
+                           learner=learner)
     admin = AdminService(manager=manager, limits=config.limits)
     loop = _LoopThread()
     try:
@@ -275,7 +280,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
         raise UnavailableError(f"cannot listen on {config.listen}: {e}", field="listen",
                                actual=config.listen) from None
     return server, ServerHandles(server=server, port=port, config=config, manager=manager, health=hs,
-                                 metrics=metrics, backend=backend, pool=pool, loop=loop, audit=audit, auth=auth)
+                                 metrics=metrics, backend=backend, pool=pool, loop=loop, audit=audit, auth=auth,
+                                 learner=learner)
 
 
 def serve(config: ServerConfig) -> int:

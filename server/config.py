@@ -35,6 +35,12 @@ class Limits:
     max_upload_bytes: int = 512 << 20       # all files of one adapter
     max_upload_files: int = 4
     max_calibration_sequences: int = 1_000_000
+    # Pooled moments kept per library (seqr_core.moments): second-order ones (K×K float64 per
+    # shared-A module, K = r(r+1)/2) only while they fit this budget; first moments always.
+    # 60 modules at rank 8 take 0.6 MB, 560 modules at rank 16 83 MB.
+    max_moment_bytes: int = 64 << 20
+    # The background (pooled E[z zᵀ]) is published only when it pools at least this many sequences.
+    min_background_sequences: int = 16
     # Every caller-supplied string is checked at the wire (server/request_bounds.py).
     max_name_length: int = 256              # names: library, adapter, module, tensor, file, base model
     max_meta_value_length: int = 1024       # free-text meta values
@@ -113,6 +119,11 @@ class ServerConfig:
     drain_s: float = 0.0                    # NOT_SERVING this long before refusing new RPCs
     warm: bool = True                       # route a synthetic request per library before SERVING
     decision_log: str | None = None         # JSON lines per routing decision: a path, or "-" for stdout
+    # --learn-from-traffic (server/traffic.py): decayed moments of routed traffic (drift metric),
+    # statistics for adapters that have none, both from aggregates only.
+    learn_from_traffic: bool = False
+    learn_half_life: float = 5000.0         # sequences
+    learn_min_sequences: int = 256          # before learned statistics are stored
     limits: Limits = field(default_factory=Limits)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
 

@@ -7,10 +7,14 @@ know of its damage.
 
 from __future__ import annotations
 
+import numpy as np
+
 from seqr_core import AdapterEntry
+from seqr_core.errors import FailedPreconditionError
 from seqr_router.v1 import admin_pb2, library_pb2
 
 from .auth import Principal
+from .config import Limits
 from .manager import LibraryState
 from .quarantine import Damage
 from .store import AdapterRecord
@@ -60,7 +64,8 @@ def adapter_infos(state: LibraryState, principal: Principal) -> list[library_pb2
 
 
 def library_info(state: LibraryState, principal: Principal, *, include_shared_a: bool = False,
-                 include_adapters: bool = True) -> library_pb2.LibraryInfo:
+                 include_adapters: bool = True, include_background: bool = False,
+                 limits: Limits | None = None) -> library_pb2.LibraryInfo:
     idx, spec = state.index, state.spec
     sig = library_pb2.Signature(base_model=idx.signature.base_model, modules=[
         library_pb2.ModuleSpec(name=m.name, d_in=m.d_in, d_out=m.d_out,
@@ -72,8 +77,12 @@ def library_info(state: LibraryState, principal: Principal, *, include_shared_a:
         name=state.name, version=state.view_version(principal), signature=sig, meta=_strings(spec.meta),
         calibration=library_pb2.CalibrationInfo(
             sequences=cal.sequences if cal is not None else 0,
-            adapters=[e.name for e in visible if cal is not None and cal.get(e.name) is not None]),
-        degraded=state.degraded_for(principal), damaged_objects=sorted(state.damage.objects))
+            adapters=[e.name for e in visible if cal is not None and cal.get(e.name) is not None],
+            pooled_sequences=int(state.pool.sequences) if state.pool is not None else 0,
+            derived_adapters=[e.name for e in visible if cal is not None and cal.get(e.name) is not None
+                              and cal.get(e.name).derived]),
+        degraded=state.degraded_for(principal), damaged_objects=sorted(state.damage.objects),
+        shared_a_only=spec.shared_a_only)
     if spec.recipe is not None:
         info.shared_a_recipe.CopyFrom(library_pb2.SharedARecipe(
             seed=spec.recipe.seed, scheme=spec.recipe.scheme, rng=spec.recipe.rng))
@@ -82,7 +91,22 @@ def library_info(state: LibraryState, principal: Principal, *, include_shared_a:
     if include_shared_a:
         for m, A in idx.shared_a.items():
             info.shared_a[m].CopyFrom(encode_tensor(A))
+    if include_background:
+        for m, S in background(state, limits or Limits()).items():
+            info.background[m].CopyFrom(encode_tensor(S.astype(np.float32)))
     return info
+
+
+def background(state: LibraryState, limits: Limits) -> dict:
+    """The library's pooled E[z zᵀ] per shared-A module; refused while it pools too few
+    sequences to be an aggregate (min_background_sequences)."""
+    n = int(state.pool.sequences) if state.pool is not None else 0
+    if n < limits.min_background_sequences:
+        raise FailedPreconditionError(
+            f"library {state.name!r} has no background yet: its pooled moments cover {n} sequences, "
+            f"the minimum is {limits.min_background_sequences} (run Calibrate with unlabeled traffic)",
+            field="include_background", limit=limits.min_background_sequences, actual=n)
+    return state.pool.background()
 
 
 def library_summary(state: LibraryState, principal: Principal) -> admin_pb2.LibrarySummary:

@@ -4,7 +4,10 @@
 * object ``shared_a``: the frozen A per module as safetensors (stored even when it came from a
   recipe, so a library never depends on a future numpy drawing the same numbers);
 * object ``calibration``: CalibrationStats plus the adapter id each adapter's stats belong to,
-  so stats of a deleted adapter can never attach to a later adapter of the same name;
+  so stats of a deleted adapter can never attach to a later adapter of the same name (stats
+  derived from the pooled moments are not stored: they are derived again at every load);
+* object ``moments``: the pooled moments of z = A·x per shared-A module (seqr_core.moments),
+  written with the calibration it came from in one commit;
 * per adapter: the uploaded PEFT files verbatim (re-parsed on startup) and meta.
 """
 
@@ -16,16 +19,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from seqr_core import (BaseModelSignature, CalibrationStats, LibraryIndex, SharedARecipe,
-                       generate_shared_a, read_safetensors, write_safetensors)
+from seqr_core import (AdapterEntry, BaseModelSignature, CalibrationStats, LibraryIndex, MomentPool,
+                       SharedARecipe, generate_shared_a, read_safetensors, write_safetensors)
 from seqr_core.adapters import MAX_RANK
-from seqr_core.errors import InvalidArgumentError, IntegrityError, LimitExceededError
+from seqr_core.errors import FailedPreconditionError, InvalidArgumentError, IntegrityError, LimitExceededError
 
 from .config import Limits
 
 FORMAT = 1
 SHARED_A = "shared_a"
 CALIBRATION = "calibration"
+MOMENTS = "moments"
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,12 @@ class LibrarySpec:
     shared_a: Mapping[str, np.ndarray]
     recipe: SharedARecipe | None
     meta: Mapping[str, str]
+    shared_a_only: bool = False     # refuse adapters whose A is not the shared A
 
     def store_meta(self) -> dict:
         return {"format": FORMAT, "signature": self.signature.to_dict(),
-                "recipe": self.recipe.to_dict() if self.recipe else None, "user": dict(self.meta)}
+                "recipe": self.recipe.to_dict() if self.recipe else None, "user": dict(self.meta),
+                **({"shared_a_only": True} if self.shared_a_only else {})}
 
     def objects(self) -> dict[str, bytes]:
         return {SHARED_A: write_safetensors(dict(self.shared_a))} if self.shared_a else {}
@@ -114,10 +120,47 @@ def spec_from_store(name: str, meta: dict, shared_a_bytes: bytes | None) -> Libr
     recipe = SharedARecipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
     shared = read_safetensors(shared_a_bytes, field=f"library[{name}].shared_a")[0] if shared_a_bytes else {}
     return LibrarySpec(name=name, signature=sig, shared_a=shared, recipe=recipe,
-                       meta=dict(meta.get("user") or {}))
+                       meta=dict(meta.get("user") or {}), shared_a_only=bool(meta.get("shared_a_only", False)))
+
+
+def check_adapter_kind(spec: LibrarySpec, entry: AdapterEntry, *, allow_general: bool) -> None:
+    """An upload whose A is not the library's shared A is never silently stored as general."""
+    foreign = [m for m in sorted(entry.adapter.factors) if m not in entry.shared_modules]
+    if not foreign:
+        return
+    m = foreign[0]
+    if spec.shared_a_only:
+        why = ("has no shared A in this library" if m not in spec.shared_a
+               else "is not the library's shared A")
+        raise FailedPreconditionError(
+            f"library {spec.name!r} accepts shared-A adapters only (created with shared_a_only), and "
+            f"module {m} of adapter {entry.name!r} {why}: train it against the library "
+            f"(seqr train --library {spec.name})", field="library.shared_a_only", actual=entry.name)
+    mismatched = [x for x in foreign if x in spec.shared_a]
+    if mismatched and not allow_general:
+        raise FailedPreconditionError(
+            f"lora_A of adapter {entry.name!r} is not the library's shared A on {len(mismatched)} "
+            f"module(s), e.g. {mismatched[0]}: it would be routed as a general adapter (exact but slower, "
+            f"and general adapters tend to win over shared-A ones). Train it against the library "
+            f"(seqr train --library {spec.name}), or set allow_general (seqr adapters put --allow-general) "
+            "to store it as general", field="header.allow_general", actual=entry.name)
+
+
+def moment_bytes(spec: LibrarySpec) -> int:
+    """Bytes of the second-order pooled moments (K×K float64 per shared-A module)."""
+    return sum(8 * (a.shape[0] * (a.shape[0] + 1) // 2) ** 2 for a in spec.shared_a.values())
+
+
+def encode_moments(pool: MomentPool) -> bytes:
+    return pool.to_bytes()
+
+
+def decode_moments(raw: bytes) -> MomentPool:
+    return MomentPool.from_bytes(raw)
 
 
 def encode_calibration(stats: CalibrationStats, adapter_ids: Mapping[str, int]) -> bytes:
+    stats = stats.streamed()
     doc = {"format": FORMAT, "adapter_ids": {n: int(adapter_ids[n]) for n in stats.adapters},
            "stats": json.loads(stats.to_bytes())}
     return json.dumps(doc, sort_keys=True).encode()

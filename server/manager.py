@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, RouteOptions,
-                       merge_into, parse_peft_adapter, route)
+from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, MomentPool, RouteOptions,
+                       derived_stats, merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
@@ -55,6 +55,7 @@ class LibraryState:
     records: Mapping[str, AdapterRecord] = field(default_factory=dict)   # every stored adapter
     names_by_id: Mapping[int, str] = field(default_factory=dict)
     changes: ChangeLog = ChangeLog(library=0, adapters=MappingProxyType({}))
+    pool: MomentPool | None = None       # pooled moments of the last (unrestricted) Calibrate
     _views: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -99,11 +100,15 @@ class LibraryState:
 
 
 def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
-           damage: LibraryDamage = LibraryDamage()) -> LibraryState:
+           damage: LibraryDamage = LibraryDamage(), pool: MomentPool | None = None) -> LibraryState:
+    """The state for ``index``; shared-A adapters without statistics get them from ``pool``."""
     recs = {r.name: r for r in record.adapters}
+    cal = derived_stats(index, pool)
+    if cal is not index.calibration:
+        index = index.with_calibration(cal, version=index.version)
     return LibraryState(spec=spec, index=index, record=record, damage=damage, records=MappingProxyType(recs),
                         names_by_id=MappingProxyType({e.adapter_id: e.name for e in index.adapters}),
-                        changes=ChangeLog.of(record))
+                        changes=ChangeLog.of(record), pool=pool)
 
 
 class LibraryManager:
@@ -185,7 +190,15 @@ class LibraryManager:
         elif raw is not None:
             ids = {e.name: e.adapter_id for e in index.adapters}
             index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
-        return _state(spec, index, rec, damage)
+        pool = guarded(lambda: self._read_moments(name), library=name, what=lo.MOMENTS)
+        if isinstance(pool, Damage):
+            damage = LibraryDamage(damage.adapters, MappingProxyType({**damage.objects, lo.MOMENTS: pool}))
+            pool = None
+        return _state(spec, index, rec, damage, pool)
+
+    def _read_moments(self, library: str) -> MomentPool | None:
+        raw = self._store.read_library_object(library, lo.MOMENTS)
+        return None if raw is None else lo.decode_moments(raw)
 
     def _load_adapter(self, library: str, ar: AdapterRecord, spec: lo.LibrarySpec) -> ParsedAdapter | Damage:
         """One stored adapter, parsed; or the Damage that quarantines it (the library loads on)."""
@@ -247,7 +260,7 @@ class LibraryManager:
         self._check_quota(principal, Usage(adapters=adapters, bytes=nbytes))
 
     def put_adapter(self, library: str, name: str, files: dict[str, bytes], meta: Mapping[str, str],
-                    principal: Principal) -> tuple[LibraryState, AdapterEntry]:
+                    principal: Principal, *, allow_general: bool = False) -> tuple[LibraryState, AdapterEntry]:
         check_adapter_name(name, field="header.name")
         sig = self.get(library, principal, field="header.library").index.signature
         parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
@@ -262,6 +275,7 @@ class LibraryManager:
             predicted = self._store.library(library).next_adapter_id
             dry, entry = cur.index.add_adapter(parsed.adapter, adapter_id=predicted,
                                                upload_dtype=parsed.upload_dtype)
+            lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
             rec = self._store.put_adapter(library, name, files=files, meta={
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
                 "base_model": parsed.base_model, OWNER: principal.name})
@@ -271,7 +285,7 @@ class LibraryManager:
             else:   # cannot happen while we are the store's only writer; stay correct anyway
                 new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
                                                    upload_dtype=parsed.upload_dtype, version=lib.version)
-            state = _state(cur.spec, new, lib, cur.damage)
+            state = _state(cur.spec, new, lib, cur.damage, cur.pool)
             self._swap(state)
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
@@ -289,7 +303,7 @@ class LibraryManager:
                 cur.entry(name, principal, field="name")
                 (index, _), damage = cur.index.remove_adapter(name), cur.damage
             lib = self._store.delete_adapter(library, name)
-            state = _state(cur.spec, index.with_version(lib.version), lib, damage)
+            state = _state(cur.spec, index.with_version(lib.version), lib, damage, cur.pool)
             self._swap(state)
         if self._metrics:
             self._metrics.adapter_deleted(library, name)
@@ -299,8 +313,11 @@ class LibraryManager:
         return state, gone
 
     def store_calibration(self, library: str, basis: LibraryIndex, fresh: CalibrationStats,
-                          principal: Principal) -> tuple[LibraryState, list[str]]:
-        """Store stats fitted on snapshot ``basis``; adapters replaced since then are dropped."""
+                          principal: Principal, *, pool: MomentPool | None = None) -> tuple[LibraryState, list[str]]:
+        """Store stats fitted on snapshot ``basis``; adapters replaced since then are dropped.
+
+        ``pool`` (the stream's pooled moments) replaces the library's on the modules it covers,
+        in the same commit; shared-A adapters without streamed stats are derived from the result."""
         with self.audit.mutation(principal=principal, action="Calibrate", library=library), self._write:
             self._check_open()
             cur = self.get(library, principal)
@@ -309,12 +326,19 @@ class LibraryManager:
             for n in list(fresh.adapters):
                 if now_ids.get(n) != then_ids.get(n):
                     fresh = fresh.without(n)
-            merged = merge_into(cur.index, replace(fresh, calibrated_at=time.time()))
-            lib = self._store.put_library_object(library, lo.CALIBRATION,
-                                                 lo.encode_calibration(merged, now_ids))
-            # A quarantined calibration object is replaced by this one.
+            old = cur.index.calibration
+            base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)
+            merged = merge_into(base, replace(fresh, calibrated_at=time.time()))
+            objects = {lo.CALIBRATION: lo.encode_calibration(merged, now_ids)}
+            new_pool, damage = cur.pool, cur.damage.without_object(lo.CALIBRATION)
+            if pool is not None and pool.modules:
+                new_pool = pool if cur.pool is None else cur.pool.replacing(pool)
+                objects[lo.MOMENTS] = lo.encode_moments(new_pool)
+                damage = damage.without_object(lo.MOMENTS)
+            lib = self._store.put_library_objects(library, objects)
+            # A quarantined calibration (or moments) object is replaced by this one.
             state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib,
-                           cur.damage.without_object(lo.CALIBRATION))
+                           damage, new_pool)
             self._swap(state)
         names = sorted(fresh.adapters)
         log.info("calibration stored", extra={"library": library, "sequences": fresh.sequences,
@@ -352,7 +376,7 @@ class LibraryManager:
             if cur is None or name not in cur.index.names:
                 return False                          # deleted (or already quarantined) meanwhile
             index, _ = cur.index.remove_adapter(name, version=cur.version)
-            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage)))
+            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage), cur.pool))
             return True
 
     def _swap(self, state: LibraryState) -> None:

@@ -49,6 +49,16 @@ class Metrics:
         self.errors = Counter("seqr_rpc_errors_total", "Failed RPCs by method and status code",
                               ["method", "code"], registry=r)
         self.in_flight = Gauge("seqr_rpcs_in_flight", "RPCs being handled", registry=r)
+        # --learn-from-traffic (server/traffic.py)
+        self.calibration_drift = Gauge(
+            "seqr_calibration_drift", "Spread over calibrated shared-A adapters of their mean activation score "
+            "on recent routed traffic (0 when the calibration matches the traffic; re-Calibrate when it grows)",
+            ["library"], registry=r)
+        self.traffic_sequences = Gauge("seqr_traffic_sequences", "Routed sequences in the decayed traffic moments",
+                                       ["library"], registry=r)
+        self.traffic_skipped = Counter("seqr_traffic_skipped_total",
+                                       "Routed sequences not learned from because a learning task was running",
+                                       ["library"], registry=r)
         self._http = None
         self._init_routing(decision_log, clock)
 

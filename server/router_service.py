@@ -17,15 +17,17 @@ from .info import library_info
 from .manager import LibraryManager, LibraryState
 from .metrics import Metrics
 from .rpc import Call
+from .traffic import TrafficLearner
 from .views import route_in_view
 
 RouteFn = Callable[[LibraryIndex, dict, RouteOptions], Decision]
 
 
 class RouterService:
-    def __init__(self, *, manager: LibraryManager, limits: Limits, metrics: Metrics, route_fn: RouteFn):
+    def __init__(self, *, manager: LibraryManager, limits: Limits, metrics: Metrics, route_fn: RouteFn,
+                 learner: TrafficLearner | None = None):
         self.manager, self.limits, self.metrics = manager, limits, metrics
-        self.route_fn = route_fn
+        self.route_fn, self.learner = route_fn, learner
 
     def Route(self, request, call: Call):
         return self._route(request, call.principal)
@@ -43,7 +45,8 @@ class RouterService:
 
     def DescribeLibrary(self, request, call: Call):
         state = self.manager.get(request.library, call.principal)
-        return library_info(state, call.principal, include_shared_a=request.include_shared_a)
+        return library_info(state, call.principal, include_shared_a=request.include_shared_a,
+                            include_background=request.include_background, limits=self.limits)
 
     def _route(self, req: router_pb2.RouteRequest, principal: Principal) -> router_pb2.RouteResponse:
         t0 = time.perf_counter()
@@ -67,6 +70,8 @@ class RouterService:
         forms = {i.form for i in inputs.values()}
         self.metrics.observe_route(state.name, decision, form=forms.pop() if len(forms) == 1 else "mixed",
                                    caller=principal.name, seconds=t3 - t0)
+        if self.learner is not None:
+            self.learner.observe(state, inputs, granularity=options.granularity)
         return resp
 
     def _scope(self, state: LibraryState, asked: list[str], principal: Principal):

@@ -300,16 +300,22 @@ class LibraryStore:
 
     def put_library_object(self, library: str, role: str, data: bytes) -> LibraryRecord:
         """Store (or replace) the library's object for ``role``; bumps the library version."""
-        validate_role(role)
-        require_bytes(data, field=role)
-        data = bytes(data)
+        return self.put_library_objects(library, {role: data})
+
+    def put_library_objects(self, library: str, objects: dict[str, bytes]) -> LibraryRecord:
+        """Store (or replace) several library objects in one commit (one version bump)."""
+        for role, data in objects.items():
+            validate_role(role)
+            require_bytes(data, field=role)
+        objects = {role: bytes(data) for role, data in objects.items()}
 
         def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
             lib = writable_library(manifest, library)
-            old = lib["objects"].get(role)
-            if old is not None:
-                txn.obsolete.append(old["blob"])
-            lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], library, role))
+            for role, data in objects.items():
+                old = lib["objects"].get(role)
+                if old is not None:
+                    txn.obsolete.append(old["blob"])
+                lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], library, role))
             note_library_change(lib)
             return library_record(library, lib)
 

@@ -114,7 +114,7 @@ def test_a_caller_that_sees_no_adapter_gets_the_empty_library_answer(world, secu
 
 def test_a_restricted_admin_cannot_upload_outside_its_acl(world, secured):
     _, c = secured
-    err = _err(lambda: c["admin-shared"].put_adapter(world.adapters["general-g0"], name="general-new", library=LIB))
+    err = _err(lambda: c["admin-shared"].put_adapter(world.adapters["general-g0"], name="general-new", library=LIB, allow_general=True))
     assert isinstance(err, PermissionDeniedError) and err.field == "header.name"
     ok = c["admin-shared"].put_adapter(world.adapters["shared-a0"], name="shared-new", library=LIB)
     assert ok.adapter_id == len(world.adapters)

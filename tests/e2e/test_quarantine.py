@@ -168,7 +168,7 @@ def test_an_adapter_damaged_while_serving_is_quarantined_by_a_scrub(tenants):
     assert set(seen(tenants.c["admin"], tenants.world, "route")[-1]) == set(TEAM_A)
 
 
-def test_a_damaged_calibration_is_quarantined_until_the_next_calibrate(tenants):
+def test_a_damaged_calibration_is_quarantined_and_pooled_moments_recalibrate_shared_a_adapters(tenants):
     admin, x = tenants.c["admin"], activations(tenants.world)
     admin.calibrate([x], library=LIB)
     assert admin.route(LIB, x, normalisation="activation").fallback == ""
@@ -177,12 +177,35 @@ def test_a_damaged_calibration_is_quarantined_until_the_next_calibrate(tenants):
     flip_bit(blob)
     tenants.restart()
     admin, team_a = tenants.c["admin"], tenants.c["team-a"]
+    # Every adapter here is shared-A: the intact pooled moments calibrate them again, exactly
+    # for the mean and per-token variance of e; log z-scores need the stream and fall back.
     r = team_a.route(LIB, x, normalisation="activation")
+    assert r.normalisation == "activation" and r.fallback == ""
+    r = team_a.route(LIB, x, normalisation="zscore/adapter_module/log")
     assert r.normalisation == "frobenius" and "uncalibrated" in r.fallback
     for c in (admin, team_a):       # library-wide damage names no adapter: every caller may know
         info = c.describe(LIB)
         assert info.degraded and info.damaged_objects == ("calibration",)
         assert all(a.status == "ready" for a in info.adapters)
+        assert set(info.derived_adapters) == {a.name for a in info.adapters}
+    admin.calibrate([x], library=LIB)
+    assert not team_a.describe(LIB).degraded and team_a.describe(LIB).derived_adapters == ()
+    assert team_a.route(LIB, x, normalisation="zscore/adapter_module/log").fallback == ""
+
+
+def test_damaged_calibration_and_moments_fall_back_until_the_next_calibrate(tenants):
+    admin, x = tenants.c["admin"], activations(tenants.world)
+    admin.calibrate([x], library=LIB)
+    blobs = [object_blob(tenants.h, "calibration"), object_blob(tenants.h, "moments")]
+    tenants.h.stop(grace=1.0)
+    for b in blobs:
+        flip_bit(b)
+    tenants.restart()
+    admin, team_a = tenants.c["admin"], tenants.c["team-a"]
+    r = team_a.route(LIB, x, normalisation="activation")
+    assert r.normalisation == "frobenius" and "uncalibrated" in r.fallback
+    info = team_a.describe(LIB)
+    assert info.degraded and info.damaged_objects == ("calibration", "moments") and info.pooled_sequences == 0
     admin.calibrate([x], library=LIB)
     assert not team_a.describe(LIB).degraded
     assert team_a.route(LIB, x, normalisation="activation").fallback == ""

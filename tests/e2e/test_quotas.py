@@ -48,15 +48,15 @@ def test_an_adapter_quota_refuses_the_upload_past_it_and_writes_nothing(tenants)
     a.put_adapter(adapters["shared-a0"], name="team-a-0", library=LIB)
     a.put_adapter(adapters["shared-a1"], name="team-a-1", library=LIB)
     before = _stored(tenants)
-    _refused(lambda: a.put_adapter(adapters["general-g0"], name="team-a-2", library=LIB), "quota.adapters", 2, 3)
+    _refused(lambda: a.put_adapter(adapters["general-g0"], name="team-a-2", library=LIB, allow_general=True), "quota.adapters", 2, 3)
     assert _stored(tenants) == before
     # Usage is what the principal uploaded (recorded as the owner), not what its globs match.
-    admin.put_adapter(adapters["general-g0"], name="team-a-by-ops", library=LIB)
-    _refused(lambda: a.put_adapter(adapters["general-g0"], name="team-a-2", library=LIB), "quota.adapters", 2, 3)
+    admin.put_adapter(adapters["general-g0"], name="team-a-by-ops", library=LIB, allow_general=True)
+    _refused(lambda: a.put_adapter(adapters["general-g0"], name="team-a-2", library=LIB, allow_general=True), "quota.adapters", 2, 3)
     a.delete_adapter("team-a-0", library=LIB)                         # deleting frees its share
-    a.put_adapter(adapters["general-g0"], name="team-a-2", library=LIB)
+    a.put_adapter(adapters["general-g0"], name="team-a-2", library=LIB, allow_general=True)
     tenants.restart()                                                 # ownership is stored
-    _refused(lambda: tenants.c["team-a"].put_adapter(adapters["general-g1"], name="team-a-3", library=LIB),
+    _refused(lambda: tenants.c["team-a"].put_adapter(adapters["general-g1"], name="team-a-3", library=LIB, allow_general=True),
              "quota.adapters", 2, 3)
 
 

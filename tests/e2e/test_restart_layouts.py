@@ -54,7 +54,7 @@ def _world_modules(world):
 def tiny_world(c, world):
     create_library(c, world, name="tiny")
     for name, path in world.adapters.items():
-        c.put_adapter(path, name=name, library="tiny")
+        c.put_adapter(path, name=name, library="tiny", allow_general=name.startswith("general"))
     return "tiny", _inputs(_world_modules(world))
 
 
@@ -66,7 +66,7 @@ def tiny_world_empty(c, world):
 def mqv_rank8(c, world):
     c.create_library("mqv", signature=[list(m) for m in MQV], shared_a_seed=7, shared_a_rank=8)
     c.put_adapter_files(peft_files(MQV, rank=8, seed=1, recipe=SharedARecipe(seed=7)), name="shared", library="mqv")
-    c.put_adapter_files(peft_files(MQV, rank=8, seed=2), name="general", library="mqv")
+    c.put_adapter_files(peft_files(MQV, rank=8, seed=2), name="general", library="mqv", allow_general=True)
     return "mqv", _inputs(MQV)
 
 

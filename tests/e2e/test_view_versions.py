@@ -48,7 +48,7 @@ def test_hidden_uploads_and_deletes_leave_a_restricted_callers_version_alone(ten
     before = versions(tenants)
     assert len(restricted(before)) == 1 and before["admin"] == 4        # created + 3 uploads
     admin = tenants.c["admin"]
-    admin.put_adapter(tenants.world.adapters["general-g0"], name="team-b-new", library=LIB)
+    admin.put_adapter(tenants.world.adapters["general-g0"], name="team-b-new", library=LIB, allow_general=True)
     admin.delete_adapter(HIDDEN, library=LIB)
     after = versions(tenants)
     assert after["admin"] == before["admin"] + 2
@@ -69,10 +69,10 @@ def test_an_empty_library_and_one_with_only_hidden_adapters_look_the_same(tenant
 def test_visible_changes_and_calibration_move_every_view_to_the_library_version(tenants):
     admin, world = tenants.c["admin"], tenants.world
     start = versions(tenants)
-    admin.put_adapter(world.adapters["general-g0"], name="team-a-new", library=LIB)
+    admin.put_adapter(world.adapters["general-g0"], name="team-a-new", library=LIB, allow_general=True)
     v = versions(tenants)
     assert restricted(v) == {v["admin"]} and v["admin"] > max(restricted(start))
-    admin.put_adapter(world.adapters["general-g1"], name="team-b-later", library=LIB)
+    admin.put_adapter(world.adapters["general-g1"], name="team-b-later", library=LIB, allow_general=True)
     hidden = versions(tenants)
     assert restricted(hidden) == {v["admin"]} and hidden["admin"] == v["admin"] + 1
     admin.calibrate([activations(world)], library=LIB)          # concerns the whole library
@@ -85,10 +85,10 @@ def test_visible_changes_and_calibration_move_every_view_to_the_library_version(
 
 def test_a_restricted_admin_is_told_its_own_writes_versions(tenants):
     admin_a, world = tenants.c["admin-a"], tenants.world
-    tenants.c["admin"].put_adapter(world.adapters["general-g0"], name="team-b-x", library=LIB)
+    tenants.c["admin"].put_adapter(world.adapters["general-g0"], name="team-b-x", library=LIB, allow_general=True)
     seen = admin_a.describe(LIB).version
     assert seen < tenants.c["admin"].describe(LIB).version         # the hidden upload is not in its view
-    put = admin_a.put_adapter(world.adapters["general-g1"], name="team-a-mine", library=LIB)
+    put = admin_a.put_adapter(world.adapters["general-g1"], name="team-a-mine", library=LIB, allow_general=True)
     assert admin_a.describe(LIB).version == tenants.c["admin"].describe(LIB).version > seen
     gone = admin_a.delete_adapter("team-a-mine", library=LIB)
     assert gone.library_version == admin_a.describe(LIB).version == tenants.c["admin"].describe(LIB).version
@@ -96,7 +96,7 @@ def test_a_restricted_admin_is_told_its_own_writes_versions(tenants):
 
 
 def test_view_versions_survive_a_restart(tenants):
-    tenants.c["admin"].put_adapter(tenants.world.adapters["general-g0"], name="team-b-x", library=LIB)
+    tenants.c["admin"].put_adapter(tenants.world.adapters["general-g0"], name="team-b-x", library=LIB, allow_general=True)
     tenants.c["admin"].delete_adapter(HIDDEN, library=LIB)
     before = versions(tenants)
     assert max(restricted(before)) < before["admin"]     # the store, not memory, must keep this apart
@@ -112,13 +112,13 @@ def test_a_stale_backend_answer_is_recomputed_only_when_the_caller_could_see_the
     everyone = Principal("ops", frozenset({"admin"}))
     old = h.manager._libs[LIB]
     stale = lambda index, inputs, options: core_route(old.index, inputs, options)   # noqa: E731
-    admin.put_adapter(world.adapters["general-g0"], name="team-b-x", library=LIB)   # hidden from team-a
+    admin.put_adapter(world.adapters["general-g0"], name="team-b-x", library=LIB, allow_general=True)   # hidden from team-a
     cur = h.manager._libs[LIB]
     decision, view = route_in_view(stale, cur, team_a, cur.index, x, RouteOptions(candidates=("team-a-0", "team-a-1")))
     assert (decision.version, view) == (old.version, old.view_version(team_a))      # same view: served stale
     decision, view = route_in_view(stale, cur, everyone, cur.index, x, RouteOptions())
     assert (decision.version, view) == (old.version, old.version)                   # says which snapshot
-    admin.put_adapter(world.adapters["general-g1"], name="team-a-x", library=LIB)   # visible to team-a
+    admin.put_adapter(world.adapters["general-g1"], name="team-a-x", library=LIB, allow_general=True)   # visible to team-a
     cur = h.manager._libs[LIB]
     decision, view = route_in_view(stale, cur, team_a, cur.index, x, RouteOptions(candidates=("team-a-0", "team-a-1")))
     assert decision.version == cur.version and view == cur.version                  # recomputed on the new one

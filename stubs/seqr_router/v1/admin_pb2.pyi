@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateLibraryRequest(_message.Message):
-    __slots__ = ("name", "signature", "recipe", "uploaded", "shared_a_rank", "shared_a_modules", "meta")
+    __slots__ = ("name", "signature", "recipe", "uploaded", "shared_a_rank", "shared_a_modules", "meta", "shared_a_only")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class CreateLibraryRequest(_message.Message):
     SHARED_A_RANK_FIELD_NUMBER: _ClassVar[int]
     SHARED_A_MODULES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    SHARED_A_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     signature: _library_pb2.Signature
     recipe: _library_pb2.SharedARecipe
@@ -32,7 +33,8 @@ class CreateLibraryRequest(_message.Message):
     shared_a_rank: int
     shared_a_modules: _containers.RepeatedScalarFieldContainer[str]
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., signature: _Optional[_Union[_library_pb2.Signature, _Mapping]] = ..., recipe: _Optional[_Union[_library_pb2.SharedARecipe, _Mapping]] = ..., uploaded: _Optional[_Union[UploadedSharedA, _Mapping]] = ..., shared_a_rank: _Optional[int] = ..., shared_a_modules: _Optional[_Iterable[str]] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    shared_a_only: bool
+    def __init__(self, name: _Optional[str] = ..., signature: _Optional[_Union[_library_pb2.Signature, _Mapping]] = ..., recipe: _Optional[_Union[_library_pb2.SharedARecipe, _Mapping]] = ..., uploaded: _Optional[_Union[UploadedSharedA, _Mapping]] = ..., shared_a_rank: _Optional[int] = ..., shared_a_modules: _Optional[_Iterable[str]] = ..., meta: _Optional[_Mapping[str, str]] = ..., shared_a_only: _Optional[bool] = ...) -> None: ...
 
 class UploadedSharedA(_message.Message):
     __slots__ = ("modules",)
@@ -84,7 +86,7 @@ class FileHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class PutAdapterHeader(_message.Message):
-    __slots__ = ("library", "name", "files", "meta")
+    __slots__ = ("library", "name", "files", "meta", "allow_general")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,11 +98,13 @@ class PutAdapterHeader(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_GENERAL_FIELD_NUMBER: _ClassVar[int]
     library: str
     name: str
     files: _containers.RepeatedCompositeFieldContainer[FileHeader]
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, library: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileHeader, _Mapping]]] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    allow_general: bool
+    def __init__(self, library: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileHeader, _Mapping]]] = ..., meta: _Optional[_Mapping[str, str]] = ..., allow_general: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("data",)
@@ -174,14 +178,16 @@ class CalibrateRequest(_message.Message):
     def __init__(self, library: _Optional[str] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., inputs: _Optional[_Iterable[_Union[_router_pb2.ModuleInput, _Mapping]]] = ...) -> None: ...
 
 class CalibrateResponse(_message.Message):
-    __slots__ = ("sequences", "adapters", "library_version")
+    __slots__ = ("sequences", "adapters", "library_version", "pooled_moments_updated")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     LIBRARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOLED_MOMENTS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     sequences: int
     adapters: _containers.RepeatedScalarFieldContainer[str]
     library_version: int
-    def __init__(self, sequences: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., library_version: _Optional[int] = ...) -> None: ...
+    pooled_moments_updated: bool
+    def __init__(self, sequences: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., library_version: _Optional[int] = ..., pooled_moments_updated: _Optional[bool] = ...) -> None: ...
 
 class ExportScorerRequest(_message.Message):
     __slots__ = ("library", "form", "tokens")

@@ -119,7 +119,9 @@ class LibraryAdminServicer:
         """Fit normalisation statistics by streaming unlabeled traffic: one CalibrateRequest per
         sequence (activations or projected; not moments). Only streaming moments are kept, never
         activations. The statistics are stored with the library (version bump) when the stream
-        ends; adapters not covered by this stream keep their previous statistics.
+        ends; adapters not covered by this stream keep their previous statistics. The stream's
+        pooled moments of z = A·x (aggregates only) are kept too, encrypted: shared-A adapters
+        uploaded later are calibrated from them at once (see CalibrationInfo.pooled_sequences).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

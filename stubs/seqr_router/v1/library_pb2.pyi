@@ -103,15 +103,19 @@ class AdapterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ..., upload_dtype: _Optional[str] = ..., created_at: _Optional[str] = ..., sha256: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., calibrated: _Optional[bool] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., damaged_reason: _Optional[str] = ...) -> None: ...
 
 class CalibrationInfo(_message.Message):
-    __slots__ = ("sequences", "adapters")
+    __slots__ = ("sequences", "adapters", "pooled_sequences", "derived_adapters")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     sequences: int
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, sequences: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    pooled_sequences: int
+    derived_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sequences: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., pooled_sequences: _Optional[int] = ..., derived_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LibraryInfo(_message.Message):
-    __slots__ = ("name", "version", "signature", "shared_a_recipe", "adapters", "calibration", "meta", "shared_a", "degraded", "damaged_objects")
+    __slots__ = ("name", "version", "signature", "shared_a_recipe", "adapters", "calibration", "meta", "shared_a", "degraded", "damaged_objects", "shared_a_only", "background")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +124,13 @@ class LibraryInfo(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     class SharedAEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BackgroundEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +147,8 @@ class LibraryInfo(_message.Message):
     SHARED_A_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_A_ONLY_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     signature: Signature
@@ -146,4 +159,6 @@ class LibraryInfo(_message.Message):
     shared_a: _containers.MessageMap[str, _tensor_pb2.Tensor]
     degraded: bool
     damaged_objects: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., shared_a_recipe: _Optional[_Union[SharedARecipe, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., calibration: _Optional[_Union[CalibrationInfo, _Mapping]] = ..., meta: _Optional[_Mapping[str, str]] = ..., shared_a: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., degraded: _Optional[bool] = ..., damaged_objects: _Optional[_Iterable[str]] = ...) -> None: ...
+    shared_a_only: bool
+    background: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., shared_a_recipe: _Optional[_Union[SharedARecipe, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., calibration: _Optional[_Union[CalibrationInfo, _Mapping]] = ..., meta: _Optional[_Mapping[str, str]] = ..., shared_a: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., degraded: _Optional[bool] = ..., damaged_objects: _Optional[_Iterable[str]] = ..., shared_a_only: _Optional[bool] = ..., background: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...

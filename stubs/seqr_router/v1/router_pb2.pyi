@@ -201,9 +201,11 @@ class RouteResponse(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., margin: _Optional[float] = ..., library_version: _Optional[int] = ..., method: _Optional[str] = ..., normalisation: _Optional[str] = ..., fallback: _Optional[str] = ..., rechecked: _Optional[int] = ..., tokens: _Optional[_Union[TokenDecisions, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ...) -> None: ...
 
 class DescribeLibraryRequest(_message.Message):
-    __slots__ = ("library", "include_shared_a")
+    __slots__ = ("library", "include_shared_a", "include_background")
     LIBRARY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SHARED_A_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     library: str
     include_shared_a: bool
-    def __init__(self, library: _Optional[str] = ..., include_shared_a: _Optional[bool] = ...) -> None: ...
+    include_background: bool
+    def __init__(self, library: _Optional[str] = ..., include_shared_a: _Optional[bool] = ..., include_background: _Optional[bool] = ...) -> None: ...
