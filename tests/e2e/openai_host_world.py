@@ -60,7 +60,7 @@ def hosted(tmp_path_factory):
     for lib, dirs in ((LIB, shared), (MIXED, {**shared, **general})):
         c.create_library(lib, signature=sig, shared_a_seed=SEED, shared_a_rank=RANK, shared_a_modules=qv)
         for name, path in dirs.items():
-            c.put_adapter(path, name=name, library=lib)
+            c.put_adapter(path, name=name, library=lib, allow_general=name in general)
     engine = Engine(*load_model(str(root / "base")), adapter_folders(pairs=[f"{n}={p}" for n, p in
                                                                             {**shared, **general}.items()]))
     ref_base, _ = load_model(str(root / "base"))
