@@ -114,6 +114,12 @@ def start_server(data_dir: Path, kind: str) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (what it costs, whatever else the machine runs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------------------- load
 async def run_cell(target: str, payloads: list[bytes], *, concurrency: int, seconds: float,
                    min_requests: int) -> dict:
@@ -209,21 +215,26 @@ def main(argv=None) -> int:
                         payloads.append(req.SerializeToString())
                     ct = core_time(index, templates[0][form], form, repeats=3 if form == "activations" else 20)
                     for conc in (int(x) for x in a.concurrency.split(",")):
+                        cpu0 = cpu_seconds(proc.pid)
                         r = asyncio.run(run_cell(target, payloads, concurrency=conc, seconds=a.seconds,
                                                  min_requests=a.min_requests))
+                        cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1e3 / max(r["requests"], 1)
                         row = {"server": kind, "form": form, "kb": len(payloads[0]) / 1024, "concurrency": conc,
-                               **r, "core_ms": ct, "ratio": r["p50"] / ct}
+                               **r, "core_ms": ct, "ratio": r["p50"] / ct, "cpu_ms": cpu_ms}
                         rows.append(row)
                         print(f"{kind:5s} {form:11s} c={conc:<3d} {r['rps']:8.1f} rps  p50 {r['p50']:8.2f} ms  "
-                              f"p99 {r['p99']:8.2f} ms  errors {r['errors']}  core {ct:.2f} ms", file=sys.stderr)
+                              f"p99 {r['p99']:8.2f} ms  errors {r['errors']}  core {ct:.2f} ms  "
+                              f"server CPU {cpu_ms:.2f} ms/req", file=sys.stderr)
             finally:
                 proc.terminate()
                 proc.wait()
-    table = ["| server | form | request | concurrency | requests | errors | RPS | p50 ms | p99 ms | core ms | p50/core |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| server | form | request | concurrency | requests | errors | RPS | p50 ms | p99 ms | core ms | p50/core "
+             "| server CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['server']} | {r['form']} | {r['kb']:.0f} KB | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-                     f"{r['rps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['core_ms']:.2f} | {r['ratio']:.2f} |")
+                     f"{r['rps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['core_ms']:.2f} | {r['ratio']:.2f} | "
+                     f"{r['cpu_ms']:.2f} |")
     head = (f"server: {a.server}; N={a.adapters} shared-A adapters, 60 modules, d=576, r=8, T={T}; "
             f"{os.cpu_count()} CPUs; client and server on the same machine")
     text = head + "\n\n" + "\n".join(table) + "\n"

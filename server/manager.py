@@ -129,6 +129,11 @@ class LibraryManager:
     def loaded(self) -> bool:
         return self._loaded.is_set()
 
+    def peek(self, name: str) -> LibraryState | None:
+        """The current snapshot of ``name`` without any access check: for sizing work only,
+        never for answering a caller."""
+        return self._libs.get(name)
+
     def get(self, name: str, principal: Principal, *, field: str = "library") -> LibraryState:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")

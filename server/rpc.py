@@ -145,11 +145,18 @@ class Dispatcher:
         if client_streaming != inspect.iscoroutinefunction(fn):
             raise TypeError(f"{method}: request-streaming methods are async, unary-request ones are not")
 
+        # A servicer may mark requests cheap enough to answer on the loop (``<Method>_inline``):
+        # the thread handoff and GIL ping-pong cost more than the work itself for them.
+        inline = getattr(fn.__self__, f"{fn.__name__}_inline", None) if hasattr(fn, "__self__") else None
+
         async def handler(requests, context):
             async with self._guard(method, context) as call:
                 if client_streaming:
                     return await fn(self._stream(requests), call)
-                return await call.run(fn, await self._read_one(requests), call)
+                req = await self._read_one(requests)
+                if inline is not None and inline(req):
+                    return fn(req, call)
+                return await call.run(fn, req, call)
         return handler
 
     def _streaming(self, method: str, fn: Callable, client_streaming: bool):

@@ -203,3 +203,20 @@ def test_sigterm_stops_the_server_after_undecodable_and_idle_streams(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_moments_answered_on_the_loop_equal_those_answered_in_the_pool(world, populated, monkeypatch):
+    """Small moments requests are scored on the event loop (a pool hop costs more than they do);
+    the answer must not depend on where it was computed."""
+    from seqr_server import router_service
+
+    from .conftest import moments
+    h, client = populated
+    req = moments(world)
+    assert h.manager.peek(LIB) is not None
+    shared = list(world.shared_names)                # moments serve shared-A adapters only
+    on_loop = client.route(LIB, moments=req, top_k=3, include_scores=True, candidates=shared)
+    monkeypatch.setattr(router_service, "INLINE_MAX_BYTES", 0)     # every request to the pool
+    in_pool = client.route(LIB, moments=req, top_k=3, include_scores=True, candidates=shared)
+    assert [(c.name, c.score) for c in on_loop.choices] == [(c.name, c.score) for c in in_pool.choices]
+    assert on_loop.library_version == in_pool.library_version
