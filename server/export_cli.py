@@ -5,13 +5,19 @@ files: that is what a host's own runtime needs, and why the service itself only 
 scorer encrypted or in memory. So both refuse unless ``--i-understand-plaintext`` is given,
 and say why. Files are written 0600, via a temp file and rename (never half a model).
 
-Mounting (the lead owns ``seqr`` and the store loading)::
+Two sources: offline, from the store (``--data-dir``; the server must be stopped), or with
+``--target HOST:PORT`` from a running server through the ExportScorer RPC (the server builds the
+graph with its defaults: only ``--form`` and ``--tokens`` apply; the caller needs an admin token
+whose adapter ACL is "*").
+
+Mounting (``seqr_cli`` owns ``seqr``; the server package never imports the client)::
 
     from seqr_server.export_cli import add_export_parser
-    add_export_parser(subparsers, load_library=lambda args: <LibraryIndex of args.library>)
+    add_export_parser(subparsers, load_library=lambda args: <LibraryIndex of args.library>,
+                      remote_export=lambda args: <ONNX bytes from args.target>)
 
-``args.func(args)`` then returns the exit code. The handlers ``export_onnx(index, args)`` and
-``export_triton(index, args)`` take an already loaded LibraryIndex.
+``args.func(args)`` then returns the exit code. The handlers ``export_onnx(data, source, args)``
+and ``export_triton(data, source, args)`` take the model bytes and a description of their source.
 """
 
 from __future__ import annotations
@@ -79,15 +85,35 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "input) as NaN instead of failing")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _remote_flags(p)
+
+
+# Options the ExportScorer RPC does not carry, with their defaults (what the server uses).
+OFFLINE_ONLY = {"modules": None, "module_form": [], "normalisation": None, "top_k": 1, "per_token": None,
+                "input_dtype": "float32", "exclude_unscorable": False, "opset": 18}
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("from a running server (instead of --data-dir)")
+    g.add_argument("--target", metavar="HOST:PORT",
+                   help="export through this server's ExportScorer RPC while it runs; only --form and "
+                        "--tokens apply (SEQR_TARGET is not read here: without --target the export is offline)")
+    g.add_argument("--token", default=os.environ.get("SEQR_TOKEN"),
+                   help="admin bearer token whose adapter ACL is '*' [SEQR_TOKEN]")
+    g.add_argument("--tls-ca", default=os.environ.get("SEQR_TLS_CA"), help="[SEQR_TLS_CA]")
+    g.add_argument("--tls-client-cert", default=os.environ.get("SEQR_CLIENT_CERT"), help="[SEQR_CLIENT_CERT]")
+    g.add_argument("--tls-client-key", default=os.environ.get("SEQR_CLIENT_KEY"), help="[SEQR_CLIENT_KEY]")
+    g.add_argument("--timeout", type=float, default=300.0, help="deadline of the export call, seconds")
 
 
 Loader = Callable[[argparse.Namespace], LibraryIndex]
+Fetcher = Callable[[argparse.Namespace], bytes]
 
 
-def add_export_parser(subparsers, *, load_library: Loader | None = None):
+def add_export_parser(subparsers, *, load_library: Loader | None = None, remote_export: Fetcher | None = None):
     """Add ``export {onnx,triton}`` to a ``seqr`` sub-command set; returns the ``export`` parser."""
     export = subparsers.add_parser("export", help="write the scorer for external hosts (plaintext!)",
-                                   description=__doc__.split("\n\n")[1])
+                                   description=__doc__.split("\n\n")[1] + " " + __doc__.split("\n\n")[2])
     kinds = export.add_subparsers(dest="export_kind", required=True)
     onnx_p = kinds.add_parser("onnx", help="one ONNX model file")
     onnx_p.add_argument("out", type=Path, metavar="OUT")
@@ -100,24 +126,40 @@ def add_export_parser(subparsers, *, load_library: Loader | None = None):
     tri.add_argument("--max-queue-delay-us", type=int, default=100)
     tri.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu", "auto"))
     for p, handler in ((onnx_p, export_onnx), (tri, export_triton)):
-        p.set_defaults(func=lambda args, h=handler: run(args, h, load_library))
+        p.set_defaults(func=lambda args, h=handler: run(args, h, load_library, remote_export))
     return export
 
 
-def run(args, handler, load_library, *, err: TextIO | None = None) -> int:
-    """Refuse before anything is loaded unless acknowledged; then load and export."""
+def run(args, handler, load_library, remote_export=None, *, err: TextIO | None = None) -> int:
+    """Refuse before anything is loaded unless acknowledged; then build (or fetch) and write."""
     err = err or sys.stderr
     if not args.ack_plaintext:
         print(REFUSAL, file=err)
         return 2
+    if getattr(args, "target", None):
+        return _run_remote(args, handler, remote_export, err)
     if load_library is None:
         print("export: no library loader is wired into this CLI", file=err)
         return 1
     try:
-        return handler(load_library(args), args, err=err)
+        index = load_library(args)
+        return handler(_model(index, args), f"library {index.name} v{index.version}", args, err=err)
     except SeqrError as e:
         print(f"export failed: {e}", file=err)
         return 1
+
+
+def _run_remote(args, handler, remote_export, err: TextIO) -> int:
+    if remote_export is None:
+        print("export --target needs the client (install the 'client' extra)", file=err)
+        return 2
+    given = [k for k, default in OFFLINE_ONLY.items() if getattr(args, k, default) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        print(f"export --target: {flags} not available through the ExportScorer RPC (the server exports "
+              "with its defaults); export offline with --data-dir while the server is stopped", file=err)
+        return 2
+    return handler(remote_export(args), f"library {args.library} from {args.target}", args, err=err)
 
 
 def _model(index: LibraryIndex, args) -> bytes:
@@ -147,16 +189,14 @@ def _write_private(path: Path, data: bytes, *, force: bool) -> None:
         raise
 
 
-def export_onnx(index: LibraryIndex, args, *, err: TextIO | None = None) -> int:
+def export_onnx(data: bytes, source: str, args, *, err: TextIO | None = None) -> int:
     err = err or sys.stderr
-    data = _model(index, args)
     try:
         _write_private(args.out, data, force=args.force)
     except FileExistsError as e:
         print(f"export failed: {e}", file=err)
         return 1
-    print(f"wrote {args.out} ({len(data)} bytes, library {index.name} v{index.version}); "
-          "PLAINTEXT routing index, mode 0600", file=err)
+    print(f"wrote {args.out} ({len(data)} bytes, {source}); PLAINTEXT routing index, mode 0600", file=err)
     return 0
 
 
@@ -186,13 +226,12 @@ def triton_config(model: bytes, *, name: str, max_batch_size: int, max_queue_del
         f"instance_group [ {{ count: 1 kind: {kind} }} ]", ""])
 
 
-def export_triton(index: LibraryIndex, args, *, err: TextIO | None = None) -> int:
+def export_triton(data: bytes, source: str, args, *, err: TextIO | None = None) -> int:
     """DIR/<model-name>/config.pbtxt and DIR/<model-name>/1/model.onnx."""
     err = err or sys.stderr
     if args.max_batch_size < 1:
         print("export failed: --max-batch-size must be >= 1 (dynamic batching needs a batch axis)", file=err)
         return 1
-    data = _model(index, args)
     root = args.dir / args.model_name
     config = triton_config(data, name=args.model_name, max_batch_size=args.max_batch_size,
                            max_queue_delay_us=args.max_queue_delay_us, instance_kind=args.instance_kind)
@@ -202,6 +241,6 @@ def export_triton(index: LibraryIndex, args, *, err: TextIO | None = None) -> in
     except FileExistsError as e:
         print(f"export failed: {e}", file=err)
         return 1
-    print(f"wrote Triton model repository {root} (library {index.name} v{index.version}); "
-          "model.onnx is a PLAINTEXT routing index, mode 0600", file=err)
+    print(f"wrote Triton model repository {root} ({source}); model.onnx is a PLAINTEXT routing index, "
+          "mode 0600", file=err)
     return 0

@@ -84,7 +84,7 @@ class FileHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class PutAdapterHeader(_message.Message):
-    __slots__ = ("library", "name", "files", "meta")
+    __slots__ = ("library", "name", "files", "meta", "replace")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,11 +96,13 @@ class PutAdapterHeader(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     library: str
     name: str
     files: _containers.RepeatedCompositeFieldContainer[FileHeader]
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, library: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileHeader, _Mapping]]] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    replace: bool
+    def __init__(self, library: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileHeader, _Mapping]]] = ..., meta: _Optional[_Mapping[str, str]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("data",)

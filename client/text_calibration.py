@@ -1,0 +1,115 @@
+"""`seqr calibrate --texts`: calibration traffic from text, captured on the host.
+
+Each prompt runs once through the base model (``hf_host.capture_inputs``, stopped after the last
+targeted module); the inputs of the modules the library's adapters target are sent to
+Calibrate one sequence at a time, in the smallest form that serves every adapter on the module:
+``projected`` z = A·x (T×r) where all of them share the library's A, ``activations`` x where
+one has its own A. Modules reading the same hidden state (q_proj and v_proj of a layer) send it
+once. Nothing is written to disk and the service keeps only streaming statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .results import CalibrationResult, LibraryInfo
+
+
+def read_texts(paths: Sequence[str | Path], *, chunk_chars: int) -> list[str]:
+    """Prompts from text files (cut into ~``chunk_chars`` chunks at line breaks) and .jsonl
+    files (one JSON string, or object with ``text`` or ``prompt``, per line)."""
+    from .training import chunk_text
+
+    out: list[str] = []
+    for path in map(Path, paths):
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix != ".jsonl":
+            out += chunk_text(raw, size=chunk_chars)
+            continue
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            doc = json.loads(line)
+            text = doc if isinstance(doc, str) else doc.get("text", doc.get("prompt")) if isinstance(doc, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n}: expected a JSON string or an object with 'text' or 'prompt'")
+            if text.strip():
+                out.append(text)
+    return out
+
+
+def module_forms(info: LibraryInfo, *, form: str = "auto") -> dict[str, str]:
+    """``{module: "projected" | "activations"}`` for every module an adapter targets."""
+    shared = {m.name for m in info.modules if m.shared_rank}
+    targeted: dict[str, bool] = {}          # module -> every adapter on it is shared-A
+    for a in info.adapters:
+        if a.status != "ready":
+            continue
+        for m in a.modules:
+            targeted[m] = targeted.get(m, True) and a.kind == "shared_a" and m in shared
+    if form != "auto":
+        if form == "projected" and not all(targeted.values()):
+            raise ValueError("--form projected: some targeted modules have adapters with their own A "
+                             "(they need activations); use --form auto")
+        return {m: form for m in targeted}
+    return {m: "projected" if all_shared else "activations" for m, all_shared in targeted.items()}
+
+
+def check_model(model, info: LibraryInfo, modules: Iterable[str]) -> None:
+    """The model must have every module with the library's input size (same base model)."""
+    from .hf_models import targeted_linears
+
+    want = {m.name: m.d_in for m in info.modules}
+    found = targeted_linears(model, list(modules))
+    for m in modules:
+        layer = found.get(m)
+        d_in = getattr(getattr(layer, "base_layer", layer), "in_features", None)
+        if d_in != want[m]:
+            raise ValueError(f"the model does not match library {info.name!r} ({info.base_model}): module {m} "
+                             f"has input size {d_in}, the library {want[m]}; pass the library's base model with --model")
+
+
+def sequences(model, tokenizer, texts: Iterable[str], info: LibraryInfo, forms: Mapping[str, str], *,
+              max_tokens: int) -> Iterator[dict[str, np.ndarray]]:
+    """One ``{module: array}`` per text, in ``forms``; equal activations are one array object."""
+    from .hf_host import capture_inputs, group_shared_inputs, project
+
+    modules = list(forms)
+    for text in texts:
+        x = capture_inputs(model, text, modules=modules, tokenizer=tokenizer, max_length=max_tokens)
+        groups = group_shared_inputs(x)
+        seq = {m: x[groups[m]] for m in modules if forms[m] == "activations"}
+        proj = [m for m in modules if forms[m] == "projected"]
+        if proj:
+            seq.update(project({m: x[m] for m in proj}, {m: info.shared_a[m] for m in proj}))
+        yield seq
+
+
+def calibrate_from_texts(client, library: str, paths: Sequence[str], *, model: str, cache_dir=None,
+                         form: str = "auto", max_tokens: int = 128, chunk_chars: int = 600,
+                         limit: int | None = None, deadline: float = 3600.0,
+                         progress: bool = True) -> CalibrationResult:
+    """Read the texts, capture on ``model`` and stream the library's Calibrate (progress bar)."""
+    from tqdm import tqdm
+
+    from .hf_models import load_model
+
+    info = client.describe(library, include_shared_a=True)
+    forms = module_forms(info, form=form)
+    if not forms:
+        raise SystemExit(f"library {library!r} has no adapters to calibrate; upload some first")
+    texts = read_texts(paths, chunk_chars=chunk_chars)[:limit]
+    if not texts:
+        raise SystemExit("no usable text in --texts")
+    m, tok = load_model(model, cache_dir=cache_dir)
+    check_model(m, info, forms)
+    counts = {f: sum(1 for v in forms.values() if v == f) for f in set(forms.values())}
+    bar = tqdm(texts, desc=f"calibrating {library} ({', '.join(f'{n} {f}' for f, n in sorted(counts.items()))})",
+               unit="seq", disable=not progress or None)
+    with bar:
+        return client.calibrate(sequences(m, tok, bar, info, forms, max_tokens=max_tokens), library=library,
+                                form=forms, timeout=deadline)
