@@ -39,7 +39,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or (
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS, []) or (
                 not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)):
             return text
         default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default

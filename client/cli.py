@@ -317,14 +317,16 @@ def add_commands(sub) -> None:
     p = sub.add_parser("route", help="route one request from an .npz (keys = module names)",
                           description='Route one request. The .npz maps module names (e.g. model.layers.0.self_attn.q_proj) to arrays in --form: activations (T, d_in), projected (T, r) or moments (r, r). --random T sends random activations for every shared-A module (a smoke test).')
     p.add_argument("npz", nargs="?", help=".npz of module name -> array in --form")
-    p.add_argument("--form", choices=FORMS, default="activations")
+    p.add_argument("--form", choices=FORMS, default="activations", help="input form of the arrays in the .npz")
     p.add_argument("--tokens", type=positive, help="moments: tokens G was averaged over")
     p.add_argument("--random", type=positive, metavar="T", help="instead of a file: random activations, T tokens")
-    p.add_argument("--top-k", type=positive, default=3)
-    p.add_argument("--method", default="seqr", choices=("seqr", "exact", "spectr", "arrow", "lag"))
+    p.add_argument("--top-k", type=positive, default=3, help="adapters to return, best first")
+    p.add_argument("--method", default="seqr", choices=("seqr", "exact", "spectr", "arrow", "lag"),
+                   help="scorer: seqr (exact, fast) or a baseline")
     p.add_argument("--normalisation", default="activation",
                    help="none | frobenius | activation | zscore[/adapter_module|adapter[/e|sqrt|log]]")
-    p.add_argument("--granularity", default="sequence", choices=("sequence", "token"))
+    p.add_argument("--granularity", default="sequence", choices=("sequence", "token"),
+                   help="one decision for the request, or one per token")
     p.add_argument("--candidates", help="comma-separated adapter names to route among")
     _common(p)
     p.set_defaults(func=cmd_route)

@@ -26,7 +26,7 @@ def env(name: str, default=None):
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="run the gRPC service", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("serve", help="run the gRPC service",
                        description="Run the router. With no flags: ./data, a development key created next to "
                                    "it (loud warning), the demo library on an empty store, open access "
                                    "(loud warning), 127.0.0.1:50051, metrics on 127.0.0.1:9464.")
@@ -252,7 +252,7 @@ def add_commands(sub, *, remote_export=None) -> None:
                                        "The caller sends 'authorization: Bearer <token>' (seqr_client: "
                                        "RouterClient(..., token=...); CLI: --token / SEQR_TOKEN).")
     tn.add_argument("--file", type=Path, required=True, help="tokens file (created 0600)")
-    tn.add_argument("--name", required=True)
+    tn.add_argument("--name", required=True, help="the caller's name (audit log, quota account)")
     tn.add_argument("--role", action="append", choices=("route", "observer", "admin"), required=True,
                     help="repeat for several roles")
     tn.add_argument("--libraries", action="append", help="glob of library names (repeatable; default *)")
@@ -272,8 +272,8 @@ def add_commands(sub, *, remote_export=None) -> None:
     av.add_argument("file", type=Path)
     av.set_defaults(func=cmd_audit_verify)
 
-    exp = add_export_parser(sub, load_library=load_library_offline, remote_export=remote_export)
-    add_store_flags(exp, what="the store to read")
+    add_export_parser(sub, load_library=load_library_offline, remote_export=remote_export,
+                      store_flags=lambda p: add_store_flags(p, what="the store to read (offline: without --target)"))
     ops_cli.add_backup_commands(sub, add_store_flags=add_store_flags)
 
 

@@ -71,19 +71,21 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="export this module (repeat; default: every module with adapters)")
     p.add_argument("--form", default="activations", choices=("activations", "projected", "moments"),
                    help="input form of every module not named by --module-form")
-    p.add_argument("--module-form", action="append", type=_form_pair, default=[], metavar="MODULE=FORM")
+    p.add_argument("--module-form", action="append", type=_form_pair, default=[], metavar="MODULE=FORM",
+                   help="input form of one module (repeat)")
     p.add_argument("--normalisation", type=_norm, default=None,
                    help="none | frobenius | activation | zscore/<adapter_module|adapter>/<e|sqrt|log> "
                         "(default: activation once calibrated, frobenius before, as routing does)")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=1, help="adapters in the ranked output")
     p.add_argument("--tokens", type=int, default=0, help="static token count (0: dynamic)")
-    p.add_argument("--input-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--input-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the graph's inputs")
     p.add_argument("--no-per-token", dest="per_token", action="store_false", default=None,
                    help="sequence outputs only (smaller, faster graph)")
     p.add_argument("--exclude-unscorable", action="store_true",
                    help="export adapters that cannot be scored (uncalibrated, own A with projected "
                         "input) as NaN instead of failing")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     _remote_flags(p)
 
@@ -110,8 +112,10 @@ Loader = Callable[[argparse.Namespace], LibraryIndex]
 Fetcher = Callable[[argparse.Namespace], bytes]
 
 
-def add_export_parser(subparsers, *, load_library: Loader | None = None, remote_export: Fetcher | None = None):
-    """Add ``export {onnx,triton}`` to a ``seqr`` sub-command set; returns the ``export`` parser."""
+def add_export_parser(subparsers, *, load_library: Loader | None = None, remote_export: Fetcher | None = None,
+                      store_flags: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Add ``export {onnx,triton}`` to a ``seqr`` sub-command set; returns the ``export`` parser.
+    ``store_flags(parser)`` adds the offline store's flags to each of them."""
     export = subparsers.add_parser("export", help="write the scorer for external hosts (plaintext!)",
                                    description=__doc__.split("\n\n")[1] + " " + __doc__.split("\n\n")[2])
     kinds = export.add_subparsers(dest="export_kind", required=True)
@@ -121,11 +125,14 @@ def add_export_parser(subparsers, *, load_library: Loader | None = None, remote_
     tri = kinds.add_parser("triton", help="a Triton model repository (onnxruntime backend)")
     tri.add_argument("dir", type=Path, metavar="DIR")
     _common(tri)
-    tri.add_argument("--model-name", default="seqr_scorer")
-    tri.add_argument("--max-batch-size", type=int, default=8)
-    tri.add_argument("--max-queue-delay-us", type=int, default=100)
-    tri.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu", "auto"))
+    tri.add_argument("--model-name", default="seqr_scorer", help="the model's folder and name in Triton")
+    tri.add_argument("--max-batch-size", type=int, default=8, help="Triton max_batch_size (dynamic batching)")
+    tri.add_argument("--max-queue-delay-us", type=int, default=100, help="Triton dynamic batching queue delay")
+    tri.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu", "auto"),
+                     help="Triton instance_group kind")
     for p, handler in ((onnx_p, export_onnx), (tri, export_triton)):
+        if store_flags is not None:
+            store_flags(p)
         p.set_defaults(func=lambda args, h=handler: run(args, h, load_library, remote_export))
     return export
 
