@@ -11,6 +11,7 @@ once. Nothing is written to disk and the service keeps only streaming statistics
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -108,8 +109,10 @@ def calibrate_from_texts(client, library: str, paths: Sequence[str], *, model: s
     m, tok = load_model(model, cache_dir=cache_dir)
     check_model(m, info, forms)
     counts = {f: sum(1 for v in forms.values() if v == f) for f in set(forms.values())}
-    bar = tqdm(texts, desc=f"calibrating {library} ({', '.join(f'{n} {f}' for f, n in sorted(counts.items()))})",
-               unit="seq", disable=not progress or None)
+    if progress:
+        print(f"calibrating {library} from {len(texts)} sequences of up to {max_tokens} tokens on {model}: "
+              + ", ".join(f"{n} modules as {f}" for f, n in sorted(counts.items())), file=sys.stderr)
+    bar = tqdm(texts, desc=f"calibrating {library}", unit="seq", disable=not progress or None)
     with bar:
         return client.calibrate(sequences(m, tok, bar, info, forms, max_tokens=max_tokens), library=library,
                                 form=forms, timeout=deadline)
