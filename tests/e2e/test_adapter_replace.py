@@ -142,3 +142,25 @@ def test_a_restricted_admin_cannot_replace_a_hidden_adapter(world, tmp_path, new
     finally:
         close(clients)
         h.stop(grace=1.0)
+
+
+def test_replacing_a_quarantined_adapter_repairs_it_in_place(world, tmp_path, new_version):
+    from .tenants import Tenants, adapter_blob, flip_bit
+    t = Tenants(world, tmp_path, principals={"admin": dict(roles=["admin"]),
+                                             "admin-a": dict(roles=["admin"], adapters=["team-a-*"])})
+    try:
+        blob = adapter_blob(t.h, HIDDEN)
+        t.h.stop(grace=1.0)
+        flip_bit(blob)
+        t.restart()
+        admin = t.c["admin"]
+        damaged = {a.name: a for a in admin.list_adapters(LIB)}[HIDDEN]
+        assert damaged.status == "damaged"
+        with pytest.raises(NotFoundError):            # hidden from admin-a: absent, damaged or not
+            t.c["admin-a"].put_adapter(new_version, name=HIDDEN, library=LIB, replace=True)
+        fixed = admin.put_adapter(new_version, name=HIDDEN, library=LIB, replace=True)
+        assert (fixed.adapter_id, fixed.version, fixed.status) == (damaged.adapter_id, 2, "ready")
+        assert not blob.exists() and not admin.describe(LIB).degraded
+        assert HIDDEN in [c.name for c in admin.route(LIB, activations(world), top_k=3).choices]
+    finally:
+        t.close()
