@@ -8,6 +8,7 @@ import numpy as np
 
 from seqr_core import SharedARecipe, llama_signature
 from seqr_server import library_objects as lo
+from seqr_server.config import Limits
 
 
 def test_stored_shared_a_reads_back_for_every_small_llama_layout():
@@ -20,7 +21,8 @@ def test_stored_shared_a_reads_back_for_every_small_llama_layout():
         mods = [m.name for m in sig.modules if m.name.endswith(targets)]
         recipe = SharedARecipe(seed=rank)
         spec = lo.LibrarySpec(name="lib", signature=sig, recipe=recipe, meta={},
-                              shared_a=lo.recipe_shared_a(sig, recipe, rank=rank, modules=mods))
+                              shared_a=lo.recipe_shared_a(sig, recipe, rank=rank, modules=mods,
+                                                                  limits=Limits()))
         stored = spec.objects()[lo.SHARED_A]
         first_bytes.add(stored[0])
         back = lo.spec_from_store("lib", spec.store_meta(), stored)
