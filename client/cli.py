@@ -225,10 +225,14 @@ def cmd_calibrate(a) -> int:
         return 2
     if a.texts:
         from .text_calibration import calibrate_from_texts
-        with _client(a) as c:
-            r = calibrate_from_texts(c, a.library, a.texts, model=a.model, cache_dir=a.cache_dir,
-                                     form=a.form, max_tokens=a.max_tokens, chunk_chars=a.chunk_chars,
-                                     limit=a.limit, deadline=a.deadline, progress=not a.json)
+        try:
+            with _client(a) as c:
+                r = calibrate_from_texts(c, a.library, a.texts, model=a.model, cache_dir=a.cache_dir,
+                                         form=a.form, max_tokens=a.max_tokens, chunk_chars=a.chunk_chars,
+                                         limit=a.limit, deadline=a.deadline, progress=not a.json)
+        except (ValueError, OSError) as e:   # unreadable texts, a model folder that is not one, wrong model
+            print(f"seqr calibrate: {e}", file=sys.stderr)
+            return 2
     else:
         def sequences():
             for f in a.files:

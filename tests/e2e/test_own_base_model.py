@@ -142,6 +142,11 @@ def test_calibrate_from_texts_on_a_local_model(model_dir, start_server, tmp_path
         assert r.fallback == "" and r.normalisation == "activation"
         if general:
             return
+    # A model that is not the library's base model is one line, before anything is sent.
+    assert main(["calibrate", "--library", "mine", "--target", h.target, "--texts", str(tmp_path / "traffic.txt"),
+                 "--model", "tiny"]) == 2
+    assert "does not match library 'mine'" in capsys.readouterr().err
+    with RouterClient(h.target, timeout=30) as c:
         # The statistics the projected stream fitted are those of the captured activations.
         from seqr_client.hf_host import capture_inputs
         from seqr_client.hf_models import load_local
