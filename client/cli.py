@@ -226,10 +226,10 @@ def cmd_calibrate(a) -> int:
     if a.texts:
         from .text_calibration import calibrate_from_texts
         try:
-            with _client(a) as c:
-                r = calibrate_from_texts(c, a.library, a.texts, model=a.model, cache_dir=a.cache_dir,
-                                         form=a.form, max_tokens=a.max_tokens, chunk_chars=a.chunk_chars,
-                                         limit=a.limit, deadline=a.deadline, progress=not a.json)
+            r = calibrate_from_texts(lambda: _client(a), a.library, a.texts, model=a.model, cache_dir=a.cache_dir,
+                                     form=a.form, max_tokens=a.max_tokens, chunk_chars=a.chunk_chars,
+                                     limit=a.limit, max_memory_mb=a.max_memory_mb, deadline=a.deadline,
+                                     progress=not a.json)
         except (ValueError, OSError) as e:   # unreadable texts, a model folder that is not one, wrong model
             print(f"seqr calibrate: {e}", file=sys.stderr)
             return 2
@@ -355,6 +355,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-tokens", type=positive, default=128, help="with --texts: tokens per sequence (longer prompts are cut)")
     p.add_argument("--chunk-chars", type=positive, default=600, help="with --texts: characters per chunk of a text file")
     p.add_argument("--limit", type=positive, help="with --texts: at most this many sequences")
+    p.add_argument("--max-memory-mb", type=positive, default=4096,
+                   help="with --texts: most memory the captured inputs may take (they are all captured "
+                        "before the stream starts, which then finishes within the server's connection age)")
     p.add_argument("--deadline", type=seconds, default=3600.0, help="deadline of the whole calibration stream, seconds")
     _common(p)
     p.set_defaults(func=cmd_calibrate)

@@ -1,11 +1,12 @@
 """`seqr calibrate --texts`: calibration traffic from text, captured on the host.
 
 Each prompt runs once through the base model (``hf_host.capture_inputs``, stopped after the last
-targeted module); the inputs of the modules the library's adapters target are sent to
-Calibrate one sequence at a time, in the smallest form that serves every adapter on the module:
+targeted module); the inputs of the modules the library's adapters target are then streamed to
+Calibrate one sequence per message, in the smallest form that serves every adapter on the module:
 ``projected`` z = A·x (T×r) where all of them share the library's A, ``activations`` x where
 one has its own A. Modules reading the same hidden state (q_proj and v_proj of a layer) send it
-once. Nothing is written to disk and the service keeps only streaming statistics.
+once. Nothing is written to disk (captures stay in memory, bounded) and the service keeps only
+streaming statistics.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -76,30 +77,49 @@ def check_model(model, info: LibraryInfo, modules: Iterable[str]) -> None:
 
 def sequences(model, tokenizer, texts: Iterable[str], info: LibraryInfo, forms: Mapping[str, str], *,
               max_tokens: int) -> Iterator[dict[str, np.ndarray]]:
-    """One ``{module: array}`` per text, in ``forms``; equal activations are one array object."""
+    """One ``{module: array}`` per text, in ``forms``; equal activations are one array object,
+    kept as float16 when that is finite (half the memory; models run at that precision)."""
     from .hf_host import capture_inputs, group_shared_inputs, project
 
     modules = list(forms)
     for text in texts:
         x = capture_inputs(model, text, modules=modules, tokenizer=tokenizer, max_length=max_tokens)
         groups = group_shared_inputs(x)
-        seq = {m: x[groups[m]] for m in modules if forms[m] == "activations"}
+        kept = {g: _compact(x[g]) for g in {groups[m] for m in modules if forms[m] == "activations"}}
+        seq = {m: kept[groups[m]] for m in modules if forms[m] == "activations"}
         proj = [m for m in modules if forms[m] == "projected"]
         if proj:
             seq.update(project({m: x[m] for m in proj}, {m: info.shared_a[m] for m in proj}))
         yield seq
 
 
-def calibrate_from_texts(client, library: str, paths: Sequence[str], *, model: str, cache_dir=None,
-                         form: str = "auto", max_tokens: int = 128, chunk_chars: int = 600,
-                         limit: int | None = None, deadline: float = 3600.0,
+def _compact(x: np.ndarray) -> np.ndarray:
+    half = x.astype(np.float16)
+    return half if np.isfinite(half).all() else x
+
+
+def nbytes(seq: Mapping[str, np.ndarray]) -> int:
+    """Bytes of one captured sequence (shared arrays counted once)."""
+    return sum(a.nbytes for a in {id(a): a for a in seq.values()}.values())
+
+
+def calibrate_from_texts(connect: Callable[[], object], library: str, paths: Sequence[str], *, model: str,
+                         cache_dir=None, form: str = "auto", max_tokens: int = 128, chunk_chars: int = 600,
+                         limit: int | None = None, max_memory_mb: int = 4096, deadline: float = 3600.0,
                          progress: bool = True) -> CalibrationResult:
-    """Read the texts, capture on ``model`` and stream the library's Calibrate (progress bar)."""
+    """Read the texts, capture them on ``model`` (progress bar), then stream the library's
+    Calibrate on a fresh connection from ``connect()`` (a RouterClient).
+
+    Capture comes first and the stream after it because the server closes connections at its
+    max connection age (5 min + 30 s grace): a stream fed at the speed of a forward pass on a
+    busy host would be cut. ``max_memory_mb`` bounds what the captures may hold.
+    """
     from tqdm import tqdm
 
     from .hf_models import load_model
 
-    info = client.describe(library, include_shared_a=True)
+    with connect() as client:
+        info = client.describe(library, include_shared_a=True)
     forms = module_forms(info, form=form)
     if not forms:
         raise SystemExit(f"library {library!r} has no adapters to calibrate; upload some first")
@@ -112,7 +132,17 @@ def calibrate_from_texts(client, library: str, paths: Sequence[str], *, model: s
     if progress:
         print(f"calibrating {library} from {len(texts)} sequences of up to {max_tokens} tokens on {model}: "
               + ", ".join(f"{n} modules as {f}" for f, n in sorted(counts.items())), file=sys.stderr)
-    bar = tqdm(texts, desc=f"calibrating {library}", unit="seq", disable=not progress or None)
-    with bar:
-        return client.calibrate(sequences(m, tok, bar, info, forms, max_tokens=max_tokens), library=library,
-                                form=forms, timeout=deadline)
+    captured: list[dict[str, np.ndarray]] = []
+    with tqdm(texts, desc="capturing", unit="seq", disable=not progress or None) as bar:
+        for seq in sequences(m, tok, bar, info, forms, max_tokens=max_tokens):
+            captured.append(seq)
+            if len(captured) == 1:      # the first one bounds them all (T <= max_tokens)
+                per_token = nbytes(seq) / next(iter(seq.values())).shape[0]
+                need = per_token * max_tokens * len(texts) / 2 ** 20
+                if need > max_memory_mb:
+                    raise ValueError(f"{len(texts)} sequences of up to {max_tokens} tokens need up to {need:.0f} MB "
+                                     f"of captured inputs (limit {max_memory_mb}); lower --limit or --max-tokens, "
+                                     "or raise --max-memory-mb")
+    with connect() as client, tqdm(captured, desc=f"calibrating {library}", unit="seq",
+                                   disable=not progress or None) as bar:
+        return client.calibrate(bar, library=library, form=forms, timeout=deadline)

@@ -141,6 +141,11 @@ def test_calibrate_from_texts_on_a_local_model(model_dir, start_server, tmp_path
         r = c.route("mine", {m.name: x for m in info.modules if m.shared_rank}, top_k=2)
         assert r.fallback == "" and r.normalisation == "activation"
         if general:
+            # Captures are held until the stream starts: bounded, one line when too much.
+            assert main(["calibrate", "--library", "mine", "--target", h.target, "--texts",
+                         str(tmp_path / "traffic.txt"), "--model", str(model_dir), "--max-tokens", "100000",
+                         "--max-memory-mb", "1"]) == 2
+            assert "need up to" in capsys.readouterr().err
             return
     # A model that is not the library's base model is one line, before anything is sent.
     assert main(["calibrate", "--library", "mine", "--target", h.target, "--texts", str(tmp_path / "traffic.txt"),
