@@ -157,7 +157,7 @@ def cmd_adapters_ls(a) -> int:
         ads = c.list_adapters(a.library)
     _print(a, ads, "\n".join(f"{i.adapter_id}\t{i.name}\tDAMAGED (quarantined; delete it): {i.damaged_reason}"
                              if i.status == "damaged" else
-                             f"{i.adapter_id}\t{i.name}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
+                             f"{i.adapter_id}\t{i.name}\tv{i.version}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
                              f"{'calibrated' if i.calibrated else ''}" for i in ads) or "(no adapters)")
     return 0
 

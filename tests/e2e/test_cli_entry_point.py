@@ -130,7 +130,7 @@ def test_every_subcommand_runs_through_the_entry_point(world, start_server, tmp_
     again = json.loads(run("adapters", "put", str(world.adapters["shared-a1"]), "--name", "shared-a0",
                            "--replace", *lib, "--json").stdout)
     assert (again[0]["adapter_id"], again[0]["version"]) == (put[0]["adapter_id"], 2)
-    assert "shared-a0" in run("adapters", "ls", *lib).stdout
+    assert "\tshared-a0\tv2\tshared_a" in run("adapters", "ls", *lib).stdout
     np.savez(tmp_path / "x.npz", **activations(world))
     assert "calibrated 3 adapters" in run("calibrate", str(tmp_path / "x.npz"), *lib).stdout
     routed = json.loads(run("route", str(tmp_path / "x.npz"), *lib, "--json").stdout)
