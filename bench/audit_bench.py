@@ -3,7 +3,7 @@ result, both fsynced), verifying a long chain, and what reloadable authenticatio
 
     .venv/bin/python bench/audit_bench.py [--records 2000] [--dir /path/on/target/disk]
 
-Prints a markdown table (also written to bench/results/audit.md).
+Prints a markdown table and writes it to bench/out/audit.md (git-ignored) or ``--out FILE``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "audit.md")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("out") / "audit.md",
+                    help="where to write the table (bench/results/audit.md refreshes the committed one)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
         rows = run(Path(d), records=a.records)

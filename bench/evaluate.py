@@ -21,7 +21,8 @@ The pipeline, end to end through the real service:
    and the oracle (own-domain) adapter; bytes and latency per input form; scorer cost vs N;
    the model-host round trip (capture → route → set adapter → generate) on a few prompts.
 
-Writes ``bench/results/evaluation.md`` (+ ``evaluation.json`` and PNG plots beside it).
+Writes ``evaluation.md`` (+ ``evaluation.json`` and PNG plots beside it) into ``bench/out/``
+(git-ignored) or ``--out DIR``; ``--out bench/results`` refreshes the committed report.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from seqr_eval.corpora import DOMAINS, build_corpora  # noqa: E402
 from seqr_eval.train_adapters import (DEFAULT_CONTRAST, DEFAULT_SHARED_A_SEED, GENERAL_DOMAINS,  # noqa: E402
                                       RECIPE, train_all)
 
-RESULTS = HERE / "results"
 MAX_TOKENS = 128          # routing prompt: the first 128 tokens of a chunk
 PPL_TOKENS = 256          # perplexity: the chunk's first 256 tokens
 MAIN, MIXED = "seqr9", "mixed12"
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--cache-dir", default=None, help="cache root (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="where evaluation.md and the PNGs go")
+    ap.add_argument("--out", type=Path, default=HERE / "out",
+                    help="where evaluation.md, evaluation.json and the PNGs go (bench/results: the committed ones)")
     ap.add_argument("--quick", action="store_true", help="10 test chunks per domain and fewer settings")
     ap.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
                     help="adapter recipe: weight of the distinguishability term (0: plain LM loss)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check for the ONNX scorer on a machine with an NVIDIA GPU. Unattended, < 5 minutes.
 #
-#   bash bench/gpu_check.sh            # results in $OUT if set, else bench/results/gpu-<time>/
+#   bash bench/gpu_check.sh            # results in $OUT if set, else bench/out/gpu-<time>/
 #
 # Steps (each bounded by a timeout, all inside one 290 s budget):
 #   1. machine: nvidia-smi must see a GPU;
@@ -18,7 +18,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 BUDGET=${SEQR_GPU_CHECK_BUDGET:-290}
-RESULTS=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+RESULTS=${OUT:-bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$RESULTS"
 exec > >(tee -a "$RESULTS/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=dev

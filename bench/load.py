@@ -7,7 +7,7 @@ sent as activations (8.8 MB), projected (246 KB) or moments (15 KB). For each fo
 concurrency 1, 8, 32 it reports RPS, p50/p99 latency, errors, and the ratio of the gRPC p50
 to the in-process seqr_core.route time of the same request (what the wire and server add).
 
-    .venv/bin/python bench/load.py                      # table to stdout + bench/results/load.md
+    .venv/bin/python bench/load.py                      # table to stdout + bench/out/load.md
     .venv/bin/python bench/load.py --server seqr,sync   # `seqr serve` (grpc.aio) beside the old
                                                         # synchronous transport (bench/sync_server.py)
 
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", default="seqr",
                     help="comma list of transports, run one after the other on the same store: "
                          "seqr (`seqr serve`, grpc.aio) and/or sync (the old transport, bench/sync_server.py)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "load.md",
+                    help="where to write the table (bench/results/load.md refreshes the committed one)")
     a = ap.parse_args(argv)
     # Same BLAS setting as `seqr serve` (1 thread per request) for the in-process core column.
     threadpool_limits(limits=1, user_api="blas")

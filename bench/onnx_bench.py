@@ -2,7 +2,7 @@
 
 One module, SEQR shared-A libraries, activations (T, d) in, frobenius normalisation, exact
 top-1 (float64 re-check included on both paths). Grid: N ∈ {100, 1000}, d ∈ {576, 4096},
-r ∈ {8, 16}. Prints a markdown table; ``--out FILE`` also writes it.
+r ∈ {8, 16}. Prints a markdown table and writes it to bench/out/onnx.md (git-ignored) or ``--out FILE``.
 
     nice .venv/bin/python bench/onnx_bench.py                 # CPU provider (default)
     SEQR_ONNX_PROVIDER=cuda python bench/onnx_bench.py       # on a GPU machine
@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--granularity", choices=("sequence", "token"), default="sequence")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per path and cell")
     ap.add_argument("--provider", default=None, help="auto | cuda | cpu (default $SEQR_ONNX_PROVIDER or cpu)")
-    ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "onnx.md"),
+                    help="where to write the table (bench/results/onnx.md refreshes the committed one)")
     args = ap.parse_args(argv)
     be = OnnxBackend(prefer=args.provider or None) if args.provider else OnnxBackend()
     provider = be.providers[0] if isinstance(be.providers[0], str) else be.providers[0][0]
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     text = table(rows, provider=provider, T=args.tokens, granularity=args.granularity)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text)
     return 0

@@ -5,7 +5,7 @@
                                                      # every normalisation x aggregation, one adapter set
     python bench/research.py oracle [--ranks 8 16] [--variant gen|own] [--whiten]
                                                      # capacity of the representation (no adapters)
-    python bench/research.py report [--sets A B ...] # everything -> bench/results/research.md (~6 min)
+    python bench/research.py report [--sets A B ...] # everything -> bench/out/research.md or --out (~6 min)
 
 Adapter sets are folders under <cache>/adapters/smollm2-135m/ (bench/train_adapters.py makes them:
 ``--contrast 0`` plain, ``--contrast 0.1`` the default, ``--contrast 0.5``).
@@ -321,7 +321,7 @@ def oracle_perplexity(model, tok, dirs):
 
 
 def cmd_report(a):
-    """Run every analysis on the finished adapter sets and write bench/results/research.md."""
+    """Run every analysis on the finished adapter sets and write ``a.out`` (research.md)."""
     from seqr_client.training import read_seqr_json
     t_all = L.timer()
     model, tok, ct, ty, cc, cy = load_caps(progress=False)
@@ -476,9 +476,8 @@ def cmd_report(a):
             out(f"- `{s0}`, {nm}, {len(ks)} samples: harness == seqr_core {same:.0%}; core seqr == exact {se:.0%}")
     out("")
     out(f"(report generated in {t_all():.0f}s)")
-    RESULTS = Path(__file__).resolve().parent / "results"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "research.md").write_text("\n".join(lines) + "\n")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -489,6 +488,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["report"]:
     ap.add_argument("--general", default="general-r8-s40")
     ap.add_argument("--findings", default=str(Path(__file__).resolve().parent / "results" / "research_findings.md"),
                     help="hand-written findings inserted at the top")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "research.md"),
+                    help="where to write the report (bench/results/research.md refreshes the committed one)")
     cmd_report(ap.parse_args())
 
 

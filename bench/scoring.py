@@ -4,7 +4,7 @@ Prints a markdown table: time per 1,000 tokens for each method at N ∈ {10, 100
 d=4096, r=16; the measured spectr/seqr ratio beside the FLOP ratio N·r·d / (r·d + N·r²); and
 seqr's achieved GFLOP/s against this machine's fp32 GEMM peak measured in the same run.
 
-    .venv/bin/python bench/scoring.py [--quick] [--out bench/results/scoring.md]
+    .venv/bin/python bench/scoring.py [--quick] [--out FILE]   # table to stdout + bench/out/scoring.md
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     ap.add_argument("--slow-tokens", type=int, default=128, help="tokens per call for exact/spectr")
     ap.add_argument("--ns", default="10,100,1000,4000")
     ap.add_argument("--quick", action="store_true", help="N up to 1000, fewer repeats")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "scoring.md",
+                    help="where to write the table (bench/results/scoring.md refreshes the committed one)")
     a = ap.parse_args(argv)
     ns = [int(x) for x in a.ns.split(",")]
     if a.quick:

@@ -8,7 +8,7 @@ checked, first on an idle server, then while attackers hold calls open:
   stream   1,000 idle RouteStreams from one route token over 50 connections (capped per principal)
   flood    32 concurrent unauthenticated 60 MB Route requests: the server's peak RSS growth
 
-    .venv/bin/python bench/starve.py          # table to stdout and bench/results/starve.md
+    .venv/bin/python bench/starve.py          # table to stdout and bench/out/starve.md
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stalled", type=int, default=1000)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--probes", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "starve.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "starve.md",
+                    help="where to write the table (bench/results/starve.md refreshes the committed one)")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     sig = signature()

@@ -13,6 +13,7 @@ import importlib
 import json
 import sys
 
+from seqr_core.config_values import ConfigError
 from seqr_core.errors import SeqrError
 
 EPILOG = """quick start:
@@ -34,11 +35,41 @@ def owner_of(command: str) -> str | None:
     return next((m for m, (_, cmds) in OWNERS.items() if command in cmds), None)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none (None, False) or says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS, []) or (
+                not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+class Parser(argparse.ArgumentParser):
+    """`seqr`'s parser class; sub-command parsers inherit it, so all show their defaults."""
+
+    def __init__(self, *args, formatter_class=DefaultsFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def remote_export(args) -> bytes:
+    """`seqr export ... --target`: the scorer through the ExportScorer RPC (the client's)."""
+    from seqr_client.cli import fetch_scorer
+    return fetch_scorer(args)
+
+
+# Hooks an owner's commands get from the others, imported only when such a command runs.
+HOOKS = {"seqr_server.cli": {"remote_export": remote_export}}
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The `seqr` parser with every owner's commands, or just those of owner module ``only``."""
-    ap = argparse.ArgumentParser(prog="seqr", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description="seqr-router: route LLM requests to LoRA adapters from their own "
-                                             "activations (SEQR). Privacy-first, on-prem gRPC service.")
+    ap = Parser(prog="seqr", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="seqr-router: route LLM requests to LoRA adapters from their own "
+                            "activations (SEQR). Privacy-first, on-prem gRPC service. Every "
+                            "command takes -h/--help.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module, (extra, commands) in OWNERS.items():
         if only in (None, module):
@@ -56,7 +87,7 @@ def _mount(sub, module: str, extra: str, commands: tuple[str, ...]) -> None:
             p.add_argument("rest", nargs=argparse.REMAINDER)
             p.set_defaults(func=lambda a, e=e: _missing(a.command, extra, e))
         return
-    mod.add_commands(sub)
+    mod.add_commands(sub, **HOOKS.get(module, {}))
 
 
 def _missing(command: str, extra: str, error: ImportError) -> int:
@@ -68,9 +99,12 @@ def _missing(command: str, extra: str, error: ImportError) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((x for x in argv[:1] if not x.startswith("-")), None)
-    args = build_parser(owner_of(command) if command else None).parse_args(argv)
     try:
+        args = build_parser(owner_of(command) if command else None).parse_args(argv)
         return int(args.func(args) or 0)
+    except ConfigError as e:         # a flag or SEQR_* variable that does not parse: one line
+        print(f"seqr: {e.field}: {e.message}", file=sys.stderr)
+        return 2
     except SeqrError as e:
         print(json.dumps({"error": e.code, "field": e.field, "message": str(e)}), file=sys.stderr)
         return 1

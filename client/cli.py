@@ -16,16 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from . import training
+from seqr_core.config_values import env_default, positive, seconds
 
 FORMS = ("activations", "projected", "moments")
 
 
 def env(name: str, default=None):
-    """The SEQR_<name> environment variable (every flag's default)."""
-    return os.environ.get(f"SEQR_{name}", default)
+    """The SEQR_<name> environment variable (every flag's default); a value that does not parse
+    is reported under the variable's name (seqr_core.config_values)."""
+    return env_default(os.environ, f"SEQR_{name}", default)
 
 
-def _common(p: argparse.ArgumentParser, *, library: bool = True) -> None:
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """--target, --token, TLS, --timeout, --json: how every client command reaches the server."""
     g = p.add_argument_group("connection")
     g.add_argument("--target", default=env("TARGET", "localhost:50051"),
                    help="server address; dns:///svc:50051 behind a headless service [SEQR_TARGET]")
@@ -33,10 +36,17 @@ def _common(p: argparse.ArgumentParser, *, library: bool = True) -> None:
     g.add_argument("--tls-ca", default=env("TLS_CA"), help="CA bundle to verify the server (enables TLS) [SEQR_TLS_CA]")
     g.add_argument("--tls-client-cert", default=env("CLIENT_CERT"), help="client certificate for mTLS [SEQR_CLIENT_CERT]")
     g.add_argument("--tls-client-key", default=env("CLIENT_KEY"), help="client key for mTLS [SEQR_CLIENT_KEY]")
-    g.add_argument("--timeout", type=float, default=float(env("TIMEOUT", "10")), help="deadline in seconds [SEQR_TIMEOUT]")
+    g.add_argument("--timeout", type=seconds, default=env("TIMEOUT", 10.0),
+                   help="deadline of each call in seconds [SEQR_TIMEOUT]")
     g.add_argument("--json", action="store_true", help="print JSON")
-    if library:
-        p.add_argument("--library", "-l", default=env("LIBRARY", "demo"), help="library name [SEQR_LIBRARY]")
+
+
+def _common(p: argparse.ArgumentParser, *, library: bool = True) -> None:
+    add_connection_flags(p)
+    if library:     # never a silent default: a command must not act on a library nobody named
+        lib = env("LIBRARY")
+        p.add_argument("--library", "-l", default=lib, required=lib is None,
+                       help="library name (required unless SEQR_LIBRARY is set) [SEQR_LIBRARY]")
 
 
 def _client(a):
@@ -70,6 +80,17 @@ def _run(fn):
 
 
 # ---------------------------------------------------------------------------- commands
+def _target_modules(a) -> list[str] | None:
+    """Module name suffixes that get a shared A (None: every module); warns on --targets."""
+    given = a.target_modules
+    if a.targets_deprecated is not None:
+        print("seqr libraries create: --targets is deprecated (it meant modules, while --target is the "
+              "server); use --target-modules", file=sys.stderr)
+        given = [a.targets_deprecated]
+    names = [n for item in given for n in item.split(",") if n]
+    return None if not names or names == ["all"] else names
+
+
 @_run
 def cmd_libraries_create(a) -> int:
     from seqr_core import signature_from_hf_config
@@ -78,14 +99,26 @@ def cmd_libraries_create(a) -> int:
         sig = signature_from_hf_config(json.loads(Path(a.hf_config).read_text()), base_model=a.base_model or "")
     else:
         sig = BaseModelSignature.from_dict(json.loads(Path(a.signature).read_text()))
-    modules = [m.name for m in sig.modules if not a.targets or m.name.rsplit(".", 1)[-1] in a.targets.split(",")]
+    targets = _target_modules(a)
+    modules = [m.name for m in sig.modules if targets is None or m.name.rsplit(".", 1)[-1] in targets]
     shared = dict(np.load(a.shared_a_file)) if a.shared_a_file else None
     with _client(a) as c:
         info = c.create_library(a.name, signature=sig, shared_a_seed=a.shared_a_seed if shared is None else None,
-                                shared_a_rank=a.rank, shared_a_modules=modules if a.targets else None,
-                                shared_a=shared, shared_a_only=a.shared_a_only)
+                               shared_a_rank=a.rank, shared_a_modules=None if targets is None else modules,
+                               shared_a=shared, shared_a_only=a.shared_a_only)
     _print(a, info, f"created {info.name} v{info.version}: {len(info.modules)} modules, "
                     f"{sum(1 for m in info.modules if m.shared_rank)} with a shared A")
+    return 0
+
+
+@_run
+def cmd_libraries_shared_a(a) -> int:
+    from .shared_a_files import write_shared_a
+    with _client(a) as c:
+        info = c.describe(a.library, include_shared_a=True)
+    doc = write_shared_a(info, Path(a.out), force=a.force)
+    _print(a, doc, f"wrote {a.out}: the shared A of {info.name} v{info.version} for {len(doc['modules'])} "
+                   f"modules, rank {doc['rank']} (PEFT lora_A naming; see {Path(a.out) / 'README.md'})")
     return 0
 
 
@@ -113,10 +146,10 @@ def cmd_adapters_put(a) -> int:
                                desc=f"uploading {len(dirs)} adapter(s)") as bar:
         for d in dirs:
             bar.set_postfix_str(d.name)
-            out.append(c.put_adapter_files(files[d], name=a.name or d.name, library=a.library, progress=bar.update,
-                                           allow_general=a.allow_general))
-    _print(a, out, "\n".join(f"{i.name}\tid={i.adapter_id}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules"
-                             for i in out))
+            out.append(c.put_adapter_files(files[d], name=a.name or d.name, library=a.library,
+                                           progress=bar.update, allow_general=a.allow_general, replace=a.replace))
+    _print(a, out, "\n".join(f"{i.name}\tid={i.adapter_id}\tv{i.version}\t{i.kind}\tr={i.rank}\t"
+                             f"{len(i.modules)} modules" for i in out))
     return 0
 
 
@@ -126,7 +159,7 @@ def cmd_adapters_ls(a) -> int:
         ads = c.list_adapters(a.library)
     _print(a, ads, "\n".join(f"{i.adapter_id}\t{i.name}\tDAMAGED (quarantined; delete it): {i.damaged_reason}"
                              if i.status == "damaged" else
-                             f"{i.adapter_id}\t{i.name}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
+                             f"{i.adapter_id}\t{i.name}\tv{i.version}\t{i.kind}\tr={i.rank}\t{len(i.modules)} modules\t"
                              f"{'calibrated' if i.calibrated else ''}" for i in ads) or "(no adapters)")
     return 0
 
@@ -192,11 +225,26 @@ def cmd_describe(a) -> int:
 
 @_run
 def cmd_calibrate(a) -> int:
-    def sequences():
-        for f in a.files:
-            yield dict(np.load(f))
-    with _client(a) as c:
-        r = c.calibrate(sequences(), library=a.library, form=a.form)
+    if bool(a.files) == bool(a.texts):
+        print("seqr calibrate: give either .npz files or --texts FILE (not both)", file=sys.stderr)
+        return 2
+    if a.texts:
+        from .text_calibration import calibrate_from_texts
+        try:
+            r = calibrate_from_texts(lambda: _client(a), a.library, a.texts, model=a.model, cache_dir=a.cache_dir,
+                                     form=a.form, max_tokens=a.max_tokens, chunk_chars=a.chunk_chars,
+                                     limit=a.limit, max_memory_mb=a.max_memory_mb, deadline=a.deadline,
+                                     progress=not a.json)
+        except (ValueError, OSError) as e:   # unreadable texts, a model folder that is not one, wrong model
+            print(f"seqr calibrate: {e}", file=sys.stderr)
+            return 2
+    else:
+        def sequences():
+            for f in a.files:
+                yield dict(np.load(f))
+        with _client(a) as c:
+            r = c.calibrate(sequences(), library=a.library,
+                            form="activations" if a.form == "auto" else a.form, timeout=a.deadline)
     _print(a, r, f"calibrated {len(r.adapters)} adapters on {r.sequences} sequences; library v{r.library_version}")
     return 0
 
@@ -228,8 +276,20 @@ def cmd_host(a) -> int:
     return 0
 
 
+def fetch_scorer(a) -> bytes:
+    """The library's ONNX scorer through the ExportScorer RPC (`seqr export ... --target`)."""
+    from seqr_client import SeqrError
+    try:
+        with _client(a) as c:
+            return c.export_scorer(a.library, form=a.form, tokens=a.tokens or 0, timeout=a.timeout)
+    except SeqrError as e:
+        raise SystemExit(f"export failed: {e.code}: {e}") from None
+
+
 def add_commands(sub) -> None:
-    libs = sub.add_parser("libraries", help="create and list libraries").add_subparsers(dest="sub", required=True)
+    libs = sub.add_parser("libraries", help="create and list libraries, fetch a library's shared A",
+                          description="Create and list libraries; write a library's shared A for your own trainer.")
+    libs = libs.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = libs.add_parser("create", help="create a library for one base model (with a shared frozen A)",
                           description="Create an empty library for one base model. The signature comes from the model's config.json (Llama family) or a JSON list of modules. With --shared-a-seed the library gets a frozen shared A per targeted module (PEFT's lora_A init, reproducible from the seed): adapter owners train only B against it and take the fast SEQR path. Without it every adapter takes the exact general path.")
     p.add_argument("name")
@@ -239,31 +299,47 @@ def add_commands(sub) -> None:
     p.add_argument("--base-model", default="", help="base model name recorded in the signature")
     p.add_argument("--shared-a-seed", type=int, help="generate the shared A from this seed (PEFT lora_A init)")
     p.add_argument("--shared-a-file", help=".npz of module -> A (r, d_in) to upload instead of a seed")
-    p.add_argument("--rank", type=int, default=8, help="shared A rank")
-    p.add_argument("--targets", default="q_proj,v_proj",
-                   help="module name suffixes that get a shared A ('' for all modules)")
+    p.add_argument("--rank", type=positive, default=8, help="shared A rank")
+    p.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME",
+                   help="module name suffixes that get a shared A (as PEFT's target_modules; 'all' for every module)")
+    p.add_argument("--targets", dest="targets_deprecated", help=argparse.SUPPRESS)   # old spelling: warns
     p.add_argument("--shared-a-only", action="store_true",
                    help="refuse every adapter whose lora_A is not the library's shared A (no general adapters)")
     _common(p, library=False)
-    p.set_defaults(func=cmd_libraries_create)
+    p.set_defaults(func=cmd_libraries_create, targets_deprecated=None)
     p = libs.add_parser("ls", help="list libraries",
                           description='List the libraries visible to the caller with their versions and adapter counts.')
     _common(p, library=False)
     p.set_defaults(func=cmd_libraries_ls)
+    p = libs.add_parser("shared-a", help="write a library's shared A as PEFT lora_A tensors (for your own trainer)",
+                        description="Write the library's frozen shared A into DIR: shared_a.safetensors with PEFT's "
+                                    "tensor names (base_model.model.<module>.lora_A.weight, float32), shared_a.json "
+                                    "(library, version, rank, seed, target modules) and a README.md with the recipe: "
+                                    "load it into lora_A with peft.set_peft_model_state_dict, freeze lora_A, train "
+                                    "only lora_B with any trainer, save with safe_serialization, upload with "
+                                    "`seqr adapters put`. The A is not secret (it is random).")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (created)")
+    p.add_argument("--force", action="store_true", help="overwrite the files in an existing DIR")
+    _common(p)
+    p.set_defaults(func=cmd_libraries_shared_a)
 
-    ads = sub.add_parser("adapters", help="upload, list, delete adapters").add_subparsers(dest="sub", required=True)
+    ads = sub.add_parser("adapters", help="upload, replace, list, delete adapters",
+                         description="Upload (or replace in place), list and delete a library's adapters.")
+    ads = ads.add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = ads.add_parser("put", help="upload PEFT adapter folders (progress bar over all bytes)",
-                          description='Upload one or more PEFT LoRA folders (adapter_config.json + adapter_model.safetensors; fp32/fp16/bf16). Each is checked (sha256, strict safetensors parsing - pickles are refused, base-model shapes, rank, finiteness) before it is stored encrypted; the name defaults to the folder name. A progress bar covers all bytes.')
+                          description='Upload one or more PEFT LoRA folders (adapter_config.json + adapter_model.safetensors; fp32/fp16/bf16). Each is checked (sha256, strict safetensors parsing - pickles are refused, base-model shapes, rank, finiteness) before it is stored encrypted; the name defaults to the folder name. A progress bar covers all bytes. With --replace an existing adapter is updated in place: same name and id, its version goes up by one, the old version is crypto-shredded and its calibration statistics dropped.')
     p.add_argument("dirs", nargs="+", help="folders with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--name", help="adapter name (default: the folder name; one folder only)")
     p.add_argument("--allow-general", action="store_true",
                    help="store an adapter whose lora_A is not the library's shared A as a general adapter "
                         "(exact but slower path; general adapters tend to win over shared-A ones). Without "
                         "it such an upload is refused; better: retrain it with `seqr train --library`")
+    p.add_argument("--replace", action="store_true",
+                   help="update existing adapters in place (same id, version + 1); NOT_FOUND if one does not exist")
     _common(p)
     p.set_defaults(func=cmd_adapters_put)
     p = ads.add_parser("ls", help="list adapters",
-                          description='List the adapters of a library visible to the caller: id (stable, never reused), name, kind (shared_a / general / mixed), rank, modules, calibration.')
+                          description='List the adapters of a library visible to the caller: id (stable, never reused), name, version, kind (shared_a / general / mixed), rank, modules, calibration.')
     _common(p)
     p.set_defaults(func=cmd_adapters_ls)
     p = ads.add_parser("rm", help="delete adapters (crypto-shredded; ids never reused)",
@@ -275,14 +351,16 @@ def add_commands(sub) -> None:
     p = sub.add_parser("route", help="route one request from an .npz (keys = module names)",
                           description='Route one request. The .npz maps module names (e.g. model.layers.0.self_attn.q_proj) to arrays in --form: activations (T, d_in), projected (T, r) or moments (r, r). --random T sends random activations for every shared-A module (a smoke test).')
     p.add_argument("npz", nargs="?", help=".npz of module name -> array in --form")
-    p.add_argument("--form", choices=FORMS, default="activations")
-    p.add_argument("--tokens", type=int, help="moments: tokens G was averaged over")
-    p.add_argument("--random", type=int, metavar="T", help="instead of a file: random activations, T tokens")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--method", default="seqr", choices=("seqr", "exact", "spectr", "arrow", "lag"))
+    p.add_argument("--form", choices=FORMS, default="activations", help="input form of the arrays in the .npz")
+    p.add_argument("--tokens", type=positive, help="moments: tokens G was averaged over")
+    p.add_argument("--random", type=positive, metavar="T", help="instead of a file: random activations, T tokens")
+    p.add_argument("--top-k", type=positive, default=3, help="adapters to return, best first")
+    p.add_argument("--method", default="seqr", choices=("seqr", "exact", "spectr", "arrow", "lag"),
+                   help="scorer: seqr (exact, fast) or a baseline")
     p.add_argument("--normalisation", default="activation",
                    help="none | frobenius | activation | zscore[/adapter_module|adapter[/e|sqrt|log]]")
-    p.add_argument("--granularity", default="sequence", choices=("sequence", "token"))
+    p.add_argument("--granularity", default="sequence", choices=("sequence", "token"),
+                   help="one decision for the request, or one per token")
     p.add_argument("--candidates", help="comma-separated adapter names to route among")
     _common(p)
     p.set_defaults(func=cmd_route)
@@ -292,10 +370,25 @@ def add_commands(sub) -> None:
     _common(p)
     p.set_defaults(func=cmd_describe)
 
-    p = sub.add_parser("calibrate", help="fit normalisation statistics from .npz files (one sequence each)",
-                          description='Fit the data-aware normalisations (activation, zscore) from unlabeled traffic: each .npz is one sequence mapping module names to activations (T, d_in) or projected (T, r). Only streaming statistics are kept, never the activations.')
-    p.add_argument("files", nargs="+")
-    p.add_argument("--form", choices=("activations", "projected"), default="activations")
+    p = sub.add_parser("calibrate", help="fit normalisation statistics from text (--texts) or .npz captures",
+                          description='Fit the data-aware normalisations (activation, zscore) from unlabeled traffic. With --texts the prompts are run through the base model here (--model), the inputs of the modules the adapters target are captured and sent: projected z = A x for shared-A modules, activations where a module has adapters with their own A (--form overrides). Or give .npz files, each one sequence mapping module names to activations (T, d_in) or projected (T, r). The server keeps only streaming statistics, never the inputs. Traffic should look like what the router will see (prompts in the proportions they arrive, all domains mixed, no labels); the evaluation saturated at 270 chunks of ~128 tokens (see README).')
+    p.add_argument("files", nargs="*", help=".npz files, one sequence each (instead of --texts)")
+    p.add_argument("--texts", nargs="+", metavar="FILE",
+                   help="UTF-8 text files (cut into ~--chunk-chars chunks, one sequence each) or .jsonl "
+                        "(one prompt per line: a JSON string or an object with 'text' or 'prompt')")
+    p.add_argument("--model", default=env("MODEL", "smollm2"),
+                   help="with --texts: the base model, 'smollm2' or a local Hugging Face causal-LM folder [SEQR_MODEL]")
+    p.add_argument("--cache-dir", default=None, help="cache root for the converted SmolLM2 (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
+    p.add_argument("--form", choices=("auto", "activations", "projected"), default="auto",
+                   help="auto: projected where every adapter on a module shares its A, else activations "
+                        "(.npz files: auto means activations)")
+    p.add_argument("--max-tokens", type=positive, default=128, help="with --texts: tokens per sequence (longer prompts are cut)")
+    p.add_argument("--chunk-chars", type=positive, default=600, help="with --texts: characters per chunk of a text file")
+    p.add_argument("--limit", type=positive, help="with --texts: at most this many sequences")
+    p.add_argument("--max-memory-mb", type=positive, default=4096,
+                   help="with --texts: most memory the captured inputs may take (they are all captured "
+                        "before the stream starts, which then finishes within the server's connection age)")
+    p.add_argument("--deadline", type=seconds, default=3600.0, help="deadline of the whole calibration stream, seconds")
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 

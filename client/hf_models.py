@@ -6,6 +6,8 @@
   plain fp32 copy under the cache dir and later loads take ~0.3 s.
 * :func:`tiny_llama` — a tiny random ``LlamaForCausalLM`` built from a config (no download) with a
   byte-level tokenizer built in memory, for CI.
+* :func:`load_local` — any local Hugging Face causal-LM folder; :func:`load_model` picks one of
+  the three from a ``--model`` value.
 * :func:`signature_of` — the base-model signature a library records: canonical names and
   (d_in, d_out) of the LoRA-targeted ``nn.Linear`` modules.
 
@@ -102,6 +104,32 @@ def load_smollm2(*, cache_dir: str | os.PathLike | None = None, verbose: bool = 
         tok.pad_token = tok.eos_token
     model.eval()
     return model, tok
+
+
+def load_local(path: str | os.PathLike):
+    """Any local Hugging Face causal-LM folder (config.json + weights + tokenizer files) as
+    ``(model, tokenizer)``: fp32, eval mode, CPU, offline (nothing is fetched)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok
+
+
+def load_model(spec: str, *, cache_dir: str | os.PathLike | None = None):
+    """``(model, tokenizer)`` for a ``--model`` value: ``smollm2`` (the packaged GGUF), ``tiny``
+    (a tiny random Llama for tests and demos) or the path of a local causal-LM folder."""
+    if spec == "smollm2":
+        return load_smollm2(cache_dir=cache_dir)
+    if spec == "tiny":
+        return tiny_llama()
+    return load_local(spec)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

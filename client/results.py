@@ -77,6 +77,7 @@ class AdapterInfo:
     calibrated: bool
     status: str = "ready"     # "ready" | "damaged" (quarantined: never routed; delete and re-upload)
     damaged_reason: str = ""
+    version: int = 1          # 1 at upload, +1 per in-place replace
 
 
 @dataclass(frozen=True)

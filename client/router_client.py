@@ -193,22 +193,27 @@ class RouterClient:
 
     def put_adapter(self, path: str | Path, *, name: str | None = None, library: str | None = None,
                     meta: Mapping[str, str] | None = None, progress: Callable[[int], None] | None = None,
-                    allow_general: bool = False, timeout: float | None = None) -> R.AdapterInfo:
+                    allow_general: bool = False, replace: bool = False,
+                    timeout: float | None = None) -> R.AdapterInfo:
         """Upload a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
         ``name`` defaults to the folder name; ``progress(n)`` is called with each chunk's size.
         An adapter whose lora_A is not the library's shared A is refused (FailedPreconditionError,
         field header.allow_general) unless ``allow_general``: it would take the general path.
+        ``replace``: update the existing adapter ``name`` in place (same id, version + 1).
         """
         p = Path(path)
         return self.put_adapter_files(read_peft_dir(p), name=name or p.name, library=library, meta=meta,
-                                      progress=progress, allow_general=allow_general, timeout=timeout)
+                                      progress=progress, allow_general=allow_general, replace=replace,
+                                      timeout=timeout)
 
     @_wrap
     def put_adapter_files(self, files: Mapping[str, bytes], *, name: str, library: str | None = None,
                           meta: Mapping[str, str] | None = None, progress: Callable[[int], None] | None = None,
-                          allow_general: bool = False, timeout: float | None = None) -> R.AdapterInfo:
+                          allow_general: bool = False, replace: bool = False,
+                          timeout: float | None = None) -> R.AdapterInfo:
         header = admin_pb2.PutAdapterHeader(library=self._lib(library), name=name, allow_general=allow_general,
+                                            replace=replace,
                                             meta={str(k): str(v) for k, v in (meta or {}).items()})
         for fname, data in files.items():
             header.files.add(name=fname, size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -240,16 +245,23 @@ class RouterClient:
 
     @_wrap
     def calibrate(self, sequences: Iterable[Mapping[str, Array]], *, library: str | None = None,
-                  form: str = "activations", timeout: float | None = None) -> R.CalibrationResult:
-        """Stream unlabeled sequences (module -> (T, d_in) activations or (T, r) projected)."""
-        if form not in ("activations", "projected"):
+                  form: str | Mapping[str, str] = "activations", timeout: float | None = None) -> R.CalibrationResult:
+        """Stream unlabeled sequences (module -> (T, d_in) activations or (T, r) projected).
+
+        ``form``: one form for every module, or a mapping module -> form (absent: activations).
+        """
+        forms = dict(form) if isinstance(form, Mapping) else None
+        if not set(forms.values() if forms is not None else [form]) <= {"activations", "projected"}:
             raise ValueError("calibration takes activations or projected inputs")
         lib = self._lib(library)
 
         def messages():
             for n, seq in enumerate(sequences):
                 req = admin_pb2.CalibrateRequest(library=lib if n == 0 else "")
-                wire.add_inputs(req, **{"inputs" if form == "activations" else form: seq})
+                parts: dict[str, dict] = {"activations": {}, "projected": {}}
+                for m, x in seq.items():
+                    parts[forms.get(m, "activations") if forms is not None else form][m] = x
+                wire.add_inputs(req, inputs=parts["activations"], projected=parts["projected"])
                 yield req
 
         resp = self._admin.Calibrate(messages(), timeout=timeout or self.upload_timeout, metadata=self._metadata)

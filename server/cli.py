@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from seqr_core.config_values import ConfigError, env_default, flag, port_or_off, positive, seconds
 from seqr_core.errors import InvalidArgumentError, SeqrError
 
 from . import ops_cli
@@ -19,18 +20,13 @@ from .export_cli import add_export_parser
 
 
 def env(name: str, default=None):
-    """The SEQR_<name> environment variable (every flag's default)."""
-    return os.environ.get(f"SEQR_{name}", default)
-
-
-def _bool(v) -> bool | None:
-    if v is None or isinstance(v, bool):
-        return v
-    return str(v).lower() in ("1", "true", "yes", "on")
+    """The SEQR_<name> environment variable (every flag's default); a value that does not parse
+    is reported under the variable's name (seqr_core.config_values)."""
+    return env_default(os.environ, f"SEQR_{name}", default)
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="run the gRPC service", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("serve", help="run the gRPC service",
                        description="Run the router. With no flags: ./data, a development key created next to "
                                    "it (loud warning), the demo library on an empty store, open access "
                                    "(loud warning), 127.0.0.1:50051, metrics on 127.0.0.1:9464.")
@@ -42,7 +38,7 @@ def _add_serve(sub) -> None:
                    help="rollback anchor directory, outside the data directory (default: <key file>.anchors, "
                         "or <data-dir>.anchor for env/command keys); needed when the key file is read-only "
                         "[SEQR_ANCHOR_DIR]")
-    p.add_argument("--metrics-port", default=env("METRICS_PORT", "9464"),
+    p.add_argument("--metrics-port", type=port_or_off, default=env("METRICS_PORT", 9464),
                    help="Prometheus /metrics port; 'off' disables [SEQR_METRICS_PORT]")
     p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="[SEQR_METRICS_HOST]")
     k = p.add_mutually_exclusive_group()
@@ -55,7 +51,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--tokens-file", type=Path, default=env("TOKENS_FILE"),
                    help="bearer tokens -> roles and adapter ACLs (see `seqr tokens new`); without it "
                         "the server is OPEN, which is refused off loopback [SEQR_TOKENS_FILE]")
-    p.add_argument("--insecure-open", action="store_true", default=bool(_bool(env("INSECURE_OPEN"))),
+    p.add_argument("--insecure-open", action="store_true", default=env("INSECURE_OPEN", False),
                    help="allow an OPEN server (no --tokens-file) on a non-loopback --listen: any "
                         "caller that reaches the port may route, export and delete [SEQR_INSECURE_OPEN=1]")
     p.add_argument("--audit-log", default=env("AUDIT_LOG"),
@@ -69,60 +65,60 @@ def _add_serve(sub) -> None:
     p.add_argument("--backend", choices=("numpy", "onnx"), default=env("BACKEND", "numpy"),
                    help="scorer backend [SEQR_BACKEND]")
     d = p.add_mutually_exclusive_group()
-    d.add_argument("--demo", dest="demo", action="store_true", default=_bool(env("DEMO")),
+    d.add_argument("--demo", dest="demo", action="store_true", default=env("DEMO"),
                    help="create the synthetic demo library if the store is empty (default: only with "
                         "the dev key) [SEQR_DEMO=1]")
     d.add_argument("--no-demo", dest="demo", action="store_false", help="never create the demo library")
-    p.add_argument("--workers", type=int, default=int(env("WORKERS", "16")),
+    p.add_argument("--workers", type=positive, default=env("WORKERS", "16"),
                    help="threads that run requests' CPU work (scoring, parsing, store writes); waiting for "
                         "the network costs none [SEQR_WORKERS]")
-    p.add_argument("--blas-threads", type=int, default=int(env("BLAS_THREADS", "1")),
+    p.add_argument("--blas-threads", type=positive, default=env("BLAS_THREADS", "1"),
                    help="BLAS threads per request; 1 is fastest under concurrent load because requests "
                         "already run in parallel (multi-threaded small GEMMs stall when a core is busy) "
                         "[SEQR_BLAS_THREADS]")
-    p.add_argument("--grace", type=float, default=float(env("GRACE_S", "10")),
+    p.add_argument("--grace", type=seconds, default=env("GRACE_S", "10"),
                    help="seconds in-flight RPCs get at shutdown [SEQR_GRACE_S]")
-    p.add_argument("--drain", type=float, default=float(env("DRAIN_S", "0")),
+    p.add_argument("--drain", type=seconds, default=env("DRAIN_S", "0"),
                    help="seconds NOT_SERVING before refusing new RPCs (load balancers) [SEQR_DRAIN_S]")
     lim = Limits()
-    p.add_argument("--max-message-mb", type=int, default=int(env("MAX_MESSAGE_MB", lim.max_message_bytes >> 20)),
+    p.add_argument("--max-message-mb", type=positive, default=env("MAX_MESSAGE_MB", lim.max_message_bytes >> 20),
                    help="largest gRPC message [SEQR_MAX_MESSAGE_MB]")
-    p.add_argument("--max-tokens", type=int, default=int(env("MAX_TOKENS", lim.max_tokens)), help="[SEQR_MAX_TOKENS]")
-    p.add_argument("--max-modules", type=int, default=int(env("MAX_MODULES", lim.max_modules)), help="[SEQR_MAX_MODULES]")
-    p.add_argument("--max-top-k", type=int, default=int(env("MAX_TOP_K", lim.max_top_k)), help="[SEQR_MAX_TOP_K]")
-    p.add_argument("--max-concurrent-rpcs", type=int,
-                   default=int(env("MAX_CONCURRENT_RPCS", lim.max_concurrent_rpcs)),
+    p.add_argument("--max-tokens", type=positive, default=env("MAX_TOKENS", lim.max_tokens), help="[SEQR_MAX_TOKENS]")
+    p.add_argument("--max-modules", type=positive, default=env("MAX_MODULES", lim.max_modules), help="[SEQR_MAX_MODULES]")
+    p.add_argument("--max-top-k", type=positive, default=env("MAX_TOP_K", lim.max_top_k), help="[SEQR_MAX_TOP_K]")
+    p.add_argument("--max-concurrent-rpcs", type=positive,
+                   default=env("MAX_CONCURRENT_RPCS", lim.max_concurrent_rpcs),
                    help="calls open at once, whole server [SEQR_MAX_CONCURRENT_RPCS]")
-    p.add_argument("--max-calls-per-principal", type=int,
-                   default=int(env("MAX_CALLS_PER_PRINCIPAL", lim.max_calls_per_principal)),
+    p.add_argument("--max-calls-per-principal", type=positive,
+                   default=env("MAX_CALLS_PER_PRINCIPAL", lim.max_calls_per_principal),
                    help="calls one caller may hold open at once (waiting ones included); more are "
                         "RESOURCE_EXHAUSTED [SEQR_MAX_CALLS_PER_PRINCIPAL]")
-    p.add_argument("--max-streams-per-connection", type=int,
-                   default=int(env("MAX_STREAMS_PER_CONNECTION", lim.max_streams_per_connection)),
+    p.add_argument("--max-streams-per-connection", type=positive,
+                   default=env("MAX_STREAMS_PER_CONNECTION", lim.max_streams_per_connection),
                    help="HTTP/2 streams one connection may open at once [SEQR_MAX_STREAMS_PER_CONNECTION]")
-    p.add_argument("--read-timeout", type=float, default=float(env("READ_TIMEOUT_S", lim.read_timeout_s)),
+    p.add_argument("--read-timeout", type=seconds, default=env("READ_TIMEOUT_S", lim.read_timeout_s),
                    help="seconds a unary request's message may take to arrive [SEQR_READ_TIMEOUT_S]")
-    p.add_argument("--stream-idle", type=float, default=float(env("STREAM_IDLE_S", lim.stream_idle_s)),
+    p.add_argument("--stream-idle", type=seconds, default=env("STREAM_IDLE_S", lim.stream_idle_s),
                    help="seconds a stream may wait for its next message [SEQR_STREAM_IDLE_S]")
-    p.add_argument("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", lim.max_upload_bytes >> 20)),
+    p.add_argument("--max-upload-mb", type=positive, default=env("MAX_UPLOAD_MB", lim.max_upload_bytes >> 20),
                    help="largest adapter upload [SEQR_MAX_UPLOAD_MB]")
-    p.add_argument("--max-name-length", type=int, default=int(env("MAX_NAME_LENGTH", lim.max_name_length)),
+    p.add_argument("--max-name-length", type=positive, default=env("MAX_NAME_LENGTH", lim.max_name_length),
                    help="longest name in a request (library, adapter, module, tensor, file); names use "
                         "[A-Za-z0-9._:/@+=-] [SEQR_MAX_NAME_LENGTH]")
-    p.add_argument("--max-meta-value-length", type=int,
-                   default=int(env("MAX_META_VALUE_LENGTH", lim.max_meta_value_length)),
+    p.add_argument("--max-meta-value-length", type=positive,
+                   default=env("MAX_META_VALUE_LENGTH", lim.max_meta_value_length),
                    help="longest free-text meta value [SEQR_MAX_META_VALUE_LENGTH]")
-    p.add_argument("--max-library-modules", type=int,
-                   default=int(env("MAX_LIBRARY_MODULES", lim.max_library_modules)),
+    p.add_argument("--max-library-modules", type=positive,
+                   default=env("MAX_LIBRARY_MODULES", lim.max_library_modules),
                    help="modules in one library's signature [SEQR_MAX_LIBRARY_MODULES]")
-    p.add_argument("--max-d-in", type=int, default=int(env("MAX_D_IN", lim.max_d_in)),
+    p.add_argument("--max-d-in", type=positive, default=env("MAX_D_IN", lim.max_d_in),
                    help="largest module input size [SEQR_MAX_D_IN]")
-    p.add_argument("--max-d-out", type=int, default=int(env("MAX_D_OUT", lim.max_d_out)),
+    p.add_argument("--max-d-out", type=positive, default=env("MAX_D_OUT", lim.max_d_out),
                    help="largest module output size [SEQR_MAX_D_OUT]")
-    p.add_argument("--max-rank", type=int, default=int(env("MAX_RANK", lim.max_rank)),
+    p.add_argument("--max-rank", type=positive, default=env("MAX_RANK", lim.max_rank),
                    help="largest shared-A rank [SEQR_MAX_RANK]")
-    p.add_argument("--max-shared-a-mb", type=int,
-                   default=int(env("MAX_SHARED_A_MB", lim.max_shared_a_bytes >> 20)),
+    p.add_argument("--max-shared-a-mb", type=positive,
+                   default=env("MAX_SHARED_A_MB", lim.max_shared_a_bytes >> 20),
                    help="largest shared A of one library (fp32, held in memory and on disk); the "
                         "default fits Llama-3-70B's 7 modules x 80 layers at rank 64 [SEQR_MAX_SHARED_A_MB]")
     p.add_argument("--decision-log", metavar="FILE|-", default=env("DECISION_LOG"),
@@ -149,18 +145,17 @@ def config_from_args(a) -> ServerConfig:
     tls = None
     if a.tls_cert or a.tls_key or a.tls_client_ca:     # TLSConfig refuses any of them alone
         tls = TLSConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
-    metrics = None if str(a.metrics_port).lower() in ("off", "none", "-1") else int(a.metrics_port)
     return ServerConfig(
         listen=a.listen, data_dir=a.data_dir, anchor_dir=Path(a.anchor_dir) if a.anchor_dir else None,
-        metrics_port=metrics, metrics_host=a.metrics_host,
+        metrics_port=a.metrics_port, metrics_host=a.metrics_host,
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
                        key_command=a.key_command),
-        tokens_file=Path(a.tokens_file) if a.tokens_file else None, insecure_open=a.insecure_open,
+        tokens_file=Path(a.tokens_file) if a.tokens_file else None, insecure_open=flag(a.insecure_open),
         tls=tls, backend=a.backend,
         audit=str(a.audit_log).lower() != "off",
         audit_log=Path(a.audit_log) if a.audit_log and str(a.audit_log).lower() != "off" else None,
-        demo=a.demo, workers=a.workers, blas_threads=a.blas_threads, grace_s=a.grace, drain_s=a.drain,
-        decision_log=a.decision_log or None,
+        demo=None if a.demo is None else flag(a.demo), workers=a.workers, blas_threads=a.blas_threads,
+        grace_s=a.grace, drain_s=a.drain, decision_log=a.decision_log or None,
         learn_from_traffic=bool(a.learn_from_traffic), learn_half_life=a.learn_half_life,
         learn_min_sequences=a.learn_min_sequences,
         limits=Limits(max_message_bytes=a.max_message_mb << 20, max_tokens=a.max_tokens,
@@ -177,6 +172,8 @@ def config_from_args(a) -> ServerConfig:
 def cmd_serve(a) -> int:
     try:
         config = config_from_args(a)
+    except ConfigError:                  # a variable or flag that does not parse: seqr_cli says which
+        raise
     except InvalidArgumentError as e:    # one line an operator can act on, before anything starts
         print(f"seqr serve: refusing to start: {e.message}", file=sys.stderr)
         return 2
@@ -244,8 +241,9 @@ def cmd_audit_verify(a) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    """serve, keys, tokens, export, backup, restore on a ``seqr`` sub-command set."""
+def add_commands(sub, *, remote_export=None) -> None:
+    """serve, keys, tokens, export, backup, restore on a ``seqr`` sub-command set.
+    ``remote_export(args) -> bytes``: `seqr export --target` (seqr_cli passes the client's)."""
     _add_serve(sub)
 
     keys = sub.add_parser("keys", help="key-encryption keys for the store").add_subparsers(dest="sub", required=True)
@@ -271,7 +269,7 @@ def add_commands(sub) -> None:
                                        "The caller sends 'authorization: Bearer <token>' (seqr_client: "
                                        "RouterClient(..., token=...); CLI: --token / SEQR_TOKEN).")
     tn.add_argument("--file", type=Path, required=True, help="tokens file (created 0600)")
-    tn.add_argument("--name", required=True)
+    tn.add_argument("--name", required=True, help="the caller's name (audit log, quota account)")
     tn.add_argument("--role", action="append", choices=("route", "observer", "admin"), required=True,
                     help="repeat for several roles")
     tn.add_argument("--libraries", action="append", help="glob of library names (repeatable; default *)")
@@ -291,8 +289,8 @@ def add_commands(sub) -> None:
     av.add_argument("file", type=Path)
     av.set_defaults(func=cmd_audit_verify)
 
-    exp = add_export_parser(sub, load_library=load_library_offline)
-    add_store_flags(exp, what="the store to read")
+    add_export_parser(sub, load_library=load_library_offline, remote_export=remote_export,
+                      store_flags=lambda p: add_store_flags(p, what="the store to read (offline: without --target)"))
     ops_cli.add_backup_commands(sub, add_store_flags=add_store_flags)
 
 

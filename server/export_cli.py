@@ -5,13 +5,19 @@ files: that is what a host's own runtime needs, and why the service itself only 
 scorer encrypted or in memory. So both refuse unless ``--i-understand-plaintext`` is given,
 and say why. Files are written 0600, via a temp file and rename (never half a model).
 
-Mounting (the lead owns ``seqr`` and the store loading)::
+Two sources: offline, from the store (``--data-dir``; the server must be stopped), or with
+``--target HOST:PORT`` from a running server through the ExportScorer RPC (the server builds the
+graph with its defaults: only ``--form`` and ``--tokens`` apply; the caller needs an admin token
+whose adapter ACL is "*").
+
+Mounting (``seqr_cli`` owns ``seqr``; the server package never imports the client)::
 
     from seqr_server.export_cli import add_export_parser
-    add_export_parser(subparsers, load_library=lambda args: <LibraryIndex of args.library>)
+    add_export_parser(subparsers, load_library=lambda args: <LibraryIndex of args.library>,
+                      remote_export=lambda args: <ONNX bytes from args.target>)
 
-``args.func(args)`` then returns the exit code. The handlers ``export_onnx(index, args)`` and
-``export_triton(index, args)`` take an already loaded LibraryIndex.
+``args.func(args)`` then returns the exit code. The handlers ``export_onnx(data, source, args)``
+and ``export_triton(data, source, args)`` take the model bytes and a description of their source.
 """
 
 from __future__ import annotations
@@ -65,29 +71,53 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="export this module (repeat; default: every module with adapters)")
     p.add_argument("--form", default="activations", choices=("activations", "projected", "moments"),
                    help="input form of every module not named by --module-form")
-    p.add_argument("--module-form", action="append", type=_form_pair, default=[], metavar="MODULE=FORM")
+    p.add_argument("--module-form", action="append", type=_form_pair, default=[], metavar="MODULE=FORM",
+                   help="input form of one module (repeat)")
     p.add_argument("--normalisation", type=_norm, default=None,
                    help="none | frobenius | activation | zscore/<adapter_module|adapter>/<e|sqrt|log> "
                         "(default: activation once calibrated, frobenius before, as routing does)")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=1, help="adapters in the ranked output")
     p.add_argument("--tokens", type=int, default=0, help="static token count (0: dynamic)")
-    p.add_argument("--input-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--input-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the graph's inputs")
     p.add_argument("--no-per-token", dest="per_token", action="store_false", default=None,
                    help="sequence outputs only (smaller, faster graph)")
     p.add_argument("--exclude-unscorable", action="store_true",
                    help="export adapters that cannot be scored (uncalibrated, own A with projected "
                         "input) as NaN instead of failing")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _remote_flags(p)
+
+
+# Options the ExportScorer RPC does not carry, with their defaults (what the server uses).
+OFFLINE_ONLY = {"modules": None, "module_form": [], "normalisation": None, "top_k": 1, "per_token": None,
+                "input_dtype": "float32", "exclude_unscorable": False, "opset": 18}
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("from a running server (instead of --data-dir)")
+    g.add_argument("--target", metavar="HOST:PORT",
+                   help="export through this server's ExportScorer RPC while it runs; only --form and "
+                        "--tokens apply (SEQR_TARGET is not read here: without --target the export is offline)")
+    g.add_argument("--token", default=os.environ.get("SEQR_TOKEN"),
+                   help="admin bearer token whose adapter ACL is '*' [SEQR_TOKEN]")
+    g.add_argument("--tls-ca", default=os.environ.get("SEQR_TLS_CA"), help="[SEQR_TLS_CA]")
+    g.add_argument("--tls-client-cert", default=os.environ.get("SEQR_CLIENT_CERT"), help="[SEQR_CLIENT_CERT]")
+    g.add_argument("--tls-client-key", default=os.environ.get("SEQR_CLIENT_KEY"), help="[SEQR_CLIENT_KEY]")
+    g.add_argument("--timeout", type=float, default=300.0, help="deadline of the export call, seconds")
 
 
 Loader = Callable[[argparse.Namespace], LibraryIndex]
+Fetcher = Callable[[argparse.Namespace], bytes]
 
 
-def add_export_parser(subparsers, *, load_library: Loader | None = None):
-    """Add ``export {onnx,triton}`` to a ``seqr`` sub-command set; returns the ``export`` parser."""
+def add_export_parser(subparsers, *, load_library: Loader | None = None, remote_export: Fetcher | None = None,
+                      store_flags: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Add ``export {onnx,triton}`` to a ``seqr`` sub-command set; returns the ``export`` parser.
+    ``store_flags(parser)`` adds the offline store's flags to each of them."""
     export = subparsers.add_parser("export", help="write the scorer for external hosts (plaintext!)",
-                                   description=__doc__.split("\n\n")[1])
+                                   description=__doc__.split("\n\n")[1] + " " + __doc__.split("\n\n")[2])
     kinds = export.add_subparsers(dest="export_kind", required=True)
     onnx_p = kinds.add_parser("onnx", help="one ONNX model file")
     onnx_p.add_argument("out", type=Path, metavar="OUT")
@@ -95,29 +125,48 @@ def add_export_parser(subparsers, *, load_library: Loader | None = None):
     tri = kinds.add_parser("triton", help="a Triton model repository (onnxruntime backend)")
     tri.add_argument("dir", type=Path, metavar="DIR")
     _common(tri)
-    tri.add_argument("--model-name", default="seqr_scorer")
-    tri.add_argument("--max-batch-size", type=int, default=8)
-    tri.add_argument("--max-queue-delay-us", type=int, default=100)
-    tri.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu", "auto"))
+    tri.add_argument("--model-name", default="seqr_scorer", help="the model's folder and name in Triton")
+    tri.add_argument("--max-batch-size", type=int, default=8, help="Triton max_batch_size (dynamic batching)")
+    tri.add_argument("--max-queue-delay-us", type=int, default=100, help="Triton dynamic batching queue delay")
+    tri.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu", "auto"),
+                     help="Triton instance_group kind")
     for p, handler in ((onnx_p, export_onnx), (tri, export_triton)):
-        p.set_defaults(func=lambda args, h=handler: run(args, h, load_library))
+        if store_flags is not None:
+            store_flags(p)
+        p.set_defaults(func=lambda args, h=handler: run(args, h, load_library, remote_export))
     return export
 
 
-def run(args, handler, load_library, *, err: TextIO | None = None) -> int:
-    """Refuse before anything is loaded unless acknowledged; then load and export."""
+def run(args, handler, load_library, remote_export=None, *, err: TextIO | None = None) -> int:
+    """Refuse before anything is loaded unless acknowledged; then build (or fetch) and write."""
     err = err or sys.stderr
     if not args.ack_plaintext:
         print(REFUSAL, file=err)
         return 2
+    if getattr(args, "target", None):
+        return _run_remote(args, handler, remote_export, err)
     if load_library is None:
         print("export: no library loader is wired into this CLI", file=err)
         return 1
     try:
-        return handler(load_library(args), args, err=err)
+        index = load_library(args)
+        return handler(_model(index, args), f"library {index.name} v{index.version}", args, err=err)
     except SeqrError as e:
         print(f"export failed: {e}", file=err)
         return 1
+
+
+def _run_remote(args, handler, remote_export, err: TextIO) -> int:
+    if remote_export is None:
+        print("export --target needs the client (install the 'client' extra)", file=err)
+        return 2
+    given = [k for k, default in OFFLINE_ONLY.items() if getattr(args, k, default) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        print(f"export --target: {flags} not available through the ExportScorer RPC (the server exports "
+              "with its defaults); export offline with --data-dir while the server is stopped", file=err)
+        return 2
+    return handler(remote_export(args), f"library {args.library} from {args.target}", args, err=err)
 
 
 def _model(index: LibraryIndex, args) -> bytes:
@@ -147,16 +196,14 @@ def _write_private(path: Path, data: bytes, *, force: bool) -> None:
         raise
 
 
-def export_onnx(index: LibraryIndex, args, *, err: TextIO | None = None) -> int:
+def export_onnx(data: bytes, source: str, args, *, err: TextIO | None = None) -> int:
     err = err or sys.stderr
-    data = _model(index, args)
     try:
         _write_private(args.out, data, force=args.force)
     except FileExistsError as e:
         print(f"export failed: {e}", file=err)
         return 1
-    print(f"wrote {args.out} ({len(data)} bytes, library {index.name} v{index.version}); "
-          "PLAINTEXT routing index, mode 0600", file=err)
+    print(f"wrote {args.out} ({len(data)} bytes, {source}); PLAINTEXT routing index, mode 0600", file=err)
     return 0
 
 
@@ -186,13 +233,12 @@ def triton_config(model: bytes, *, name: str, max_batch_size: int, max_queue_del
         f"instance_group [ {{ count: 1 kind: {kind} }} ]", ""])
 
 
-def export_triton(index: LibraryIndex, args, *, err: TextIO | None = None) -> int:
+def export_triton(data: bytes, source: str, args, *, err: TextIO | None = None) -> int:
     """DIR/<model-name>/config.pbtxt and DIR/<model-name>/1/model.onnx."""
     err = err or sys.stderr
     if args.max_batch_size < 1:
         print("export failed: --max-batch-size must be >= 1 (dynamic batching needs a batch axis)", file=err)
         return 1
-    data = _model(index, args)
     root = args.dir / args.model_name
     config = triton_config(data, name=args.model_name, max_batch_size=args.max_batch_size,
                            max_queue_delay_us=args.max_queue_delay_us, instance_kind=args.instance_kind)
@@ -202,6 +248,6 @@ def export_triton(index: LibraryIndex, args, *, err: TextIO | None = None) -> in
     except FileExistsError as e:
         print(f"export failed: {e}", file=err)
         return 1
-    print(f"wrote Triton model repository {root} (library {index.name} v{index.version}); "
-          "model.onnx is a PLAINTEXT routing index, mode 0600", file=err)
+    print(f"wrote Triton model repository {root} ({source}); model.onnx is a PLAINTEXT routing index, "
+          "mode 0600", file=err)
     return 0

@@ -29,6 +29,7 @@ def _strings(d) -> dict[str, str]:
 
 def _record_fields(info: library_pb2.AdapterInfo, rec: AdapterRecord) -> None:
     info.created_at = rec.created_at
+    info.version = rec.version
     info.sha256.update(rec.sha256)
     info.size_bytes = rec.size_bytes
     info.meta.update(_strings(rec.meta.get("user")))

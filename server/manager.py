@@ -28,6 +28,7 @@ from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
 
+from . import adapter_updates as updates
 from . import library_objects as lo
 from .audit import NO_AUDIT
 from .auth import Principal
@@ -265,14 +266,19 @@ class LibraryManager:
         self._check_quota(principal, Usage(adapters=adapters, bytes=nbytes))
 
     def put_adapter(self, library: str, name: str, files: dict[str, bytes], meta: Mapping[str, str],
-                    principal: Principal, *, allow_general: bool = False) -> tuple[LibraryState, AdapterEntry]:
+                    principal: Principal, *, allow_general: bool = False,
+                    replace: bool = False) -> tuple[LibraryState, AdapterEntry]:
+        """Store a new adapter, or with ``replace`` a new version of a visible one (adapter_updates.py)."""
         check_adapter_name(name, field="header.name")
         sig = self.get(library, principal, field="header.library").index.signature
         parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
-        with self.audit.mutation(principal=principal, action="PutAdapter", library=library, adapter=name), \
-                self._write:
+        with self.audit.mutation(principal=principal, action="ReplaceAdapter" if replace else "PutAdapter",
+                                 library=library, adapter=name), self._write:
             self._check_open()
             cur = self.get(library, principal, field="header.library")
+            if replace:
+                state = self._replace(cur, parsed, files, meta, principal, allow_general=allow_general)
+                return state, state.index.entry(name)
             if name in cur.damage.adapters:   # the index no longer holds it; the store still does
                 raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
                                          "delete it first)", field="adapter.name", actual=name)
@@ -295,6 +301,27 @@ class LibraryManager:
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
         return state, state.index.entry(name)
+
+    def _replace(self, cur: LibraryState, parsed: ParsedAdapter, files: dict[str, bytes],
+                 meta: Mapping[str, str], principal: Principal, *, allow_general: bool) -> LibraryState:
+        """Swap in a new version under the old id; with the writer lock held."""
+        name = parsed.adapter.name
+        old = updates.replaced_record(cur, name, principal)
+        self._check_quota(principal, updates.replacement_usage(old, principal, sum(len(d) for d in files.values())))
+        dry, entry = cur.index.replace_adapter(parsed.adapter, adapter_id=old.adapter_id,
+                                               upload_dtype=parsed.upload_dtype)
+        lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
+        rec = self._store.put_adapter(cur.name, name, files=files, replace=True,
+                                      objects=updates.calibration_objects(cur, name), meta={
+                                          "user": dict(meta), "upload_dtype": parsed.upload_dtype,
+                                          "kind": entry.kind, "base_model": parsed.base_model,
+                                          OWNER: principal.name})
+        lib = self._store.library(cur.name)
+        state = _state(cur.spec, dry.with_version(lib.version), lib, cur.damage.without_adapter(name), cur.pool)
+        self._swap(state)
+        log.info("adapter replaced", extra={"library": cur.name, "adapter": name, "adapter_id": rec.adapter_id,
+                                            "adapter_version": rec.version, "version": state.version})
+        return state
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterRecord]:
         """Delete (crypto-shred) an adapter, quarantined ones included; returns its store record."""
@@ -327,9 +354,11 @@ class LibraryManager:
             self._check_open()
             cur = self.get(library, principal)
             now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
-            then_ids = {e.name: e.adapter_id for e in basis.adapters}
+            # Entries are shared between snapshots until their adapter is deleted or replaced
+            # (a replace keeps the id), so identity says "the same factors the stats came from".
+            now, then = {e.name: e for e in cur.index.adapters}, {e.name: e for e in basis.adapters}
             for n in list(fresh.adapters):
-                if now_ids.get(n) != then_ids.get(n):
+                if now.get(n) is None or now.get(n) is not then.get(n):
                     fresh = fresh.without(n)
             old = cur.index.calibration
             base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)

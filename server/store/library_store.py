@@ -259,27 +259,45 @@ class LibraryStore:
 
         self._mutate(edit)
 
-    def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict) -> AdapterRecord:
-        """Store a new adapter; it gets the library's next adapter id, never reused after a delete."""
+    def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict, replace: bool = False,
+                    objects: dict[str, bytes] | None = None) -> AdapterRecord:
+        """Store a new adapter; it gets the library's next adapter id, never reused after a delete.
+
+        ``replace``: store a new version of the existing adapter ``name`` instead (NotFoundError if
+        there is none): same id, ``version`` + 1, and the old version's blobs are unlinked after
+        the commit (crypto-shredded). ``objects``: library objects replaced in the same commit.
+        """
         validate_name(name, field="adapter")
         meta = validate_meta(meta)
         files = validate_files(files)
+        objects = validate_objects(objects or {})
 
         def edit(manifest: dict[str, Any], txn: Txn) -> AdapterRecord:
             lib = writable_library(manifest, library)
-            if name in lib["adapters"]:
+            old = lib["adapters"].get(name)
+            if replace and old is None:
+                raise NotFoundError(f"adapter {name!r} does not exist in library {library!r}", field="adapter",
+                                    actual=name)
+            if not replace and old is not None:
                 raise AlreadyExistsError(
                     f"adapter {name!r} already exists in library {library!r}", field="adapter", actual=name
                 )
-            adapter_id = lib["next_adapter_id"]
+            adapter_id = old["adapter_id"] if replace else lib["next_adapter_id"]
             entry = {"adapter_id": adapter_id, "created_at": _now(), "meta": meta, "files": {},
                      "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
-                     "size_bytes": sum(len(d) for d in files.values())}
+                     "size_bytes": sum(len(d) for d in files.values()),
+                     "version": old.get("version", 1) + 1 if replace else 1}
             for file_name, data in files.items():
                 context = adapter_context(manifest["store_id"], library, name, adapter_id, file_name)
                 entry["files"][file_name] = self._write_blob(txn, data, context)
+            if replace:
+                txn.obsolete.extend(ref["blob"] for ref in old["files"].values())
+            for role, data in objects.items():
+                if role in lib["objects"]:
+                    txn.obsolete.append(lib["objects"][role]["blob"])
+                lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], library, role))
             lib["adapters"][name] = entry
-            lib["next_adapter_id"] = adapter_id + 1
+            lib["next_adapter_id"] = max(lib["next_adapter_id"], adapter_id + 1)
             note_adapter_put(lib, name, entry)
             return adapter_record(name, entry)
 

@@ -18,7 +18,8 @@ Schema::
                           "objects": {role: ref},
                           "adapters": {name: {"adapter_id": int, "created_at": str, "meta": {...},
                                               "sha256": {file: hex}, "size_bytes": int,
-                                              "changed": int, "files": {file: ref}}}}}}
+                                              "changed": int, "version": int,
+                                              "files": {file: ref}}}}}}
     ref = {"blob": 32 hex chars, "version": int, "key_id": str, "size": plaintext bytes}
 
 Every library edit advances ``version`` by one through one of the ``note_*`` functions, which

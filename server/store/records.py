@@ -25,6 +25,7 @@ class AdapterRecord:
     meta: dict
     size_bytes: int
     changed: int = 0          # library version of its upload (0: stored before versions were kept)
+    version: int = 1          # 1 at upload, +1 for every in-place replacement
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
         meta=copy.deepcopy(entry["meta"]),
         size_bytes=entry["size_bytes"],
         changed=entry.get("changed", 0),
+        version=entry.get("version", 1),
     )
 
 

@@ -113,3 +113,54 @@ def test_index_mutations_reject_bad_requests(mutate, error, field):
     with pytest.raises(error) as ei:
         mutate(idx, idx.adapters[0].adapter)
     assert ei.value.field == field
+
+
+def _rebuilt_with(base, replacement):
+    """``base`` built from scratch with ``replacement`` in place of its namesake (same id)."""
+    idx = type(base).create(name=base.name, signature=base.signature, shared_a=base.shared_a)
+    for e in base.adapters:
+        idx, _ = idx.add_adapter(replacement if e.name == replacement.name else e.adapter,
+                                 adapter_id=e.adapter_id, upload_dtype=e.upload_dtype)
+    return idx
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_replacing_an_adapter_equals_building_the_library_with_the_new_version(seed):
+    rng = np.random.default_rng(seed)
+    base = random_library(rng, n_adapters=6, n_modules=3, d=12, r=3, p_copy=0)
+    victim = base.adapters[int(rng.integers(1, len(base.adapters) - 1))]     # a middle one
+    mods = base.signature.modules[: 1 + seed % 3]        # the new version may target other modules
+    new = Adapter(name=victim.name, factors={
+        s.name: ModuleFactors(A=base.shared_a[s.name] if k % 2 == seed % 2 else rng.uniform(-1, 1, (3, 12)).astype(np.float32),
+                              B=rng.standard_normal((s.d_out, 3)).astype(np.float32), scale=1.5)
+        for k, s in enumerate(mods)})
+    replaced, entry = base.replace_adapter(new, adapter_id=victim.adapter_id)
+    assert entry.adapter_id == victim.adapter_id and replaced.version == base.version + 1
+    _same_index(replaced, _rebuilt_with(base, new))
+    inputs = random_inputs(rng, base, T=4, form="activations")
+    opts = RouteOptions(normalisation=Normalisation("none"), top_k=6)
+    got, want = route(replaced, inputs, opts), route(_rebuilt_with(base, new), inputs, opts)
+    assert [(c.name, c.adapter_id, c.score) for c in got.choices] == \
+        [(c.name, c.adapter_id, c.score) for c in want.choices]
+    assert base.entry(victim.name) is victim            # the old snapshot is untouched
+
+
+def test_replacing_drops_the_old_versions_calibration_only():
+    rng = np.random.default_rng(3)
+    idx = calibrated(rng, random_library(rng, n_adapters=4, n_modules=2, d=8, r=2, p_copy=0))
+    victim = idx.adapters[1]
+    new, _ = idx.replace_adapter(Adapter(name=victim.name, factors=dict(victim.adapter.factors)),
+                                 adapter_id=victim.adapter_id)
+    assert new.calibration.get(victim.name) is None
+    assert all(new.calibration.get(e.name) is not None for e in idx.adapters if e is not victim)
+
+
+def test_a_replaced_adapter_keeps_its_id():
+    rng = np.random.default_rng(4)
+    idx = random_library(rng, n_adapters=3, n_modules=1, d=8, r=2, p_copy=0)
+    e = idx.adapters[0]
+    with pytest.raises(InvalidArgumentError) as ei:
+        idx.replace_adapter(e.adapter, adapter_id=e.adapter_id + 1)
+    assert ei.value.field == "adapter_id"
+    with pytest.raises(AlreadyExistsError):       # a new name may not take another adapter's id
+        idx.replace_adapter(Adapter(name="other", factors=dict(e.adapter.factors)), adapter_id=e.adapter_id)

@@ -107,3 +107,35 @@ def test_plain_seqr_serve_works_on_a_fresh_directory_and_stops_on_sigterm(tmp_pa
             proc.kill()
             proc.wait()
     assert (tmp_path / "data").is_dir() and (tmp_path / "dev.kek").is_file()
+
+
+def test_routing_an_empty_library_says_it_has_no_adapters(world, start_server, tmp_path, capsys):
+    h = start_server(tmp_path / "d")
+    (tmp_path / "config.json").write_text(json.dumps(world.model.config.to_dict()))
+    conn = ["--target", h.target]
+    # The old spelling of --target-modules still works, and says it is deprecated.
+    assert main(["libraries", "create", LIB, "--hf-config", str(tmp_path / "config.json"), "--shared-a-seed", "1",
+                 "--targets", "q_proj", *conn]) == 0
+    out = capsys.readouterr()
+    assert "--targets is deprecated" in out.err and f"{len(world.qv) // 2} with a shared A" in out.out
+    assert main(["route", "--random", "4", "--library", LIB, *conn]) == 1
+    err = capsys.readouterr().err
+    assert f"library '{LIB}' has no adapters" in err and "FAILED_PRECONDITION" in err
+
+
+def test_export_through_the_server_takes_only_what_the_rpc_carries(world, populated, tmp_path, capsys):
+    h, _ = populated
+    base = ["export", "onnx", str(tmp_path / "m.onnx"), "--library", LIB, "--target", h.target,
+            "--i-understand-plaintext"]
+    assert main([*base, "--top-k", "3", "--opset", "17"]) == 2
+    assert "--top-k, --opset not available through the ExportScorer RPC" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+    assert main([*base, "--tokens", "12"]) == 0
+    import onnx
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert {p.key: p.value for p in model.metadata_props}["seqr.library"] == LIB
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1] == 12   # --tokens got there
+    with pytest.raises(SystemExit) as ei:       # the client's error, one line
+        main(["export", "onnx", str(tmp_path / "n.onnx"), "--library", "nope", "--target", h.target,
+              "--i-understand-plaintext"])
+    assert str(ei.value).startswith("export failed: NOT_FOUND")

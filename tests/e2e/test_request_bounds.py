@@ -210,8 +210,8 @@ def test_real_model_names_and_free_text_pass(start_server, tmp_path):
         assert [m.name for m in info.modules] == REAL_MODULES
         x = {m: np.ones((T, 16), np.float32) for m in REAL_MODULES}
         e = _call(h, lambda router, admin: router.Route(_route_for("team-a.lib_v2", x), timeout=30))
-        # Past the wire bounds: the core looked at every module and found no adapter yet.
-        assert _field(e) == "inputs" and "no candidate adapter" in e.details(), e.details()
+        # Past the wire bounds: the core checked every module, then found the library empty.
+        assert _field(e) == "library" and "has no adapters" in e.details(), e.details()
         assert c.describe("team-a.lib_v2").meta["owner"] == "Équipe légale – Zürich"
 
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from seqr_core import Adapter, LibraryIndex, ModuleFactors, Normalisation, RouteOptions, route
-from seqr_core.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from seqr_core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from seqr_server.onnx_backend import CUDA, OnnxBackend, gpu_present, select_providers
 from tests.core.libraries import calibrated, random_inputs, random_library
 
@@ -277,11 +277,11 @@ def test_an_empty_library_prepares_quietly_and_routes_like_numpy(backend, caplog
     backend.prepare(empty).result()
     assert not caplog.records
     inputs = random_inputs(rng, full, T=2, form="activations")
-    with pytest.raises(InvalidArgumentError) as a:
+    with pytest.raises(FailedPreconditionError) as a:      # "library 'empty' has no adapters"
         route(empty, inputs)
-    with pytest.raises(InvalidArgumentError) as b:
+    with pytest.raises(FailedPreconditionError) as b:
         backend.route(empty, inputs)
-    assert str(a.value) == str(b.value)
+    assert str(a.value) == str(b.value) and a.value.field == "library"
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ from seqr_router.v1 import router_pb2 as seqr__router_dot_v1_dot_router__pb2
 from seqr_router.v1 import tensor_pb2 as seqr__router_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqr_router/v1/admin.proto\x12\x0eseqr_router.v1\x1a\x1cseqr_router/v1/library.proto\x1a\x1bseqr_router/v1/router.proto\x1a\x1bseqr_router/v1/tensor.proto\"\xf7\x02\n\x14\x43reateLibraryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tsignature\x18\x02 \x01(\x0b\x32\x19.seqr_router.v1.Signature\x12/\n\x06recipe\x18\x03 \x01(\x0b\x32\x1d.seqr_router.v1.SharedARecipeH\x00\x12\x33\n\x08uploaded\x18\x04 \x01(\x0b\x32\x1f.seqr_router.v1.UploadedSharedAH\x00\x12\x15\n\rshared_a_rank\x18\x05 \x01(\x03\x12\x18\n\x10shared_a_modules\x18\x06 \x03(\t\x12<\n\x04meta\x18\x07 \x03(\x0b\x32..seqr_router.v1.CreateLibraryRequest.MetaEntry\x12\x15\n\rshared_a_only\x18\x08 \x01(\x08\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08shared_a\"\x98\x01\n\x0fUploadedSharedA\x12=\n\x07modules\x18\x01 \x03(\x0b\x32,.seqr_router.v1.UploadedSharedA.ModulesEntry\x1a\x46\n\x0cModulesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01\"\x16\n\x14ListLibrariesRequest\"\x81\x01\n\x0eLibrarySummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x18\n\x10\x64\x61maged_adapters\x18\x06 \x01(\x03\"J\n\x15ListLibrariesResponse\x12\x31\n\tlibraries\x18\x01 \x03(\x0b\x32\x1e.seqr_router.v1.LibrarySummary\"8\n\nFileHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xda\x01\n\x10PutAdapterHeader\x12\x0f\n\x07library\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1a.seqr_router.v1.FileHeader\x12\x38\n\x04meta\x18\x04 \x03(\x0b\x32*.seqr_router.v1.PutAdapterHeader.MetaEntry\x12\x15\n\rallow_general\x18\x05 \x01(\x08\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"{\n\x11PutAdapterRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .seqr_router.v1.PutAdapterHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.seqr_router.v1.FileChunkH\x00\x42\x06\n\x04part\"[\n\x12PutAdapterResponse\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1b.seqr_router.v1.AdapterInfo\x12\x17\n\x0flibrary_version\x18\x02 \x01(\x04\"5\n\x14\x44\x65leteAdapterRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"R\n\x15\x44\x65leteAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\x03\x12\x17\n\x0flibrary_version\x18\x03 \x01(\x04\"&\n\x13ListAdaptersRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\"^\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.seqr_router.v1.AdapterInfo\x12\x17\n\x0flibrary_version\x18\x02 \x01(\x04\"\xd8\x01\n\x10\x43\x61librateRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\x12>\n\x07tensors\x18\x02 \x03(\x0b\x32-.seqr_router.v1.CalibrateRequest.TensorsEntry\x12+\n\x06inputs\x18\x03 \x03(\x0b\x32\x1b.seqr_router.v1.ModuleInput\x1a\x46\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01\"q\n\x11\x43\x61librateResponse\x12\x11\n\tsequences\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x17\n\x0flibrary_version\x18\x03 \x01(\x04\x12\x1e\n\x16pooled_moments_updated\x18\x04 \x01(\x08\"_\n\x13\x45xportScorerRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\x12\'\n\x04\x66orm\x18\x02 \x01(\x0e\x32\x19.seqr_router.v1.InputForm\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\":\n\x11\x45xportScorerChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0flibrary_version\x18\x02 \x01(\x04\x32\xfe\x04\n\x0cLibraryAdmin\x12R\n\rCreateLibrary\x12$.seqr_router.v1.CreateLibraryRequest\x1a\x1b.seqr_router.v1.LibraryInfo\x12\\\n\rListLibraries\x12$.seqr_router.v1.ListLibrariesRequest\x1a%.seqr_router.v1.ListLibrariesResponse\x12U\n\nPutAdapter\x12!.seqr_router.v1.PutAdapterRequest\x1a\".seqr_router.v1.PutAdapterResponse(\x01\x12\\\n\rDeleteAdapter\x12$.seqr_router.v1.DeleteAdapterRequest\x1a%.seqr_router.v1.DeleteAdapterResponse\x12Y\n\x0cListAdapters\x12#.seqr_router.v1.ListAdaptersRequest\x1a$.seqr_router.v1.ListAdaptersResponse\x12R\n\tCalibrate\x12 .seqr_router.v1.CalibrateRequest\x1a!.seqr_router.v1.CalibrateResponse(\x01\x12X\n\x0c\x45xportScorer\x12#.seqr_router.v1.ExportScorerRequest\x1a!.seqr_router.v1.ExportScorerChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqr_router/v1/admin.proto\x12\x0eseqr_router.v1\x1a\x1cseqr_router/v1/library.proto\x1a\x1bseqr_router/v1/router.proto\x1a\x1bseqr_router/v1/tensor.proto\"\xf7\x02\n\x14\x43reateLibraryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tsignature\x18\x02 \x01(\x0b\x32\x19.seqr_router.v1.Signature\x12/\n\x06recipe\x18\x03 \x01(\x0b\x32\x1d.seqr_router.v1.SharedARecipeH\x00\x12\x33\n\x08uploaded\x18\x04 \x01(\x0b\x32\x1f.seqr_router.v1.UploadedSharedAH\x00\x12\x15\n\rshared_a_rank\x18\x05 \x01(\x03\x12\x18\n\x10shared_a_modules\x18\x06 \x03(\t\x12<\n\x04meta\x18\x07 \x03(\x0b\x32..seqr_router.v1.CreateLibraryRequest.MetaEntry\x12\x15\n\rshared_a_only\x18\x08 \x01(\x08\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08shared_a\"\x98\x01\n\x0fUploadedSharedA\x12=\n\x07modules\x18\x01 \x03(\x0b\x32,.seqr_router.v1.UploadedSharedA.ModulesEntry\x1a\x46\n\x0cModulesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01\"\x16\n\x14ListLibrariesRequest\"\x81\x01\n\x0eLibrarySummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x18\n\x10\x64\x61maged_adapters\x18\x06 \x01(\x03\"J\n\x15ListLibrariesResponse\x12\x31\n\tlibraries\x18\x01 \x03(\x0b\x32\x1e.seqr_router.v1.LibrarySummary\"8\n\nFileHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xeb\x01\n\x10PutAdapterHeader\x12\x0f\n\x07library\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1a.seqr_router.v1.FileHeader\x12\x38\n\x04meta\x18\x04 \x03(\x0b\x32*.seqr_router.v1.PutAdapterHeader.MetaEntry\x12\x15\n\rallow_general\x18\x05 \x01(\x08\x12\x0f\n\x07replace\x18\x06 \x01(\x08\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"{\n\x11PutAdapterRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .seqr_router.v1.PutAdapterHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.seqr_router.v1.FileChunkH\x00\x42\x06\n\x04part\"[\n\x12PutAdapterResponse\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1b.seqr_router.v1.AdapterInfo\x12\x17\n\x0flibrary_version\x18\x02 \x01(\x04\"5\n\x14\x44\x65leteAdapterRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"R\n\x15\x44\x65leteAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\x03\x12\x17\n\x0flibrary_version\x18\x03 \x01(\x04\"&\n\x13ListAdaptersRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\"^\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.seqr_router.v1.AdapterInfo\x12\x17\n\x0flibrary_version\x18\x02 \x01(\x04\"\xd8\x01\n\x10\x43\x61librateRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\x12>\n\x07tensors\x18\x02 \x03(\x0b\x32-.seqr_router.v1.CalibrateRequest.TensorsEntry\x12+\n\x06inputs\x18\x03 \x03(\x0b\x32\x1b.seqr_router.v1.ModuleInput\x1a\x46\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01\"q\n\x11\x43\x61librateResponse\x12\x11\n\tsequences\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x17\n\x0flibrary_version\x18\x03 \x01(\x04\x12\x1e\n\x16pooled_moments_updated\x18\x04 \x01(\x08\"_\n\x13\x45xportScorerRequest\x12\x0f\n\x07library\x18\x01 \x01(\t\x12\'\n\x04\x66orm\x18\x02 \x01(\x0e\x32\x19.seqr_router.v1.InputForm\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\":\n\x11\x45xportScorerChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0flibrary_version\x18\x02 \x01(\x04\x32\xfe\x04\n\x0cLibraryAdmin\x12R\n\rCreateLibrary\x12$.seqr_router.v1.CreateLibraryRequest\x1a\x1b.seqr_router.v1.LibraryInfo\x12\\\n\rListLibraries\x12$.seqr_router.v1.ListLibrariesRequest\x1a%.seqr_router.v1.ListLibrariesResponse\x12U\n\nPutAdapter\x12!.seqr_router.v1.PutAdapterRequest\x1a\".seqr_router.v1.PutAdapterResponse(\x01\x12\\\n\rDeleteAdapter\x12$.seqr_router.v1.DeleteAdapterRequest\x1a%.seqr_router.v1.DeleteAdapterResponse\x12Y\n\x0cListAdapters\x12#.seqr_router.v1.ListAdaptersRequest\x1a$.seqr_router.v1.ListAdaptersResponse\x12R\n\tCalibrate\x12 .seqr_router.v1.CalibrateRequest\x1a!.seqr_router.v1.CalibrateResponse(\x01\x12X\n\x0c\x45xportScorer\x12#.seqr_router.v1.ExportScorerRequest\x1a!.seqr_router.v1.ExportScorerChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,33 +59,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILEHEADER']._serialized_start=899
   _globals['_FILEHEADER']._serialized_end=955
   _globals['_PUTADAPTERHEADER']._serialized_start=958
-  _globals['_PUTADAPTERHEADER']._serialized_end=1176
+  _globals['_PUTADAPTERHEADER']._serialized_end=1193
   _globals['_PUTADAPTERHEADER_METAENTRY']._serialized_start=455
   _globals['_PUTADAPTERHEADER_METAENTRY']._serialized_end=498
-  _globals['_FILECHUNK']._serialized_start=1178
-  _globals['_FILECHUNK']._serialized_end=1203
-  _globals['_PUTADAPTERREQUEST']._serialized_start=1205
-  _globals['_PUTADAPTERREQUEST']._serialized_end=1328
-  _globals['_PUTADAPTERRESPONSE']._serialized_start=1330
-  _globals['_PUTADAPTERRESPONSE']._serialized_end=1421
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1423
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1476
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1478
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1560
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1562
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1600
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1602
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1696
-  _globals['_CALIBRATEREQUEST']._serialized_start=1699
-  _globals['_CALIBRATEREQUEST']._serialized_end=1915
-  _globals['_CALIBRATEREQUEST_TENSORSENTRY']._serialized_start=1845
-  _globals['_CALIBRATEREQUEST_TENSORSENTRY']._serialized_end=1915
-  _globals['_CALIBRATERESPONSE']._serialized_start=1917
-  _globals['_CALIBRATERESPONSE']._serialized_end=2030
-  _globals['_EXPORTSCORERREQUEST']._serialized_start=2032
-  _globals['_EXPORTSCORERREQUEST']._serialized_end=2127
-  _globals['_EXPORTSCORERCHUNK']._serialized_start=2129
-  _globals['_EXPORTSCORERCHUNK']._serialized_end=2187
-  _globals['_LIBRARYADMIN']._serialized_start=2190
-  _globals['_LIBRARYADMIN']._serialized_end=2828
+  _globals['_FILECHUNK']._serialized_start=1195
+  _globals['_FILECHUNK']._serialized_end=1220
+  _globals['_PUTADAPTERREQUEST']._serialized_start=1222
+  _globals['_PUTADAPTERREQUEST']._serialized_end=1345
+  _globals['_PUTADAPTERRESPONSE']._serialized_start=1347
+  _globals['_PUTADAPTERRESPONSE']._serialized_end=1438
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1440
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1493
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1495
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1577
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1579
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1617
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1619
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1713
+  _globals['_CALIBRATEREQUEST']._serialized_start=1716
+  _globals['_CALIBRATEREQUEST']._serialized_end=1932
+  _globals['_CALIBRATEREQUEST_TENSORSENTRY']._serialized_start=1862
+  _globals['_CALIBRATEREQUEST_TENSORSENTRY']._serialized_end=1932
+  _globals['_CALIBRATERESPONSE']._serialized_start=1934
+  _globals['_CALIBRATERESPONSE']._serialized_end=2047
+  _globals['_EXPORTSCORERREQUEST']._serialized_start=2049
+  _globals['_EXPORTSCORERREQUEST']._serialized_end=2144
+  _globals['_EXPORTSCORERCHUNK']._serialized_start=2146
+  _globals['_EXPORTSCORERCHUNK']._serialized_end=2204
+  _globals['_LIBRARYADMIN']._serialized_start=2207
+  _globals['_LIBRARYADMIN']._serialized_end=2845
 # @@protoc_insertion_point(module_scope)

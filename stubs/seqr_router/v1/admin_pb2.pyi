@@ -86,7 +86,7 @@ class FileHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class PutAdapterHeader(_message.Message):
-    __slots__ = ("library", "name", "files", "meta", "allow_general")
+    __slots__ = ("library", "name", "files", "meta", "allow_general", "replace")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,12 +99,14 @@ class PutAdapterHeader(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     ALLOW_GENERAL_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     library: str
     name: str
     files: _containers.RepeatedCompositeFieldContainer[FileHeader]
     meta: _containers.ScalarMap[str, str]
     allow_general: bool
-    def __init__(self, library: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileHeader, _Mapping]]] = ..., meta: _Optional[_Mapping[str, str]] = ..., allow_general: _Optional[bool] = ...) -> None: ...
+    replace: bool
+    def __init__(self, library: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileHeader, _Mapping]]] = ..., meta: _Optional[_Mapping[str, str]] = ..., allow_general: _Optional[bool] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("data",)

@@ -95,6 +95,7 @@ class LibraryAdminServicer:
         sha256, parses strictly (safetensors only: pickles and zip/torch archives are refused),
         validates against the library's signature, then stores it encrypted. A stream that ends
         early, overruns or mismatches is INVALID_ARGUMENT naming the file; nothing is stored.
+        With `replace` in the header it updates an existing adapter in place (same name and id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

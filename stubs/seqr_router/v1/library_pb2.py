@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from seqr_router.v1 import tensor_pb2 as seqr__router_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cseqr_router/v1/library.proto\x12\x0eseqr_router.v1\x1a\x1bseqr_router/v1/tensor.proto\"L\n\nModuleSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\x03\x12\r\n\x05\x64_out\x18\x03 \x01(\x03\x12\x13\n\x0bshared_rank\x18\x04 \x01(\x03\"L\n\tSignature\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12+\n\x07modules\x18\x02 \x03(\x0b\x32\x1a.seqr_router.v1.ModuleSpec\":\n\rSharedARecipe\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0b\n\x03rng\x18\x03 \x01(\t\"\xdc\x03\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\x03\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.seqr_router.v1.AdapterKind\x12\x0c\n\x04rank\x18\x04 \x01(\x03\x12\x0f\n\x07modules\x18\x05 \x03(\t\x12\x14\n\x0cupload_dtype\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x37\n\x06sha256\x18\x08 \x03(\x0b\x32\'.seqr_router.v1.AdapterInfo.Sha256Entry\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x33\n\x04meta\x18\n \x03(\x0b\x32%.seqr_router.v1.AdapterInfo.MetaEntry\x12\x12\n\ncalibrated\x18\x0b \x01(\x08\x12-\n\x06status\x18\x0c \x01(\x0e\x32\x1d.seqr_router.v1.AdapterStatus\x12\x16\n\x0e\x64\x61maged_reason\x18\r \x01(\t\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x0f\x43\x61librationInfo\x12\x11\n\tsequences\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x18\n\x10pooled_sequences\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x65rived_adapters\x18\x04 \x03(\t\"\xab\x05\n\x0bLibraryInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12,\n\tsignature\x18\x03 \x01(\x0b\x32\x19.seqr_router.v1.Signature\x12\x36\n\x0fshared_a_recipe\x18\x04 \x01(\x0b\x32\x1d.seqr_router.v1.SharedARecipe\x12-\n\x08\x61\x64\x61pters\x18\x05 \x03(\x0b\x32\x1b.seqr_router.v1.AdapterInfo\x12\x34\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x1f.seqr_router.v1.CalibrationInfo\x12\x33\n\x04meta\x18\x07 \x03(\x0b\x32%.seqr_router.v1.LibraryInfo.MetaEntry\x12:\n\x08shared_a\x18\x08 \x03(\x0b\x32(.seqr_router.v1.LibraryInfo.SharedAEntry\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x17\n\x0f\x64\x61maged_objects\x18\n \x03(\t\x12\x15\n\rshared_a_only\x18\x0b \x01(\x08\x12?\n\nbackground\x18\x0c \x03(\x0b\x32+.seqr_router.v1.LibraryInfo.BackgroundEntry\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x0cSharedAEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01\x1aI\n\x0f\x42\x61\x63kgroundEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01*Q\n\x0b\x41\x64\x61pterKind\x12\x1c\n\x18\x41\x44\x41PTER_KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SHARED_A\x10\x01\x12\x0b\n\x07GENERAL\x10\x02\x12\t\n\x05MIXED\x10\x03*W\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rADAPTER_READY\x10\x01\x12\x13\n\x0f\x41\x44\x41PTER_DAMAGED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cseqr_router/v1/library.proto\x12\x0eseqr_router.v1\x1a\x1bseqr_router/v1/tensor.proto\"L\n\nModuleSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\x03\x12\r\n\x05\x64_out\x18\x03 \x01(\x03\x12\x13\n\x0bshared_rank\x18\x04 \x01(\x03\"L\n\tSignature\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12+\n\x07modules\x18\x02 \x03(\x0b\x32\x1a.seqr_router.v1.ModuleSpec\":\n\rSharedARecipe\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0b\n\x03rng\x18\x03 \x01(\t\"\xed\x03\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\x03\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.seqr_router.v1.AdapterKind\x12\x0c\n\x04rank\x18\x04 \x01(\x03\x12\x0f\n\x07modules\x18\x05 \x03(\t\x12\x14\n\x0cupload_dtype\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x37\n\x06sha256\x18\x08 \x03(\x0b\x32\'.seqr_router.v1.AdapterInfo.Sha256Entry\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x33\n\x04meta\x18\n \x03(\x0b\x32%.seqr_router.v1.AdapterInfo.MetaEntry\x12\x12\n\ncalibrated\x18\x0b \x01(\x08\x12-\n\x06status\x18\x0c \x01(\x0e\x32\x1d.seqr_router.v1.AdapterStatus\x12\x16\n\x0e\x64\x61maged_reason\x18\r \x01(\t\x12\x0f\n\x07version\x18\x0e \x01(\x03\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x0f\x43\x61librationInfo\x12\x11\n\tsequences\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x18\n\x10pooled_sequences\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x65rived_adapters\x18\x04 \x03(\t\"\xab\x05\n\x0bLibraryInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12,\n\tsignature\x18\x03 \x01(\x0b\x32\x19.seqr_router.v1.Signature\x12\x36\n\x0fshared_a_recipe\x18\x04 \x01(\x0b\x32\x1d.seqr_router.v1.SharedARecipe\x12-\n\x08\x61\x64\x61pters\x18\x05 \x03(\x0b\x32\x1b.seqr_router.v1.AdapterInfo\x12\x34\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x1f.seqr_router.v1.CalibrationInfo\x12\x33\n\x04meta\x18\x07 \x03(\x0b\x32%.seqr_router.v1.LibraryInfo.MetaEntry\x12:\n\x08shared_a\x18\x08 \x03(\x0b\x32(.seqr_router.v1.LibraryInfo.SharedAEntry\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x17\n\x0f\x64\x61maged_objects\x18\n \x03(\t\x12\x15\n\rshared_a_only\x18\x0b \x01(\x08\x12?\n\nbackground\x18\x0c \x03(\x0b\x32+.seqr_router.v1.LibraryInfo.BackgroundEntry\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x0cSharedAEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01\x1aI\n\x0f\x42\x61\x63kgroundEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.seqr_router.v1.Tensor:\x02\x38\x01*Q\n\x0b\x41\x64\x61pterKind\x12\x1c\n\x18\x41\x44\x41PTER_KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SHARED_A\x10\x01\x12\x0b\n\x07GENERAL\x10\x02\x12\t\n\x05MIXED\x10\x03*W\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rADAPTER_READY\x10\x01\x12\x13\n\x0f\x41\x44\x41PTER_DAMAGED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIBRARYINFO_SHAREDAENTRY']._serialized_options = b'8\001'
   _globals['_LIBRARYINFO_BACKGROUNDENTRY']._loaded_options = None
   _globals['_LIBRARYINFO_BACKGROUNDENTRY']._serialized_options = b'8\001'
-  _globals['_ADAPTERKIND']._serialized_start=1566
-  _globals['_ADAPTERKIND']._serialized_end=1647
-  _globals['_ADAPTERSTATUS']._serialized_start=1649
-  _globals['_ADAPTERSTATUS']._serialized_end=1736
+  _globals['_ADAPTERKIND']._serialized_start=1583
+  _globals['_ADAPTERKIND']._serialized_end=1664
+  _globals['_ADAPTERSTATUS']._serialized_start=1666
+  _globals['_ADAPTERSTATUS']._serialized_end=1753
   _globals['_MODULESPEC']._serialized_start=77
   _globals['_MODULESPEC']._serialized_end=153
   _globals['_SIGNATURE']._serialized_start=155
@@ -53,19 +53,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHAREDARECIPE']._serialized_start=233
   _globals['_SHAREDARECIPE']._serialized_end=291
   _globals['_ADAPTERINFO']._serialized_start=294
-  _globals['_ADAPTERINFO']._serialized_end=770
-  _globals['_ADAPTERINFO_SHA256ENTRY']._serialized_start=680
-  _globals['_ADAPTERINFO_SHA256ENTRY']._serialized_end=725
-  _globals['_ADAPTERINFO_METAENTRY']._serialized_start=727
-  _globals['_ADAPTERINFO_METAENTRY']._serialized_end=770
-  _globals['_CALIBRATIONINFO']._serialized_start=772
-  _globals['_CALIBRATIONINFO']._serialized_end=878
-  _globals['_LIBRARYINFO']._serialized_start=881
-  _globals['_LIBRARYINFO']._serialized_end=1564
-  _globals['_LIBRARYINFO_METAENTRY']._serialized_start=727
-  _globals['_LIBRARYINFO_METAENTRY']._serialized_end=770
-  _globals['_LIBRARYINFO_SHAREDAENTRY']._serialized_start=1419
-  _globals['_LIBRARYINFO_SHAREDAENTRY']._serialized_end=1489
-  _globals['_LIBRARYINFO_BACKGROUNDENTRY']._serialized_start=1491
-  _globals['_LIBRARYINFO_BACKGROUNDENTRY']._serialized_end=1564
+  _globals['_ADAPTERINFO']._serialized_end=787
+  _globals['_ADAPTERINFO_SHA256ENTRY']._serialized_start=697
+  _globals['_ADAPTERINFO_SHA256ENTRY']._serialized_end=742
+  _globals['_ADAPTERINFO_METAENTRY']._serialized_start=744
+  _globals['_ADAPTERINFO_METAENTRY']._serialized_end=787
+  _globals['_CALIBRATIONINFO']._serialized_start=789
+  _globals['_CALIBRATIONINFO']._serialized_end=895
+  _globals['_LIBRARYINFO']._serialized_start=898
+  _globals['_LIBRARYINFO']._serialized_end=1581
+  _globals['_LIBRARYINFO_METAENTRY']._serialized_start=744
+  _globals['_LIBRARYINFO_METAENTRY']._serialized_end=787
+  _globals['_LIBRARYINFO_SHAREDAENTRY']._serialized_start=1436
+  _globals['_LIBRARYINFO_SHAREDAENTRY']._serialized_end=1506
+  _globals['_LIBRARYINFO_BACKGROUNDENTRY']._serialized_start=1508
+  _globals['_LIBRARYINFO_BACKGROUNDENTRY']._serialized_end=1581
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class SharedARecipe(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., scheme: _Optional[str] = ..., rng: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "adapter_id", "kind", "rank", "modules", "upload_dtype", "created_at", "sha256", "size_bytes", "meta", "calibrated", "status", "damaged_reason")
+    __slots__ = ("name", "adapter_id", "kind", "rank", "modules", "upload_dtype", "created_at", "sha256", "size_bytes", "meta", "calibrated", "status", "damaged_reason", "version")
     class Sha256Entry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class AdapterInfo(_message.Message):
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     adapter_id: int
     kind: AdapterKind
@@ -100,7 +101,8 @@ class AdapterInfo(_message.Message):
     calibrated: bool
     status: AdapterStatus
     damaged_reason: str
-    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ..., upload_dtype: _Optional[str] = ..., created_at: _Optional[str] = ..., sha256: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., calibrated: _Optional[bool] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., damaged_reason: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., adapter_id: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ..., upload_dtype: _Optional[str] = ..., created_at: _Optional[str] = ..., sha256: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., calibrated: _Optional[bool] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., damaged_reason: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CalibrationInfo(_message.Message):
     __slots__ = ("sequences", "adapters", "pooled_sequences", "derived_adapters")
