@@ -414,7 +414,7 @@ def add_commands(sub) -> None:
     p.add_argument("--form", choices=("auto", "moments", "projected", "activations"), default="auto",
                    help="what is sent: auto = moments when every adapter shares the library's A, else activations")
     p.add_argument("--route-tokens", type=int, default=512, help="route on the last N prompt tokens")
-    p.add_argument("--router-timeout", type=float, default=float(env("ROUTER_TIMEOUT", "2")),
+    p.add_argument("--router-timeout", type=seconds, default=env("ROUTER_TIMEOUT", 2.0),
                    help="deadline of each call to the router, seconds [SEQR_ROUTER_TIMEOUT]")
     p.add_argument("--router-required", action="store_true", help="503 instead of the base model when routing fails")
     p.add_argument("--no-routing", action="store_true", help="serve without the router (base model or pinned adapters)")

@@ -43,6 +43,7 @@ from typing import Mapping
 
 import numpy as np
 
+from seqr_core.config_values import env_default, seconds
 from seqr_core.shared_a import SharedARecipe, generate_shared_a
 
 SEQR_JSON = "seqr.json"
@@ -483,7 +484,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--token", default=os.environ.get("SEQR_TOKEN"), help="bearer token [SEQR_TOKEN]")
     g.add_argument("--tls-ca", default=os.environ.get("SEQR_TLS_CA"),
                    help="CA bundle to verify the server (enables TLS) [SEQR_TLS_CA]")
-    g.add_argument("--timeout", type=float, default=float(os.environ.get("SEQR_TIMEOUT", "30")),
+    g.add_argument("--timeout", type=seconds, default=env_default(os.environ, "SEQR_TIMEOUT", 30.0),
                    help="deadline in seconds [SEQR_TIMEOUT]")
     return ap
 

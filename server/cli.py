@@ -125,15 +125,15 @@ def _add_serve(sub) -> None:
                    help="append one JSON line per routing decision (time, library, version, caller, top-k "
                         "ids and scores, margin; never activations) to FILE (mode 0600), '-' for stdout "
                         "[SEQR_DECISION_LOG]")
-    p.add_argument("--learn-from-traffic", action="store_true", default=_bool(env("LEARN_FROM_TRAFFIC")),
+    p.add_argument("--learn-from-traffic", action="store_true", default=env("LEARN_FROM_TRAFFIC", False),
                    help="learn aggregates (never a sequence) from routed traffic, in the worker pool after each "
                         "answer: a decayed moment pool that reports calibration drift (seqr_calibration_drift), "
                         "and statistics for adapters that have none (e.g. general ones uploaded after the "
                         "last Calibrate). Off by default: route callers then shape those statistics "
                         "[SEQR_LEARN_FROM_TRAFFIC=1]")
-    p.add_argument("--learn-half-life", type=float, default=float(env("LEARN_HALF_LIFE", "5000")),
+    p.add_argument("--learn-half-life", type=seconds, default=env("LEARN_HALF_LIFE", 5000.0),
                    help="half-life of the traffic moments, in sequences [SEQR_LEARN_HALF_LIFE]")
-    p.add_argument("--learn-min-sequences", type=int, default=int(env("LEARN_MIN_SEQUENCES", "256")),
+    p.add_argument("--learn-min-sequences", type=positive, default=env("LEARN_MIN_SEQUENCES", 256),
                    help="routed sequences before learned statistics are stored [SEQR_LEARN_MIN_SEQUENCES]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("json", "text"), default=env("LOG_FORMAT", "json"), help="[SEQR_LOG_FORMAT]")
@@ -156,7 +156,7 @@ def config_from_args(a) -> ServerConfig:
         audit_log=Path(a.audit_log) if a.audit_log and str(a.audit_log).lower() != "off" else None,
         demo=None if a.demo is None else flag(a.demo), workers=a.workers, blas_threads=a.blas_threads,
         grace_s=a.grace, drain_s=a.drain, decision_log=a.decision_log or None,
-        learn_from_traffic=bool(a.learn_from_traffic), learn_half_life=a.learn_half_life,
+        learn_from_traffic=flag(a.learn_from_traffic), learn_half_life=a.learn_half_life,
         learn_min_sequences=a.learn_min_sequences,
         limits=Limits(max_message_bytes=a.max_message_mb << 20, max_tokens=a.max_tokens,
                       max_modules=a.max_modules, max_top_k=a.max_top_k,

@@ -112,6 +112,12 @@ def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
                         changes=ChangeLog.of(record), pool=pool)
 
 
+def _same_factors(a: AdapterEntry | None, b: AdapterEntry | None) -> bool:
+    return (a is not None and b is not None and a.adapter_id == b.adapter_id
+            and a.adapter.factors.keys() == b.adapter.factors.keys()
+            and all(a.adapter.factors[m] is b.adapter.factors[m] for m in a.adapter.factors))
+
+
 class LibraryManager:
     def __init__(self, store, *, metrics: Metrics | None = None,
                  on_change: Callable[[LibraryIndex], object] | None = None, audit=None):
@@ -354,11 +360,12 @@ class LibraryManager:
             self._check_open()
             cur = self.get(library, principal)
             now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
-            # Entries are shared between snapshots until their adapter is deleted or replaced
-            # (a replace keeps the id), so identity says "the same factors the stats came from".
+            # Parsed factors are shared between snapshots (and the traffic learner's own basis)
+            # until their adapter is deleted or replaced (a replace keeps the id), so their
+            # identity says "the same adapter the stats came from".
             now, then = {e.name: e for e in cur.index.adapters}, {e.name: e for e in basis.adapters}
             for n in list(fresh.adapters):
-                if now.get(n) is None or now.get(n) is not then.get(n):
+                if not _same_factors(now.get(n), then.get(n)):
                     fresh = fresh.without(n)
             old = cur.index.calibration
             base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)

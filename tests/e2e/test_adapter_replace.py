@@ -81,15 +81,18 @@ def test_the_old_version_is_shredded_and_the_new_one_survives_a_restart(world, s
         assert not any(p.exists() for p in old_blobs)            # unlinked after the commit
         assert all(p.is_file() for p in blob_files(h, VICTIM))
         listed = {a.name: a for a in c.list_adapters(LIB)}
-        # The old version's statistics describe other factors: gone; the others keep theirs.
-        assert not listed[VICTIM].calibrated and listed["shared-a0"].calibrated
+        # The old version's statistics describe other factors: gone; the others keep theirs. A
+        # shared-A adapter then gets statistics derived from the library's pooled moments.
+        assert listed["shared-a0"].calibrated and "shared-a0" not in c.describe(LIB).derived_adapters
+        assert listed[VICTIM].calibrated and VICTIM in c.describe(LIB).derived_adapters
         routed = c.route(LIB, activations(world), top_k=5, normalisation="none")
     h.stop(grace=1.0)
     h2 = start_server(tmp_path / "d")
     with RouterClient(h2.target, timeout=30) as c:
         listed = {a.name: a for a in c.list_adapters(LIB)}
         assert (listed[VICTIM].adapter_id, listed[VICTIM].version) == (info.adapter_id, 2)
-        assert not listed[VICTIM].calibrated and listed["shared-a0"].calibrated
+        assert listed["shared-a0"].calibrated and "shared-a0" not in c.describe(LIB).derived_adapters
+        assert listed[VICTIM].calibrated and VICTIM in c.describe(LIB).derived_adapters
         assert c.route(LIB, activations(world), top_k=5, normalisation="none").choices == routed.choices
 
 

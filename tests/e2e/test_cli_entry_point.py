@@ -23,7 +23,8 @@ from .conftest import LIB, RANK, SEED, activations
 
 SEQR = str(Path(sys.executable).with_name("seqr"))
 ROOT = Path(__file__).resolve().parents[2]
-HELP_ONLY = {("demo",): "trains SmolLM2 adapters (~30 min)", ("serve",): "test_cli.py runs `seqr serve`"}
+HELP_ONLY = {("demo",): "trains SmolLM2 adapters (~30 min)", ("serve",): "test_cli.py runs `seqr serve`",
+             ("host",): "test_openai_host.py runs `seqr host` through the entry point with a model"}
 
 
 def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):

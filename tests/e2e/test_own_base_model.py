@@ -115,7 +115,8 @@ def _library_with_adapters(h, model_dir: Path, tmp_path: Path, *, general: bool,
             c.put_adapter(make_peft_adapter(model, tmp_path / f"s{i}", seed=i, rank=RANK,
                                             shared_a=SharedARecipe(seed=SEED)), name=f"s{i}", library=name)
         if general:
-            c.put_adapter(make_peft_adapter(model, tmp_path / "g", seed=9, rank=RANK), name="g", library=name)
+            c.put_adapter(make_peft_adapter(model, tmp_path / "g", seed=9, rank=RANK), name="g", library=name,
+                         allow_general=True)
 
 
 @pytest.mark.parametrize("general", [False, True], ids=["shared-only", "with-general"])
