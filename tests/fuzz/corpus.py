@@ -1,0 +1,386 @@
+"""Valid requests for every RPC, and the domain-aware strategies the generic ones miss.
+
+Seeds come from the e2e ``world`` (a tiny Llama's signature, real PEFT adapters, hidden
+states from its forward pass), so unmutated they succeed and mutated they fail deep inside
+the server instead of at the first lookup. Domain strategies: tensors whose bytes nearly
+agree with dtype and shape, PutAdapter streams (real or safetensors-like files, JSON configs
+with odd values, headers that lie, chunks in odd orders), and fresh names so creates succeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import Message
+from hypothesis import strategies as st
+
+from seqr_router.v1 import admin_pb2, library_pb2, router_pb2, tensor_pb2
+
+from .proto_strategies import INT64_EDGES, ProtoStrategies, huge_strings
+
+DT = tensor_pb2.DType
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Rpc:
+    service: str                     # "seqr_router.v1.Router"
+    name: str                        # "Route"
+    request: type[Message]
+    response: type[Message]
+    client_streaming: bool
+    server_streaming: bool
+
+    @property
+    def path(self) -> str:
+        return f"/{self.service}/{self.name}"
+
+    @property
+    def method(self) -> str:         # as the server's metrics and auth name it
+        return f"{self.service.rsplit('.', 1)[1]}/{self.name}"
+
+
+def _rpcs() -> tuple[Rpc, ...]:
+    from google.protobuf import message_factory
+    out = []
+    for module, svc in ((router_pb2, "Router"), (admin_pb2, "LibraryAdmin")):
+        sd = module.DESCRIPTOR.services_by_name[svc]
+        for m in sd.methods:
+            out.append(Rpc(sd.full_name, m.name, message_factory.GetMessageClass(m.input_type),
+                           message_factory.GetMessageClass(m.output_type), m.client_streaming,
+                           m.server_streaming))
+    return tuple(out)
+
+
+RPCS = _rpcs()
+BY_NAME = {r.name: r for r in RPCS}
+
+
+@dataclass(frozen=True)
+class FuzzWorld:
+    """What the seeds are made of (taken from tests/e2e/conftest.World)."""
+
+    lib: str
+    rank: int
+    tokens: int
+    modules: tuple[tuple[str, int, int], ...]          # every signature module: (name, d_in, d_out)
+    qv: tuple[str, ...]                                 # the modules the adapters target
+    hidden: dict                                        # layer -> (T, d) float32
+    shared_a: dict                                      # module -> (rank, d_in)
+    adapter_files: dict                                 # name -> {file name: bytes}
+
+    @classmethod
+    def from_world(cls, world, *, lib: str, rank: int) -> "FuzzWorld":
+        from ..peft_factory import read_dir
+        return cls(lib=lib, rank=rank, tokens=next(iter(world.hidden.values())).shape[0],
+                   modules=tuple((m.name, m.d_in, m.d_out) for m in world.sig.modules), qv=world.qv,
+                   hidden=world.hidden, shared_a=world.shared_a,
+                   adapter_files={n: read_dir(p) for n, p in world.adapters.items()})
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        return (self.lib, *self.qv, *(m for m, _, _ in self.modules), "h0", "h1", "x", *self.adapter_files,
+                CONFIG, WEIGHTS, "README.md", "seqr.json", "shared-*", "fz-lib", "fz-adapter")
+
+    def d_in(self, module: str) -> int:
+        return next(d for m, d, _ in self.modules if m == module)
+
+
+# ---------------------------------------------------------------------- tensors
+def tensor(a: np.ndarray, dtype: int = DT.F32) -> tensor_pb2.Tensor:
+    if dtype == DT.F16:
+        data = np.ascontiguousarray(a, "<f2").tobytes()
+    elif dtype == DT.BF16:
+        data = (np.ascontiguousarray(a, "<f4").view("<u4") >> 16).astype("<u2").tobytes()
+    else:
+        data = np.ascontiguousarray(a, "<f4").tobytes()
+    return tensor_pb2.Tensor(dtype=dtype, shape=list(a.shape), data=data)
+
+
+_SPECIALS = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 3.4e38, -3.4e38, 1e-45, 65504.0, 1e30],
+                     dtype=np.float32)
+
+
+def _fill(kind: str, nbytes: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    if kind == "bytes":
+        return rng.bytes(nbytes)
+    n = (nbytes + 3) // 4
+    if kind == "zeros":
+        a = np.zeros(n, np.float32)
+    elif kind == "specials":
+        a = rng.standard_normal(n).astype(np.float32)
+        idx = rng.integers(0, max(n, 1), size=min(n, 3))
+        a[idx] = rng.choice(_SPECIALS, size=len(idx))
+    else:
+        a = (rng.standard_normal(n) * (1e30 if kind == "huge" else 1.0)).astype(np.float32)
+    return a.tobytes()[:nbytes]
+
+
+def tensors(fw: FuzzWorld, *, max_elems: int = 1 << 16) -> st.SearchStrategy[tensor_pb2.Tensor]:
+    """Tensors near the valid ones: plausible dims, byte lengths right or off by a little,
+    any dtype value, NaN/Inf and extreme values in the data."""
+    d = fw.modules[0][1]
+    dims = (1, 2, fw.tokens, fw.rank, d, d + 1, fw.rank - 1, 0)
+
+    @st.composite
+    def build(draw) -> tensor_pb2.Tensor:
+        dtype = draw(st.one_of(st.sampled_from((DT.F32, DT.F16, DT.BF16)), st.sampled_from((0, DT.F64, DT.I64)),
+                               st.integers(-2**31, 2**31 - 1)))
+        shape = draw(st.one_of(st.lists(st.sampled_from(dims), min_size=2, max_size=2),
+                               st.lists(st.one_of(st.sampled_from(dims), st.sampled_from(INT64_EDGES)),
+                                        max_size=5)))
+        itemsize = 2 if dtype in (DT.F16, DT.BF16) else 4
+        n = math.prod(shape) if shape and all(0 <= s <= max_elems for s in shape) else draw(st.integers(0, 64))
+        n = n if n <= max_elems else draw(st.integers(0, 64))
+        off = draw(st.one_of(st.just(0), st.just(0), st.sampled_from((-1, 1, -itemsize, itemsize)),
+                             st.integers(-n * itemsize, 64)))
+        data = _fill(draw(st.sampled_from(("normal", "normal", "zeros", "specials", "huge", "bytes"))),
+                     max(0, n * itemsize + off), draw(st.integers(0, 2**32 - 1)))
+        return tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data)
+    return build()
+
+
+# ---------------------------------------------------------------------- router seeds
+def _route(fw: FuzzWorld, form: str, dtype: int = DT.F32, **options) -> router_pb2.RouteRequest:
+    req = router_pb2.RouteRequest(library=fw.lib, options=router_pb2.RouteOptions(**options))
+    for m in fw.qv:
+        layer = int(m.split(".")[2])
+        x = fw.hidden[layer]
+        if form == "activations":
+            key, a, f = f"h{layer}", x, router_pb2.ACTIVATIONS
+        else:
+            z = x.astype(np.float64) @ fw.shared_a[m].T.astype(np.float64)
+            a, f = (z, router_pb2.PROJECTED) if form == "projected" else (z.T @ z / len(z), router_pb2.MOMENTS)
+            key = m
+        if key not in req.tensors:
+            req.tensors[key].CopyFrom(tensor(a.astype(np.float32), dtype))
+        req.inputs.add(module=m, form=f, tensor=key, tokens=fw.tokens if form == "moments" else 0)
+    return req
+
+
+def route_seeds(fw: FuzzWorld) -> list[router_pb2.RouteRequest]:
+    N = router_pb2.Normalisation
+    names = sorted(fw.adapter_files)
+    return [_route(fw, "activations"), _route(fw, "projected"), _route(fw, "moments"),
+            _route(fw, "activations", DT.F16, top_k=3, include_scores=True),
+            _route(fw, "projected", DT.BF16, granularity=router_pb2.TOKEN, top_k=2),
+            _route(fw, "activations", method=router_pb2.EXACT, candidates=names[:2]),
+            _route(fw, "activations", method=router_pb2.LAG, lag_k=2, normalisation=N(kind=N.NONE)),
+            _route(fw, "activations", method=router_pb2.ARROW, normalisation=N(kind=N.NONE)),
+            _route(fw, "activations", method=router_pb2.SPECTR, aggregation=router_pb2.VOTE,
+                   granularity=router_pb2.TOKEN, temperature=0.25),
+            _route(fw, "moments", normalisation=N(kind=N.ZSCORE, granularity=N.ADAPTER, transform=N.LOG))]
+
+
+def stream_seeds(fw: FuzzWorld) -> list[list[router_pb2.RouteRequest]]:
+    a, p, m = _route(fw, "activations"), _route(fw, "projected"), _route(fw, "moments")
+    later = router_pb2.RouteRequest()
+    later.CopyFrom(p)
+    later.ClearField("library")
+    later.ClearField("options")
+    return [[a], [a, later, later], [m, p], [p, _route(fw, "projected", granularity=router_pb2.TOKEN)]]
+
+
+# ---------------------------------------------------------------------- admin seeds
+def create_library(fw: FuzzWorld, name: str, kind: str) -> admin_pb2.CreateLibraryRequest:
+    sig = library_pb2.Signature(base_model="tiny-llama", modules=[
+        library_pb2.ModuleSpec(name=m, d_in=d, d_out=o) for m, d, o in fw.modules])
+    req = admin_pb2.CreateLibraryRequest(name=name, signature=sig, meta={"owner": "fuzz"})
+    if kind == "recipe":
+        req.recipe.CopyFrom(library_pb2.SharedARecipe(seed=7))
+        req.shared_a_rank = fw.rank
+        req.shared_a_modules.extend(fw.qv[:2])
+    elif kind == "uploaded":
+        for m in fw.qv[:2]:
+            req.uploaded.modules[m].CopyFrom(tensor(fw.shared_a[m]))
+    return req
+
+
+def calibrate_seeds(fw: FuzzWorld) -> list[list[admin_pb2.CalibrateRequest]]:
+    out = []
+    for form in ("activations", "projected"):
+        r = _route(fw, form)
+        first = admin_pb2.CalibrateRequest(library=fw.lib, tensors=r.tensors, inputs=r.inputs)
+        out.append([first, admin_pb2.CalibrateRequest(tensors=r.tensors, inputs=r.inputs)])
+    return out
+
+
+def put_stream(library: str, name: str, files: dict[str, bytes], *, chunk: int = 1 << 12,
+               headers: dict | None = None) -> list[admin_pb2.PutAdapterRequest]:
+    """The stream the client sends; ``headers`` overrides FileHeader fields per file name."""
+    h = admin_pb2.PutAdapterHeader(library=library, name=name)
+    for fname, data in files.items():
+        fields = dict(name=fname, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        fields.update((headers or {}).get(fname, {}))
+        h.files.add(**fields)
+    body = b"".join(files.values())
+    return [admin_pb2.PutAdapterRequest(header=h)] + [
+        admin_pb2.PutAdapterRequest(chunk=admin_pb2.FileChunk(data=body[o: o + chunk]))
+        for o in range(0, len(body), chunk)]
+
+
+def seeds(fw: FuzzWorld) -> dict[str, list[list[Message]]]:
+    """Valid requests per RPC name, each as the list of messages of one call."""
+    real = sorted(fw.adapter_files)
+    return {
+        "Route": [[r] for r in route_seeds(fw)],
+        "RouteStream": stream_seeds(fw),
+        "DescribeLibrary": [[router_pb2.DescribeLibraryRequest(library=fw.lib)],
+                            [router_pb2.DescribeLibraryRequest(library=fw.lib, include_shared_a=True)]],
+        "CreateLibrary": [[create_library(fw, f"fz-seed-{k}", k)] for k in ("recipe", "uploaded", "none")],
+        "ListLibraries": [[admin_pb2.ListLibrariesRequest()]],
+        "PutAdapter": [put_stream(fw.lib, f"fz-seed-{n}", fw.adapter_files[n]) for n in real[:2]],
+        "DeleteAdapter": [[admin_pb2.DeleteAdapterRequest(library=fw.lib, name=n)] for n in real[-1:]],
+        "ListAdapters": [[admin_pb2.ListAdaptersRequest(library=fw.lib)]],
+        "Calibrate": calibrate_seeds(fw),
+        "ExportScorer": [[admin_pb2.ExportScorerRequest(library=fw.lib, form=f, tokens=t)]
+                         for f, t in ((router_pb2.ACTIVATIONS, 0), (router_pb2.PROJECTED, fw.tokens),
+                                      (router_pb2.MOMENTS, 0))],
+    }
+
+
+# ---------------------------------------------------------------------- uploads
+def json_values(max_leaves: int = 8) -> st.SearchStrategy:
+    scalars = st.one_of(st.none(), st.booleans(), st.sampled_from((0, -1, 1, 2**63, 2**64, -2**63, 10**30)),
+                        st.integers(), st.floats(), st.text(max_size=8))
+    nested = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
+                                                                                       max_size=3),
+                          max_leaves=max_leaves)
+    return st.one_of(nested, st.integers(1, 5000).map(_Deep))
+
+
+class _Deep:
+    """A JSON value nested ``depth`` lists deep (json.dumps would recurse; written by hand)."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+
+    def json(self) -> str:
+        return "[" * self.depth + "]" * self.depth
+
+
+def _dumps(doc) -> str:
+    """json.dumps where _Deep values are spliced in as raw text."""
+    deep: list[_Deep] = []
+
+    def walk(v):
+        if isinstance(v, _Deep):
+            deep.append(v)
+            return f"@@DEEP{len(deep) - 1}@@"
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+    text = json.dumps(walk(doc))
+    for i, d in enumerate(deep):
+        text = text.replace(f'"@@DEEP{i}@@"', d.json())
+    return text
+
+
+def configs(fw: FuzzWorld) -> st.SearchStrategy[bytes]:
+    """adapter_config.json: valid, with fields set to odd JSON values, or not JSON at all."""
+    keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "peft_type",
+            "target_modules", "base_model_name_or_path")
+
+    @st.composite
+    def build(draw) -> bytes:
+        base = json.loads(fw.adapter_files[sorted(fw.adapter_files)[0]][CONFIG])
+        for k in draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)):
+            base[k] = draw(st.one_of(json_values(), st.dictionaries(st.sampled_from(fw.qv + ("q_proj", "v_proj")),
+                                                                    json_values(4), max_size=2)))
+        if draw(st.integers(0, 9)) == 0:
+            return draw(st.one_of(st.binary(max_size=64), json_values().map(lambda v: _dumps(v).encode())))
+        return _dumps(base).encode()
+    return build()
+
+
+def safetensors_like(fw: FuzzWorld) -> st.SearchStrategy[bytes]:
+    """Files shaped like safetensors: LoRA keys of the signature, odd dtypes and shapes
+    (huge, negative, bool, nested), offsets right or wrong, header lengths that lie, magic bytes."""
+    r = fw.rank
+    shape_vals = st.one_of(st.sampled_from(INT64_EDGES), st.sampled_from((True, False, 1.5, "4", None)))
+
+    @st.composite
+    def build(draw) -> bytes:
+        header, blobs, pos = {}, [], 0
+        for m in draw(st.lists(st.sampled_from(fw.qv), min_size=1, max_size=3, unique=True)):
+            for part in draw(st.sampled_from((("lora_A", "lora_B"), ("lora_A",), ("lora_B", "lora_A")))):
+                good = [r, fw.d_in(m)] if part == "lora_A" else [next(o for n, _, o in fw.modules if n == m), r]
+                dtype = draw(st.one_of(st.sampled_from(("F32", "F32", "F16", "BF16")),
+                                       st.sampled_from(("F64", "I64", "U8", "BOOL", "", "f32")), json_values(3)))
+                shape = draw(st.one_of(st.just(good), st.just(good), st.lists(shape_vals, max_size=4),
+                                       json_values(3)))
+                size = {"F32": 4, "F16": 2, "BF16": 2}.get(dtype, 4) if isinstance(dtype, str) else 4
+                ok = isinstance(shape, list) and all(type(s) is int and 0 <= s <= 1 << 12 for s in shape)
+                n = math.prod(shape) * size if ok else draw(st.integers(0, 64))
+                offs = draw(st.one_of(st.just([pos, pos + n]), st.just([pos, pos + n]),
+                                      st.lists(shape_vals, max_size=3), json_values(3)))
+                header[f"base_model.model.{m}.{part}.weight"] = {"dtype": dtype, "shape": shape,
+                                                                 "data_offsets": offs}
+                blobs.append(_fill(draw(st.sampled_from(("normal", "specials", "bytes"))), n,
+                                   draw(st.integers(0, 2**16))))
+                pos += n
+        if draw(st.booleans()):
+            header["__metadata__"] = draw(st.one_of(json_values(), st.just({"format": "pt"})))
+        text = _dumps(header).encode()
+        text += b" " * draw(st.sampled_from((0, -len(text) % 8, 120 - len(text) % 128 + 8)))
+        hlen = draw(st.one_of(st.just(len(text)), st.just(len(text)),
+                              st.sampled_from((0, 1, len(text) - 1, len(text) + 1, 2**63, 2**64 - 1))))
+        prefix = draw(st.sampled_from((b"", b"", b"", b"\x80\x04", b"PK\x03\x04")))
+        return prefix + struct.pack("<Q", hlen % 2**64) + text + b"".join(blobs)
+    return build()
+
+
+def put_streams(fw: FuzzWorld, proto: ProtoStrategies) -> st.SearchStrategy[list[admin_pb2.PutAdapterRequest]]:
+    """PutAdapter streams: real or synthetic files, honest or lying headers, odd message orders."""
+    real = st.sampled_from(sorted(fw.adapter_files)).map(lambda n: dict(fw.adapter_files[n]))
+    synthetic = st.builds(lambda c, w: {CONFIG: c, WEIGHTS: w}, configs(fw), safetensors_like(fw))
+    names = st.one_of(st.integers(0, 10**9).map(lambda i: f"fz-{i}"), st.sampled_from(sorted(fw.adapter_files)),
+                      proto.strings())
+
+    @st.composite
+    def build(draw) -> list[admin_pb2.PutAdapterRequest]:
+        files = draw(st.one_of(real, synthetic, synthetic))
+        for extra in draw(st.lists(st.sampled_from(("README.md", "seqr.json", "model.bin", "drop")), max_size=2)):
+            if extra == "drop":
+                files.pop(draw(st.sampled_from(sorted(files))), None)
+            else:
+                files[extra] = draw(st.one_of(st.binary(max_size=32), json_values().map(lambda v: _dumps(v).encode())))
+        lies = {}
+        for fname, data in files.items():
+            lie = draw(st.sampled_from((None,) * 8 + ("size+", "size-", "sha", "SHA", "short", "neg", "huge")))
+            lies[fname] = {"size+": {"size": len(data) + 1}, "size-": {"size": max(len(data) - 1, 0)},
+                           "sha": {"sha256": "0" * 64}, "SHA": {"sha256": hashlib.sha256(data).hexdigest().upper()},
+                           "short": {"sha256": "abc"}, "neg": {"size": -1}, "huge": {"size": 2**63 - 1}}.get(lie, {})
+        library = draw(st.one_of(st.just(fw.lib), st.just(fw.lib), proto.strings()))
+        msgs = put_stream(library, draw(names), files, chunk=draw(st.sampled_from((1, 7, 64, 1 << 12, 1 << 20))),
+                          headers=lies)
+        for op in draw(st.lists(st.sampled_from(("no_header", "header_twice", "header_last", "empty_chunk",
+                                                 "extra_chunk", "drop_chunk", "shuffle")), max_size=2)):
+            if op == "no_header":
+                msgs = msgs[1:]
+            elif op == "header_twice":
+                msgs.insert(draw(st.integers(1, len(msgs))), msgs[0])
+            elif op == "header_last" and msgs:
+                msgs.append(msgs.pop(0))
+            elif op == "empty_chunk":
+                msgs.insert(draw(st.integers(0, len(msgs))), admin_pb2.PutAdapterRequest(chunk=admin_pb2.FileChunk()))
+            elif op == "extra_chunk":
+                msgs.append(admin_pb2.PutAdapterRequest(chunk=admin_pb2.FileChunk(data=draw(st.binary(max_size=16)))))
+            elif op == "drop_chunk" and len(msgs) > 1:
+                del msgs[draw(st.integers(1, len(msgs) - 1))]
+            elif op == "shuffle" and len(msgs) > 2:
+                msgs = draw(st.permutations(msgs))
+        return msgs
+    return build()
+
+
+def fresh_library_names() -> st.SearchStrategy[str]:
+    return st.one_of(st.integers(0, 10**9).map(lambda i: f"fz-lib-{i}"), huge_strings(300))
