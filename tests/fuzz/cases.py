@@ -54,7 +54,7 @@ def _seed_messages(fw: FuzzWorld, rpc: Rpc, proto: ProtoStrategies) -> st.Search
                                           corpus.fresh_library_names(),
                                           st.sampled_from(("recipe", "uploaded", "none"))))
     if rpc.name == "PutAdapter":
-        return st.one_of(fixed, corpus.put_streams(fw, proto))
+        return st.one_of(fixed, corpus.put_streams(fw, proto), corpus.put_streams(fw, proto))
     return fixed
 
 

@@ -46,7 +46,7 @@ class Budget:
 def budget() -> Budget:
     seconds = os.environ.get("SEQR_FUZZ_SECONDS")
     if seconds:
-        return Budget(examples=300, seconds=float(seconds), max_string=1 << 20)
+        return Budget(examples=100, seconds=float(seconds), max_string=1 << 20)
     return Budget(examples=int(os.environ.get("SEQR_FUZZ_EXAMPLES", "40")), seconds=None, max_string=1 << 16)
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from seqr_router.v1 import admin_pb2, library_pb2, router_pb2, tensor_pb2
 
-from .proto_strategies import INT64_EDGES, ProtoStrategies, huge_strings
+from .proto_strategies import INT64_EDGES, ProtoStrategies, huge_strings, rarely
 
 DT = tensor_pb2.DType
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -295,7 +295,7 @@ def configs(fw: FuzzWorld) -> st.SearchStrategy[bytes]:
         for k in draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)):
             base[k] = draw(st.one_of(json_values(), st.dictionaries(st.sampled_from(fw.qv + ("q_proj", "v_proj")),
                                                                     json_values(4), max_size=2)))
-        if draw(st.integers(0, 9)) == 0:
+        if rarely(draw, 9):
             return draw(st.one_of(st.binary(max_size=64), json_values().map(lambda v: _dumps(v).encode())))
         return _dumps(base).encode()
     return build()
@@ -342,28 +342,38 @@ def put_streams(fw: FuzzWorld, proto: ProtoStrategies) -> st.SearchStrategy[list
     """PutAdapter streams: real or synthetic files, honest or lying headers, odd message orders."""
     real = st.sampled_from(sorted(fw.adapter_files)).map(lambda n: dict(fw.adapter_files[n]))
     synthetic = st.builds(lambda c, w: {CONFIG: c, WEIGHTS: w}, configs(fw), safetensors_like(fw))
-    names = st.one_of(st.integers(0, 10**9).map(lambda i: f"fz-{i}"), st.sampled_from(sorted(fw.adapter_files)),
-                      proto.strings())
+    fresh = st.integers(0, 10**9).map(lambda i: f"fz-{i}")
+    taken_or_odd = st.one_of(st.sampled_from(sorted(fw.adapter_files)), proto.strings())
 
     @st.composite
     def build(draw) -> list[admin_pb2.PutAdapterRequest]:
         files = draw(st.one_of(real, synthetic, synthetic))
-        for extra in draw(st.lists(st.sampled_from(("README.md", "seqr.json", "model.bin", "drop")), max_size=2)):
-            if extra == "drop":
-                files.pop(draw(st.sampled_from(sorted(files))), None)
-            else:
-                files[extra] = draw(st.one_of(st.binary(max_size=32), json_values().map(lambda v: _dumps(v).encode())))
+        # Each distortion is rare on its own, so most streams reach the parser.
+        if rarely(draw, 4):
+            for extra in draw(st.lists(st.sampled_from(("README.md", "seqr.json", "model.bin", "drop")),
+                                       min_size=1, max_size=2)):
+                if extra == "drop":
+                    files.pop(draw(st.sampled_from(sorted(files))), None)
+                else:
+                    files[extra] = draw(st.one_of(st.binary(max_size=32),
+                                                  json_values().map(lambda v: _dumps(v).encode())))
         lies = {}
-        for fname, data in files.items():
-            lie = draw(st.sampled_from((None,) * 8 + ("size+", "size-", "sha", "SHA", "short", "neg", "huge")))
+        if rarely(draw, 4):
+            fname = draw(st.sampled_from(sorted(files))) if files else ""
+            data = files.get(fname, b"")
+            lie = draw(st.sampled_from(("size+", "size-", "sha", "SHA", "short", "neg", "huge")))
             lies[fname] = {"size+": {"size": len(data) + 1}, "size-": {"size": max(len(data) - 1, 0)},
                            "sha": {"sha256": "0" * 64}, "SHA": {"sha256": hashlib.sha256(data).hexdigest().upper()},
-                           "short": {"sha256": "abc"}, "neg": {"size": -1}, "huge": {"size": 2**63 - 1}}.get(lie, {})
-        library = draw(st.one_of(st.just(fw.lib), st.just(fw.lib), proto.strings()))
-        msgs = put_stream(library, draw(names), files, chunk=draw(st.sampled_from((1, 7, 64, 1 << 12, 1 << 20))),
-                          headers=lies)
-        for op in draw(st.lists(st.sampled_from(("no_header", "header_twice", "header_last", "empty_chunk",
-                                                 "extra_chunk", "drop_chunk", "shuffle")), max_size=2)):
+                           "short": {"sha256": "abc"}, "neg": {"size": -1}, "huge": {"size": 2**63 - 1}}[lie]
+        library = draw(proto.strings()) if rarely(draw, 7) else fw.lib
+        name = draw(taken_or_odd) if rarely(draw, 5) else draw(fresh)
+        total = sum(len(d) for d in files.values())
+        chunk = draw(st.sampled_from((1 << 12, 1 << 20, 64, 7) + ((1,) if total < 512 else ())))
+        msgs = put_stream(library, name, files, chunk=chunk, headers=lies)
+        ops = draw(st.lists(st.sampled_from(("no_header", "header_twice", "header_last", "empty_chunk",
+                                             "extra_chunk", "drop_chunk", "shuffle")), min_size=1, max_size=2)
+                   if rarely(draw, 5) else st.just([]))
+        for op in ops:
             if op == "no_header":
                 msgs = msgs[1:]
             elif op == "header_twice":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ from pathlib import Path
 import grpc
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
+from google.rpc.error_details_pb2 import ErrorInfo
 from grpc_status import rpc_status
 
 from seqr_client import RouterClient
+from seqr_client.errors import SeqrError as ClientError
 
 from .cases import Case
 from .corpus import BY_NAME, FuzzWorld, Rpc
@@ -71,6 +74,7 @@ class Ledger:
     callers: Counter = field(default_factory=Counter)           # (rpc, server, principal)
     known: Counter = field(default_factory=Counter)             # (issue, rpc, code)
     avoided: Counter = field(default_factory=Counter)           # (issue, rpc)
+    fields: Counter = field(default_factory=Counter)            # (rpc, code, field named)
     failures: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: defaultdict(float))   # rpc -> time in calls
 
@@ -86,6 +90,7 @@ class Ledger:
                 "known_issues": {f"{k} {r} {c}": n for (k, r, c), n in sorted(self.known.items())},
                 "not_sent": {f"{k} {r}": n for (k, r), n in sorted(self.avoided.items())},
                 "call_seconds": {r: round(s, 2) for r, s in sorted(self.seconds.items())},
+                "fields": {f"{r} {c} {f}": n for (r, c, f), n in self.fields.most_common(200)},
                 "failures": self.failures}
 
 
@@ -110,6 +115,8 @@ class Fuzzer:
         self.ledger.seconds[rpc.name] += time.perf_counter() - t0
         self.ledger.statuses[(rpc.name, outcome.code)] += 1
         self.ledger.callers[(rpc.name, case.server, case.principal)] += 1
+        if outcome.field:
+            self.ledger.fields[(rpc.name, outcome.code, outcome.field)] += 1
         if outcome.problem is not None:
             known = tolerated(outcome)
             if known is not None:
@@ -143,12 +150,14 @@ class Fuzzer:
             code, details = e.code().name, e.details() or ""
             incident, err = self.incidents.lookup(details)
             problem = None if code in HANDLER_CODES else f"status {code}"
+            field_name = ""
             if problem is None:
                 try:
-                    rpc_status.from_call(e)
+                    field_name = _field(rpc_status.from_call(e))
                 except ValueError as bad:
                     problem = f"status details inconsistent with the status ({bad})"
-            return Outcome(rpc.name, server.name, principal, code, details, len(responses), incident, err, problem)
+            return Outcome(rpc.name, server.name, principal, code, details, len(responses), incident, err, problem,
+                           field=field_name)
         problem = None
         for r in responses:
             try:
@@ -161,11 +170,15 @@ class Fuzzer:
     def assert_alive(self, server: FuzzServer, *, route: bool = True) -> None:
         if server.handles is not None:
             assert server.handles.loop._thread.is_alive(), f"{server.name}: the server's event loop thread died"
-        assert server.client.health(timeout=10) == "SERVING", f"{server.name}: health is not SERVING"
-        if route:
-            self.repair(server)
-            r = server.client.route(self.fw.lib, {m: self.fw.hidden[int(m.split(".")[2])] for m in self.fw.qv})
-            assert r.best is not None, f"{server.name}: a valid Route returned no choice"
+        try:
+            health = server.client.health(timeout=10)
+            if route:
+                self.repair(server)
+                r = server.client.route(self.fw.lib, {m: self.fw.hidden[int(m.split(".")[2])] for m in self.fw.qv})
+                assert r.best is not None, f"{server.name}: a valid Route returned no choice"
+        except ClientError as e:
+            raise AssertionError(f"{server.name}: the server stopped serving valid calls ({e!r})") from None
+        assert health == "SERVING", f"{server.name}: health is {health}, not SERVING"
 
     def repair(self, server: FuzzServer, *, keep_fuzz: int = 16) -> None:
         """Keep the reference library routable: re-upload deleted test adapters and drop
@@ -192,6 +205,15 @@ class Fuzzer:
                "messages_text": [_text(rpc, m) for m in case.messages]}
         path.write_text(json.dumps(doc, indent=1))
         return path
+
+
+def _field(st) -> str:
+    """The field a refusal names, with caller-chosen names inside [...] elided."""
+    for d in st.details if st is not None else ():
+        info = ErrorInfo()
+        if d.Unpack(info):
+            return re.sub(r"\[[^\]]*\]?", "[…]", info.metadata.get("field", ""))[:80]
+    return ""
 
 
 def _text(rpc: Rpc, raw: bytes) -> str:

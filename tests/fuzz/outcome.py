@@ -45,6 +45,7 @@ class Outcome:
     incident: str | None = None
     server_error: ServerError | None = None
     problem: str | None = None                    # set when the outcome breaks a fuzz oracle
+    field: str = ""                               # the field a refusal names
 
     @property
     def label(self) -> str:

@@ -46,6 +46,12 @@ def _is_map(fd: FieldDescriptor) -> bool:
             and fd.message_type.GetOptions().map_entry)
 
 
+def rarely(draw: Callable, k: int) -> bool:
+    """True about once in k+1 draws. (Hypothesis favours small integers, so ``integers(0, k)
+    == 0`` would be true far more often; it favours the first element of a sample too.)"""
+    return draw(st.sampled_from((False,) * k + (True,)))
+
+
 def huge_strings(max_len: int) -> st.SearchStrategy[str]:
     """Long strings made by repetition (drawing megabytes character by character is slow)."""
     return st.builds(lambda piece, n: (piece * (n // len(piece) + 1))[:n],
@@ -117,7 +123,7 @@ class ProtoStrategies:
         def build(draw) -> Message:
             msg = cls()
             for fd in desc.fields:
-                if draw(st.integers(0, 2)) == 0:         # leave about a third of fields unset
+                if rarely(draw, 2):         # leave about a third of fields unset
                     continue
                 self.set_field(draw, msg, fd, depth)
             return msg
@@ -216,7 +222,7 @@ class ProtoStrategies:
                 target.add().CopyFrom(draw(self.value(fd, depth)))
             else:
                 target.append(draw(self.scalar(fd)))
-        elif draw(st.integers(0, 4)) == 0:
+        elif rarely(draw, 4):
             parent.ClearField(fd.name)
         else:
             self.set_field(draw, parent, fd, depth)
