@@ -38,6 +38,8 @@ from .outcome import Incidents, Outcome
 
 HANDLER_CODES = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED",
                            "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+# Refusals gRPC itself makes before a handler runs; every handler status carries ErrorInfo.
+_TRANSPORT_REFUSAL = re.compile(r"(Received|Sent) message larger than max")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -153,9 +155,13 @@ class Fuzzer:
             field_name = ""
             if problem is None:
                 try:
-                    field_name = _field(rpc_status.from_call(e))
+                    st = rpc_status.from_call(e)
                 except ValueError as bad:
-                    problem = f"status details inconsistent with the status ({bad})"
+                    st, problem = None, f"status details inconsistent with the status ({bad})"
+                if st is not None:
+                    field_name = _field(st)
+                elif problem is None and not _TRANSPORT_REFUSAL.search(details):
+                    problem = f"{code} without the server's error details: not a handler's answer"
             return Outcome(rpc.name, server.name, principal, code, details, len(responses), incident, err, problem,
                            field=field_name)
         problem = None

@@ -1,5 +1,6 @@
 """The fuzz's oracles catch what they are for. A plain gRPC server (not ours) plays a broken
-Router: it answers INTERNAL, hangs, or returns bytes that are no RouteResponse; each must
+Router: it answers INTERNAL or UNKNOWN, a status without our error details, hangs, or returns
+bytes that are no RouteResponse; each must
 fail the run and leave a reproducer that loads back to the same case. And a server that has
 gone away fails the liveness check."""
 
@@ -29,6 +30,10 @@ def _unknown(req, ctx):
     raise RuntimeError("a handler that escaped its error mapping")
 
 
+def _bare(req, ctx):
+    ctx.abort(grpc.StatusCode.NOT_FOUND, "no library; a status without google.rpc.Status details")
+
+
 def _hang(req, ctx):
     threading.Event().wait(3)
     return router_pb2.RouteResponse().SerializeToString()
@@ -51,8 +56,8 @@ def broken_router(request):
 
 @pytest.mark.parametrize("broken_router, problem", [
     (_internal, "status INTERNAL"), (_unknown, "status UNKNOWN"), (_hang, "status DEADLINE_EXCEEDED"),
-    (_garbage, "does not decode as RouteResponse")], indirect=["broken_router"], ids=["internal", "unknown",
-                                                                                      "hang", "garbage"])
+    (_garbage, "does not decode as RouteResponse"), (_bare, "not a handler's answer")],
+    indirect=["broken_router"], ids=["internal", "unknown", "hang", "garbage", "bare-status"])
 def test_a_bad_answer_fails_the_run_and_saves_a_loadable_reproducer(fuzzer, broken_router, problem, tmp_path):
     _, target = broken_router
     fs = FuzzServer("open", target, {"open": None}, admin="open")
