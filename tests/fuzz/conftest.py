@@ -64,7 +64,7 @@ def fuzzer(world, tmp_path_factory):
     populate(open_h, world).close()
     populate(secured, world, token=tokens["admin"]).close()
     servers = {"open": FuzzServer("open", open_h.target, {"open": None}, admin="open", handles=open_h),
-               "tokens": FuzzServer("tokens", secured.target, {**tokens, "anonymous": None, "forged": None},
+               "tokens": FuzzServer("tokens", secured.target, {**tokens, "anonymous": None},
                                     admin="admin", handles=secured)}
     with Incidents() as incidents:
         yield Fuzzer(servers, fw, incidents=incidents, ledger=LEDGER, out_dir=OUT / "failures")

@@ -43,6 +43,16 @@ _TRANSPORT_REFUSAL = re.compile(r"(Received|Sent) message larger than max")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
+# Callers whose authorization metadata is odd rather than absent or right.
+ODD_METADATA = {
+    "forged": lambda admin: (("authorization", "Bearer seqr_forged-token-that-nobody-holds"),),
+    "long-token": lambda admin: (("authorization", "Bearer " + "x" * 7000),),
+    "basic-auth": lambda admin: (("authorization", "Basic dXNlcjpwYXNz"),),
+    "bearer-only": lambda admin: (("authorization", "Bearer"),),
+    "forged-then-admin": lambda admin: (("authorization", "Bearer seqr_forged"), ("authorization", f"Bearer {admin}")),
+}
+
+
 @dataclass
 class FuzzServer:
     name: str                                     # "open" | "tokens"
@@ -58,9 +68,9 @@ class FuzzServer:
         self.client = RouterClient(self.target, token=self.tokens[self.admin], timeout=60)
 
     def metadata(self, principal: str) -> tuple:
+        if principal in ODD_METADATA:
+            return ODD_METADATA[principal](self.tokens.get("admin"))
         token = self.tokens[principal]
-        if principal == "forged":
-            return (("authorization", "Bearer seqr_forged-token-that-nobody-holds"),)
         return (("authorization", f"Bearer {token}"),) if token else ()
 
     def close(self) -> None:

@@ -144,9 +144,10 @@ class ProtoStrategies:
         if _is_map(fd):
             kfd, vfd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
             keys = [draw(self.scalar(kfd)) for _ in range(few)]
+            vals = [draw(self.value(vfd, depth)) for _ in range(max(few, 1))]
+            n = self._copies(n, few, vals[-1])
             if n > few:
                 keys += [f"{keys[-1] if keys else ''}{i}" for i in range(n - few)]
-            vals = [draw(self.value(vfd, depth)) for _ in range(max(few, 1))]
             for i, k in enumerate(keys):
                 v = vals[min(i, len(vals) - 1)]
                 if vfd.type == FD.TYPE_MESSAGE:
@@ -155,12 +156,21 @@ class ProtoStrategies:
                     target[k] = v
             return
         vals = [draw(self.value(fd, depth)) for _ in range(max(few, 1))]
+        n = self._copies(n, few, vals[-1])
         vals = (vals + [vals[-1]] * (n - len(vals)))[:n]
         if fd.type == FD.TYPE_MESSAGE:
             for v in vals:
                 target.add().CopyFrom(v)
         else:
             target.extend(vals)
+
+    def _copies(self, n: int, few: int, item) -> int:
+        """``n`` capped so the copies of ``item`` stay within max_string bytes: counts past a
+        limit are the point, not gigabyte messages (protobuf cannot even serialize 2 GiB)."""
+        if n <= few:
+            return n
+        size = item.ByteSize() if isinstance(item, Message) else len(item) if isinstance(item, (str, bytes)) else 8
+        return max(few, min(n, self.max_string // max(size, 1)))
 
     def counts(self) -> st.SearchStrategy[int]:
         return st.one_of(st.integers(0, self.max_items), st.integers(0, self.max_items),
