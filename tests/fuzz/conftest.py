@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def budget() -> Budget:
     seconds = os.environ.get("SEQR_FUZZ_SECONDS")
     if seconds:
         return Budget(examples=100, seconds=float(seconds), max_string=1 << 20)
-    return Budget(examples=int(os.environ.get("SEQR_FUZZ_EXAMPLES", "40")), seconds=None, max_string=1 << 16)
+    return Budget(examples=int(os.environ.get("SEQR_FUZZ_EXAMPLES", "100")), seconds=None, max_string=1 << 16)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,10 @@ def fuzzer(world, tmp_path_factory):
         yield Fuzzer(servers, fw, incidents=incidents, ledger=LEDGER, out_dir=OUT / "failures")
     for s in servers.values():
         s.close()
+        t0 = time.monotonic()
         s.handles.stop(grace=1.0)
+        # A fuzzed server must still shut down within its grace (issue 9 item 6 hung here).
+        assert time.monotonic() - t0 < 1.0 + 10, f"{s.name}: stop took {time.monotonic() - t0:.1f} s"
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

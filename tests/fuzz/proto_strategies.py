@@ -28,6 +28,8 @@ UINT32_EDGES = (0, 1, 2, 64, 65, 2**31 - 1, 2**31, 2**32 - 1)
 ODD_STRINGS = ("", " ", "\x00", "a\x00b", "*", "?", "[", "../../etc/passwd", "%s%n{0}", "\u202e",
                "\ufeff", "\u0301", "🙂", "\U0010ffff", "NaN", "-1", "ÄÖÜ", "a" * 129, "\n\r\t")
 
+OVERSIZE = b"\xab" * (9 << 20)
+
 _RANGES = {
     FD.TYPE_INT64: (-2**63, 2**63 - 1, INT64_EDGES), FD.TYPE_SINT64: (-2**63, 2**63 - 1, INT64_EDGES),
     FD.TYPE_SFIXED64: (-2**63, 2**63 - 1, INT64_EDGES), FD.TYPE_UINT64: (0, 2**64 - 1, UINT64_EDGES),
@@ -74,9 +76,15 @@ class ProtoStrategies:
                          huge_strings(self.max_string))
 
     def blobs(self) -> st.SearchStrategy[bytes]:
-        return st.one_of(st.binary(max_size=64),
-                         st.builds(lambda b, n: (b * (n // len(b) + 1))[:n], st.binary(min_size=1, max_size=8),
-                                   st.integers(64, self.max_string)))
+        small_or_long = st.one_of(st.binary(max_size=64), st.builds(
+            lambda b, n: (b * (n // len(b) + 1))[:n], st.binary(min_size=1, max_size=8),
+            st.integers(64, self.max_string)))
+
+        @st.composite
+        def build(draw) -> bytes:
+            # Now and then one past the servers' 8 MiB message limit (gRPC refuses it unread).
+            return OVERSIZE if rarely(draw, 49) else draw(small_or_long)
+        return build()
 
     def scalar(self, fd: FieldDescriptor) -> st.SearchStrategy:
         t = fd.type
