@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
-from . import corpus
+from . import corpus, uploads
 from .byte_mutations import mutated_bytes, mutated_streams
 from .corpus import FuzzWorld, Rpc
 from .proto_strategies import ProtoStrategies, rarely
 
-# (server, principal), repeated to weight the draw. "admin-restricted" may use only shared-*
+# (server, principal), repeated to weight the draw; servers as in conftest. "admin-restricted" may use only shared-*
 # adapters and libraries LIB and fz-*; "route-restricted" routes among shared-* only;
 # "anonymous" sends no token. One call in eight comes with odd authorization metadata instead
 # (harness.ODD_METADATA): refused before its message is read, so cheap and rarely interesting.
-CALLERS = (("open", "open"),) * 3 + (("tokens", "admin"),) * 3 + (("tokens", "route-restricted"),) * 2 + (
+CALLERS = (("open", "open"),) * 2 + (("onnx", "open"),) + (("tokens", "admin"),) * 3 + (("tokens", "route-restricted"),) * 2 + (
     ("tokens", "admin-restricted"),) * 2 + (("tokens", "anonymous"),)
 ODD_CALLERS = tuple(("tokens", p) for p in ("forged", "long-token", "basic-auth", "bearer-only", "forged-then-admin"))
 
@@ -63,7 +63,7 @@ def _seed_messages(fw: FuzzWorld, rpc: Rpc, proto: ProtoStrategies) -> st.Search
                                           corpus.fresh_library_names(),
                                           st.sampled_from(("recipe", "uploaded", "none"))))
     if rpc.name == "PutAdapter":
-        return st.one_of(fixed, corpus.put_streams(fw, proto), corpus.put_streams(fw, proto))
+        return st.one_of(fixed, uploads.put_streams(fw, proto), uploads.put_streams(fw, proto))
     return fixed
 
 

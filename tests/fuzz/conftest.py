@@ -1,6 +1,7 @@
 """Two real servers on 127.0.0.1:0 for the whole fuzz session, and the session's ledger.
 
-``open``: no tokens file (every caller is admin). ``tokens``: a tokens file with an admin, a
+``open``: no tokens file (every caller is admin); ``onnx``: the same with the onnxruntime
+scoring backend. ``tokens``: a tokens file with an admin, a
 route token restricted to ``shared-*`` adapters, and an admin restricted to ``shared-*``
 adapters and libraries LIB and ``fz-*``; calls also come without a token and with a forged one.
 Both hold LIB with every e2e test adapter. At the end the statuses seen per RPC are printed and
@@ -48,7 +49,7 @@ def budget() -> Budget:
     seconds = os.environ.get("SEQR_FUZZ_SECONDS")
     if seconds:
         return Budget(examples=100, seconds=float(seconds), max_string=1 << 20)
-    return Budget(examples=int(os.environ.get("SEQR_FUZZ_EXAMPLES", "100")), seconds=None, max_string=1 << 16)
+    return Budget(examples=int(os.environ.get("SEQR_FUZZ_EXAMPLES", "80")), seconds=None, max_string=1 << 16)
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +62,13 @@ def fuzzer(world, tmp_path_factory):
         entries.append(entry)
     (root / "tokens.json").write_text(json.dumps({"tokens": entries}))
     open_h = launch(root / "open")
+    onnx_h = launch(root / "onnx", backend="onnx")
     secured = launch(root / "tokens", tokens_file=root / "tokens.json")
-    populate(open_h, world).close()
+    for h in (open_h, onnx_h):
+        populate(h, world).close()
     populate(secured, world, token=tokens["admin"]).close()
     servers = {"open": FuzzServer("open", open_h.target, {"open": None}, admin="open", handles=open_h),
+               "onnx": FuzzServer("onnx", onnx_h.target, {"open": None}, admin="open", handles=onnx_h),
                "tokens": FuzzServer("tokens", secured.target, {**tokens, "anonymous": None},
                                     admin="admin", handles=secured)}
     with Incidents() as incidents:
