@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table here (markdown); none by default")
     args = ap.parse_args(argv)
     text = run(args)
     print(text)

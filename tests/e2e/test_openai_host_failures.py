@@ -157,6 +157,6 @@ def test_a_full_host_says_429_and_a_client_that_leaves_frees_its_place(hosted):
 ])
 def test_seqr_host_configuration_errors_are_one_line(args, want, capsys):
     from seqr_cli.main import main
-    assert main(["host", *args, "--no-routing", "--listen", "127.0.0.1:0"]) == 1
+    assert main(["host", *args, "--no-routing", "--library", "lib", "--listen", "127.0.0.1:0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: INVALID_ARGUMENT: ") and want in err[0], err
