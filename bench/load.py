@@ -92,11 +92,12 @@ def make_request(target: int, dirs: dict, shared_a: dict, rng) -> dict[str, dict
 
 
 # ------------------------------------------------------------------------- server process
-def start_server(data_dir: Path, kind: str) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: Path, kind: str, *, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """`seqr serve` (kind "seqr", with ``extra`` flags) or the old sync transport, in its own process."""
     env = {**os.environ, "SEQR_METRICS_PORT": "off", "SEQR_LOG_LEVEL": "warning"}
     if kind == "seqr":
         cmd = [sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
-               "--data-dir", str(data_dir), "--log-level", "info"]
+               "--data-dir", str(data_dir), "--log-level", "info", *extra]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "sync_server.py"), "--data-dir", str(data_dir)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=data_dir.parent)

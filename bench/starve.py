@@ -20,14 +20,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from load import LIB, RANK, SEED, T, make_adapters, make_request, qv_modules, signature
+from load import LIB, RANK, SEED, T, make_adapters, make_request, qv_modules, signature, start_server
 from seqr_client import RouterClient
 from seqr_client.wire import add_inputs
 from seqr_core import SharedARecipe, generate_shared_a
@@ -40,22 +39,7 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 
 def start(data_dir: Path, tokens: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "SEQR_METRICS_PORT": "off"}
-    proc = subprocess.Popen([sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0",
-                             "--no-demo", "--data-dir", str(data_dir), "--tokens-file", str(tokens),
-                             "--max-message-mb", "64", "--log-level", "info"],
-                            env=env, stderr=subprocess.PIPE, text=True, cwd=data_dir.parent)
-    port = None
-    for line in proc.stderr:
-        doc = json.loads(line) if line.startswith("{") else {}
-        port = doc.get("port", port)
-        if doc.get("msg") == "serving":
-            break
-    # Keep draining its log: a full pipe would block the server's writes (and its event loop).
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    if port is None:
-        proc.kill()
-        raise SystemExit("server did not start")
+    proc, port = start_server(data_dir, "seqr", extra=("--tokens-file", str(tokens), "--max-message-mb", "64"))
     return proc, f"127.0.0.1:{port}"
 
 
