@@ -211,7 +211,8 @@ def calibrate_seeds(fw: FuzzWorld) -> list[list[admin_pb2.CalibrateRequest]]:
 def put_stream(library: str, name: str, files: dict[str, bytes], *, chunk: int = 1 << 12,
                headers: dict | None = None) -> list[admin_pb2.PutAdapterRequest]:
     """The stream the client sends; ``headers`` overrides FileHeader fields per file name."""
-    h = admin_pb2.PutAdapterHeader(library=library, name=name)
+    # Valid as sent: the world's general adapters need allow_general (the fuzz may clear it).
+    h = admin_pb2.PutAdapterHeader(library=library, name=name, allow_general=True)
     for fname, data in files.items():
         fields = dict(name=fname, size=len(data), sha256=hashlib.sha256(data).hexdigest())
         fields.update((headers or {}).get(fname, {}))
