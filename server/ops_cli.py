@@ -8,28 +8,22 @@ prints one JSON document (ids, counts, never key material) for runbooks and scri
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 from seqr_core.errors import FailedPreconditionError
 
+from .app import key_provider
 from .config import KeySource
-from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, LibraryStore
+from .store import KeyFileProvider, LibraryStore
 from .store.backup import restore_backup, write_backup
 
 
 def provider(keys: KeySource, data_dir: Path):
-    """The KEK provider of an offline command. Without a source, only an existing dev key (never a new one)."""
-    if keys.key_file is not None:
-        return KeyFileProvider(keys.key_file)
-    if keys.key_env is not None:
-        return EnvKeyProvider(keys.key_env)
-    if keys.key_command is not None:
-        return CommandKeyProvider(shlex.split(keys.key_command))
-    dev = Path(data_dir).absolute().parent / "dev.kek"
-    if not dev.is_file():
+    """The KEK provider of an offline command: the server's, except that without a key source
+    only an existing dev key is used (an offline command never creates one)."""
+    if keys.is_dev and not (Path(data_dir).absolute().parent / "dev.kek").is_file():
         raise FailedPreconditionError("no key source: pass --key-file, --key-env or --key-command", field="key_file")
-    return KeyFileProvider(dev)
+    return key_provider(keys, data_dir)
 
 
 def _keys(a) -> KeySource:
