@@ -29,7 +29,7 @@ import string
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -213,11 +213,3 @@ def _find(msg: Message, plan: tuple[_Field, ...], prefix: str, limits: Limits) -
                     _check_one(v[k], f.kind, f"{path}[{k}]", limits)
                 elif f.sub is not None:
                     _find(v[k], f.sub, f"{path}[{k}].", limits)
-
-
-
-def checked(messages: Iterable[Message], *, limits: Limits) -> Iterator[Message]:
-    """A request stream whose every message has passed check_request as it arrives."""
-    for m in messages:
-        check_request(m, limits=limits)
-        yield m

@@ -174,31 +174,30 @@ class Dispatcher:
         return handler
 
     # ------------------------------------------------------------------ reading
-    async def _read_one(self, requests: AsyncIterator):
+    async def _next(self, requests: AsyncIterator, timeout_s: float, late: str):
+        """The next message, bounded-checked; StopAsyncIteration at the end of the stream."""
         try:
-            async with asyncio.timeout(self.admission.read_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 req = await anext(requests)
-        except StopAsyncIteration:
-            raise InvalidArgumentError("the request message is missing", field="request") from None
         except TimeoutError:
-            raise DeadlineError("the request message did not arrive in time", field="request",
-                                limit=f"{self.admission.read_timeout_s}s") from None
+            raise DeadlineError(late, field="request", limit=f"{timeout_s}s") from None
         if self._check is not None:
             self._check(req)
         return req
 
+    async def _read_one(self, requests: AsyncIterator):
+        try:
+            return await self._next(requests, self.admission.read_timeout_s,
+                                    "the request message did not arrive in time")
+        except StopAsyncIteration:
+            raise InvalidArgumentError("the request message is missing", field="request") from None
+
     async def _stream(self, requests: AsyncIterator) -> AsyncIterator:
         while True:
             try:
-                async with asyncio.timeout(self.admission.stream_idle_s):
-                    req = await anext(requests)
+                req = await self._next(requests, self.admission.stream_idle_s, "the stream was idle too long")
             except StopAsyncIteration:
                 return
-            except TimeoutError:
-                raise DeadlineError("the stream was idle too long", field="request",
-                                    limit=f"{self.admission.stream_idle_s}s") from None
-            if self._check is not None:
-                self._check(req)
             yield req
 
     # ------------------------------------------------------------------ the guard
