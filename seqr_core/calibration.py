@@ -129,7 +129,7 @@ class Calibrator:
             if inp.form == "moments":
                 raise InvalidArgumentError("calibration needs per-token inputs (activations or "
                                            "projected), not moments", field=f"inputs.{m}.moments")
-            en = seqr_energies(self.index.modules[m], inp, field=f"inputs.{m}")
+            en = seqr_energies(self.index, m, inp, field=f"inputs.{m}")
             T = en.e.shape[0] if T is None else T
             if en.e.shape[0] != T:
                 raise InvalidArgumentError("all modules must have the same token count",
