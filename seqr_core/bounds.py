@@ -105,8 +105,9 @@ def pooled(mean_bound: np.ndarray) -> Bound:
 # --- shared-A adapters: e = feat(z)·w with w the Gram weights of R -----------------------
 
 def gram_token_columns(K: int, wnorm: np.ndarray, rf2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(g, h) per column for fp32 e_t = feat(z_t)·w: the GEMM (γ_{K+2}·‖feat‖·‖w‖) and ε_RB."""
-    return gamma(K + 2) * wnorm, F64_SLACK * rf2
+    """(g, h) per column for fp32 e_t = feat(z_t)·w: the GEMM on w rounded to fp32
+    (γ_{K+3}·‖feat‖·‖w‖: K products and sums, the rounding of w and of the result) and ε_RB."""
+    return gamma(K + 3) * wnorm, F64_SLACK * rf2
 
 
 def gram_mean_columns(wnorm: np.ndarray, rf2: np.ndarray) -> np.ndarray:
