@@ -70,6 +70,7 @@ class Choice:
 class TokenDecisions:
     ids: np.ndarray      # (T, k) adapter ids, -1 where fewer than k candidates
     scores: np.ndarray   # (T, k)
+    bounds: np.ndarray | None = None   # (T,) every token-t score is within ±bounds[t] of float64
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,11 @@ def numpy_scores(p: Plan) -> Scores:
                 (norm.kind != "zscore" or norm.transform == "e") else None)
         got = fast(index, inputs, ids, norm) if fast is not None else None
         if got is not None:
-            return Scores(ids, got[0], got[1] if p.verify else None)
+            return Scores(ids, got[0], got[1])
     energy = _energy_fn(index, method, token_mean=p.token_mean)
     S, B = combine(index, {m: energy(m, inp, ids) for m, inp in inputs.items()}, ids, norm,
                    per_token=p.per_token)
-    return Scores(ids, S, B if p.verify else None)
+    return Scores(ids, S, B if method == "seqr" else None)
 
 
 def exact_scores(p: Plan, ids: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
@@ -254,21 +255,25 @@ def exact_scores(p: Plan, ids: np.ndarray, tokens: np.ndarray | None = None) -> 
 def decide(p: Plan, sc: Scores) -> Decision:
     """Rank exactly: settle what the bounds settle, re-check the rest in float64."""
     o, ids, index = p.options, sc.ids, p.index
-    tokens, bounds = None, None
+    tokens, bounds = None, sc.B
+    check = sc.B if p.verify else None            # unverified: fp32 order, bounds only reported
     if p.per_token:
         S_t = sc.S
-        tid, tsc, rechecked = token_ranks(S_t, sc.B, ids, o.top_k,
+        tid, tsc, rechecked = token_ranks(S_t, check, ids, o.top_k,
                                           lambda pos, t: exact_scores(p, ids[pos], t))
-        tokens = TokenDecisions(ids=tid, scores=tsc)
         T = S_t.shape[0]
         valid = ~np.isnan(S_t[0]) if T else np.zeros(ids.size, bool)
+        tb = None if sc.B is None else sc.B if sc.B.ndim == 1 else \
+            np.where(valid, sc.B, 0.0).max(axis=1, initial=0.0)
+        tokens, bounds = TokenDecisions(ids=tid, scores=tsc, bounds=tb), None
         votes = np.bincount(np.searchsorted(ids, tid[:, 0][tid[:, 0] >= 0]), minlength=ids.size)
         mean_s = S_t.mean(axis=0) if T else np.zeros(ids.size)
         S = np.where(valid, votes / max(T, 1), np.nan)
         ordr = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))]
     else:
-        ordr, S, bounds, rechecked = exact_rank(sc.S, sc.B, ids, o.top_k,
-                                                lambda R: exact_scores(p, ids[R]))
+        ordr, S, checked, rechecked = exact_rank(sc.S, check, ids, o.top_k,
+                                                 lambda R: exact_scores(p, ids[R]))
+        bounds = checked if check is not None else sc.B
     top = ordr[: o.top_k]
     sc_top = S[top]
     w = np.exp((sc_top - sc_top.max()) / o.temperature) if sc_top.size else sc_top

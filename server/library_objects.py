@@ -5,7 +5,11 @@
   recipe, so a library never depends on a future numpy drawing the same numbers);
 * object ``calibration``: CalibrationStats plus the adapter id each adapter's stats belong to,
   so stats of a deleted adapter can never attach to a later adapter of the same name;
-* per adapter: the uploaded PEFT files verbatim (re-parsed on startup) and meta.
+* per adapter: the uploaded PEFT files verbatim, meta, and object ``index``: the adapter's
+  routing index (seqr_core.adapter_index: R per module, ‖ΔW‖_F², own A of general modules),
+  sealed like the files and committed with them. Startup loads the index objects and never
+  parses PEFT files, except for an adapter whose index is missing (a store written before index
+  objects existed) or of another format: that one is re-parsed once and its index stored.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from typing import Mapping
 
 import numpy as np
 
-from seqr_core import (BaseModelSignature, CalibrationStats, LibraryIndex, SharedARecipe,
+from seqr_core import (AdapterIndex, BaseModelSignature, CalibrationStats, LibraryIndex, SharedARecipe,
                        generate_shared_a, read_safetensors, write_safetensors)
+from seqr_core import adapter_index
 from seqr_core.adapters import MAX_RANK
 from seqr_core.errors import InvalidArgumentError, IntegrityError
 
 FORMAT = 1
 SHARED_A = "shared_a"
 CALIBRATION = "calibration"
+INDEX = "index"                       # per adapter
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,16 @@ def decode_calibration(raw: bytes, current_ids: Mapping[str, int]) -> Calibratio
         if current_ids.get(n) != i:
             stats = stats.without(n)
     return stats
+
+
+def encode_index(ai: AdapterIndex) -> bytes:
+    return adapter_index.encode(ai)
+
+
+def decode_index(raw: bytes, *, library: str, adapter: str) -> AdapterIndex:
+    """A stored index object; its name must be the adapter's (the store binds the blob to it)."""
+    field = f"library[{library}].adapter[{adapter}].index"
+    ai = adapter_index.decode(raw, field=field)
+    if ai.name != adapter:
+        raise IntegrityError("index object names another adapter", field=field, limit=adapter, actual=ai.name)
+    return ai

@@ -18,8 +18,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, RouteOptions,
-                       merge_into, parse_peft_adapter, route)
+from seqr_core import (AdapterEntry, AdapterIndex, CalibrationStats, IndexFormatError, LibraryIndex,
+                       ModuleInput, RouteOptions, merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
 
@@ -64,8 +64,8 @@ class LibraryState:
 
 
 def _state(spec: lo.LibrarySpec, index: LibraryIndex, records) -> LibraryState:
-    recs = {r.name: r for r in records}
-    return LibraryState(spec=spec, index=index, records=MappingProxyType(recs),
+    recs = records if isinstance(records, Mapping) else {r.name: r for r in records}
+    return LibraryState(spec=spec, index=index, records=MappingProxyType(dict(recs)),
                         names_by_id=MappingProxyType({e.adapter_id: e.name for e in index.adapters}))
 
 
@@ -126,25 +126,61 @@ class LibraryManager:
                                             "adapters": sum(len(s.index.adapters) for s in libs.values())})
 
     def _rebuild(self, name: str) -> LibraryState:
+        """A library from its stored index objects; PEFT files are parsed only for adapters
+        without a current one (then that index is stored, so the next start reads it)."""
         rec = self._store.library(name)
         spec = lo.spec_from_store(name, rec.meta, self._store.read_library_object(name, lo.SHARED_A))
-        items = []
+        empty = spec.empty_index(version=rec.version)
+        items, derived, why = [], {}, {}
         for ar in rec.adapters:                      # adapter id order
-            parsed = parse_peft_adapter(self._store.read_adapter_files(name, ar.name), name=ar.name,
-                                        signature=spec.signature)
-            items.append((parsed.adapter, ar.adapter_id, parsed.upload_dtype))
-        index, _ = spec.empty_index(version=rec.version).add_adapters(items, version=rec.version)
+            ai, fresh, reason = self._load_adapter(name, ar, empty)
+            items.append((ai, ar.adapter_id))
+            if fresh is not None:
+                derived[ar.name] = {lo.INDEX: fresh}
+                why[reason] = why.get(reason, 0) + 1
+        if derived:
+            log.info("adapters re-parsed from their PEFT files", extra={"library": name, "adapters": len(derived),
+                                                                       "reasons": why})
+            self._store_derived(name, derived)
+        index, _ = empty.add_indexed(items, version=rec.version)
         raw = self._store.read_library_object(name, lo.CALIBRATION)
         if raw is not None:
             ids = {e.name: e.adapter_id for e in index.adapters}
             index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
         return _state(spec, index, rec.adapters)
 
+    def _load_adapter(self, library: str, rec, empty: LibraryIndex) -> tuple[AdapterIndex, bytes | None, str]:
+        """One adapter's index: (index object, its bytes if it had to be derived now, why).
+        Raises for this adapter alone (damaged blob, unparsable files)."""
+        raw = self._store.read_adapter_object(library, rec.name, lo.INDEX) if lo.INDEX in rec.objects else None
+        reason = "no stored index (store written before index objects)"
+        if raw is not None:
+            try:
+                ai = lo.decode_index(raw, library=library, adapter=rec.name)
+                empty.layout.check(ai)
+                return ai, None, ""
+            except IndexFormatError as e:
+                reason = f"index format {e.actual} is not {e.limit}"
+                log.debug("stale index format", extra={"library": library, "adapter": rec.name})
+        parsed = parse_peft_adapter(self._store.read_adapter_files(library, rec.name), name=rec.name,
+                                    signature=empty.signature)
+        ai = empty.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)
+        return ai, lo.encode_index(ai), reason
+
+    def _store_derived(self, library: str, derived: dict) -> None:
+        """Persist re-derived index objects (one commit). Serving does not depend on it: if the
+        store refuses, the next start derives them again."""
+        try:
+            self._store.put_adapter_objects(library, derived)
+        except SeqrError as e:
+            log.warning("could not store re-derived index objects", extra={"library": library,
+                                                                          "error": str(e), "code": e.code})
+
     def warm(self) -> None:
         """Route one small synthetic request per library so first real calls pay no lazy setup."""
         rng = np.random.default_rng(0)
         for s in self._libs.values():
-            mods = sorted({m for e in s.index.adapters for m in e.adapter.factors})
+            mods = [m for m in s.index.signature.names if s.index.module_ids(m).size]
             if not mods:
                 continue
             inputs = {m: ModuleInput("activations", rng.standard_normal(
@@ -171,28 +207,28 @@ class LibraryManager:
     def put_adapter(self, library: str, name: str, files: dict[str, bytes], meta: Mapping[str, str],
                     principal: Principal) -> tuple[LibraryState, AdapterEntry]:
         check_adapter_name(name, field="header.name")
-        sig = self.get(library, principal, field="header.library").index.signature
-        parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
+        base = self.get(library, principal, field="header.library").index
+        parsed = parse_peft_adapter(files, name=name, signature=base.signature)   # CPU-heavy: outside the lock
+        ai = base.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)  # (the QR, too)
         with self._write:
             self._check_open()
             cur = self.get(library, principal, field="header.library")
-            predicted = self._store.library(library).next_adapter_id
-            dry, entry = cur.index.add_adapter(parsed.adapter, adapter_id=predicted,
-                                               upload_dtype=parsed.upload_dtype)
-            rec = self._store.put_adapter(library, name, files=files, meta={
-                "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
-                "base_model": parsed.base_model})
-            lib = self._store.library(library)
+            _, predicted = self._store.library_head(library)
+            dry, entry = cur.index.add_indexed([(ai, predicted)])
+            rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)},
+                                          meta={"user": dict(meta), "upload_dtype": parsed.upload_dtype,
+                                                "kind": entry[0].kind, "base_model": parsed.base_model})
+            version, _ = self._store.library_head(library)
             if rec.adapter_id == predicted:
-                new = dry.with_version(lib.version)
+                new = dry.with_version(version)
             else:   # cannot happen while we are the store's only writer; stay correct anyway
-                new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
-                                                   upload_dtype=parsed.upload_dtype, version=lib.version)
-            state = _state(cur.spec, new, lib.adapters)
+                new, _ = cur.index.add_indexed([(ai, rec.adapter_id)], version=version)
+            state = _state(cur.spec, new, {**cur.records, name: rec})
             self._swap(state)
+        entry = state.index.entry(name)
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
-        return state, state.index.entry(name)
+        return state, entry
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterEntry]:
         with self._write:
@@ -200,8 +236,9 @@ class LibraryManager:
             cur = self.get(library, principal)
             entry = cur.entry(name, principal, field="name")
             dry, _ = cur.index.remove_adapter(name)
-            lib = self._store.delete_adapter(library, name)
-            state = _state(cur.spec, dry.with_version(lib.version), lib.adapters)
+            self._store.delete_adapter(library, name)
+            version, _ = self._store.library_head(library)
+            state = _state(cur.spec, dry.with_version(version), {n: r for n, r in cur.records.items() if n != name})
             self._swap(state)
         if self._metrics:
             self._metrics.adapter_deleted(library, name)

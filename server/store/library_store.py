@@ -65,6 +65,8 @@ from .errors import MissingBlobError, TamperedBlobError
 from .key_providers import KeyProvider
 from .manifest import (
     adapter_context,
+    adapter_object_context,
+    adapter_refs,
     find_adapter,
     find_library,
     iter_blob_refs,
@@ -164,6 +166,12 @@ class LibraryStore:
         self._check_open()
         return library_record(name, find_library(self._manifest, name))
 
+    def library_head(self, name: str) -> tuple[int, int]:
+        """(version, next adapter id) of a library, without building its adapter records."""
+        self._check_open()
+        lib = find_library(self._manifest, name)
+        return lib["version"], lib["next_adapter_id"]
+
     def adapter(self, library: str, name: str) -> AdapterRecord:
         self._check_open()
         return adapter_record(name, find_adapter(self._manifest, library, name))
@@ -183,6 +191,19 @@ class LibraryStore:
                     raise TamperedBlobError(f"{what}: plaintext does not match its recorded sha256")
                 out[file_name] = data
             return out
+
+    def read_adapter_object(self, library: str, name: str, role: str) -> bytes | None:
+        """The adapter's derived object for ``role`` (e.g. "index"), or None if it has none."""
+        self._check_open()
+        validate_role(role)
+        with self._rw.read():
+            manifest = self._manifest
+            entry = find_adapter(manifest, library, name)
+            ref = entry.get("objects", {}).get(role)
+            if ref is None:
+                return None
+            context = adapter_object_context(manifest["store_id"], library, name, entry["adapter_id"], role)
+            return self._read_blob(ref, context, f"library {library!r} adapter {name!r} object {role!r}")
 
     def read_library_object(self, library: str, role: str) -> bytes | None:
         """The library's object for ``role`` (e.g. "calibration"), or None if it has none."""
@@ -207,7 +228,8 @@ class LibraryStore:
         """Where an object's blob lives on disk (for diagnostics and tamper tests)."""
         self._check_open()
         if adapter is not None:
-            ref = find_adapter(self._manifest, library, adapter)["files"].get(file)
+            entry = find_adapter(self._manifest, library, adapter)
+            ref = entry["files"].get(file) if role is None else entry.get("objects", {}).get(role)
         else:
             ref = find_library(self._manifest, library)["objects"].get(role)
         if ref is None:
@@ -256,29 +278,65 @@ class LibraryStore:
 
         self._mutate(edit)
 
-    def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict) -> AdapterRecord:
-        """Store a new adapter; it gets the library's next adapter id, never reused after a delete."""
-        validate_name(name, field="adapter")
-        meta = validate_meta(meta)
-        files = validate_files(files)
+    def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict,
+                    objects: dict[str, bytes] | None = None) -> AdapterRecord:
+        """Store a new adapter; it gets the library's next adapter id, never reused after a delete.
+        ``objects``: derived per-adapter objects (role -> bytes), committed with the files."""
+        return self.put_adapters(library, [(name, files, meta, objects or {})])[0]
 
-        def edit(manifest: dict[str, Any], txn: Txn) -> AdapterRecord:
+    def put_adapters(self, library: str, items: list[tuple[str, dict[str, bytes], dict, dict[str, bytes]]]
+                     ) -> list[AdapterRecord]:
+        """Store several new adapters — (name, files, meta, objects) each — in one commit, ids in
+        order; the library version grows by one per adapter, as separate puts would."""
+        checked = []
+        for name, files, meta, objects in items:
+            name, meta = validate_name(name, field="adapter"), validate_meta(meta)
+            checked.append((name, validate_files(files), meta, validate_objects(objects)))
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> list[AdapterRecord]:
             lib = writable_library(manifest, library)
-            if name in lib["adapters"]:
-                raise AlreadyExistsError(
-                    f"adapter {name!r} already exists in library {library!r}", field="adapter", actual=name
-                )
-            adapter_id = lib["next_adapter_id"]
-            entry = {"adapter_id": adapter_id, "created_at": _now(), "meta": meta, "files": {},
-                     "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
-                     "size_bytes": sum(len(d) for d in files.values())}
-            for file_name, data in files.items():
-                context = adapter_context(manifest["store_id"], library, name, adapter_id, file_name)
-                entry["files"][file_name] = self._write_blob(txn, data, context)
-            lib["adapters"][name] = entry
-            lib["next_adapter_id"] = adapter_id + 1
-            lib["version"] += 1
-            return adapter_record(name, entry)
+            out = []
+            for name, files, meta, objects in checked:
+                if name in lib["adapters"]:
+                    raise AlreadyExistsError(
+                        f"adapter {name!r} already exists in library {library!r}", field="adapter", actual=name
+                    )
+                adapter_id = lib["next_adapter_id"]
+                entry = {"adapter_id": adapter_id, "created_at": _now(), "meta": meta, "files": {},
+                         "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
+                         "size_bytes": sum(len(d) for d in files.values()), "objects": {}}
+                for file_name, data in files.items():
+                    context = adapter_context(manifest["store_id"], library, name, adapter_id, file_name)
+                    entry["files"][file_name] = self._write_blob(txn, data, context)
+                for role, data in objects.items():
+                    context = adapter_object_context(manifest["store_id"], library, name, adapter_id, role)
+                    entry["objects"][role] = self._write_blob(txn, data, context)
+                lib["adapters"][name] = entry
+                lib["next_adapter_id"] = adapter_id + 1
+                lib["version"] += 1
+                out.append(adapter_record(name, entry))
+            return out
+
+        return self._mutate(edit)
+
+    def put_adapter_objects(self, library: str, objects: dict[str, dict[str, bytes]]) -> LibraryRecord:
+        """Add or replace derived objects of existing adapters ({adapter: {role: bytes}}) in one
+        commit. Derived data (e.g. an index rebuilt from the files by a newer version) changes
+        nothing a caller sees, so the library version stays; replaced blobs are shredded."""
+        checked = {validate_name(n, field="adapter"): validate_objects(o) for n, o in objects.items()}
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+            lib = writable_library(manifest, library)
+            for name, roles in checked.items():
+                old = find_adapter(manifest, library, name)
+                entry = {**old, "objects": dict(old.get("objects", {}))}
+                for role, data in roles.items():
+                    if role in entry["objects"]:
+                        txn.obsolete.append(entry["objects"][role]["blob"])
+                    context = adapter_object_context(manifest["store_id"], library, name, entry["adapter_id"], role)
+                    entry["objects"][role] = self._write_blob(txn, data, context)
+                lib["adapters"][name] = entry
+            return library_record(library, lib)
 
         return self._mutate(edit)
 
@@ -288,7 +346,7 @@ class LibraryStore:
         def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
             entry = find_adapter(manifest, library, name)
             lib = writable_library(manifest, library)
-            txn.obsolete.extend(ref["blob"] for ref in entry["files"].values())
+            txn.obsolete.extend(ref["blob"] for ref in adapter_refs(entry))
             del lib["adapters"][name]
             lib["version"] += 1
             return library_record(library, lib)

@@ -17,8 +17,12 @@ Schema::
                           "objects": {role: ref},
                           "adapters": {name: {"adapter_id": int, "created_at": str, "meta": {...},
                                               "sha256": {file: hex}, "size_bytes": int,
-                                              "files": {file: ref}}}}}}
+                                              "files": {file: ref},
+                                              "objects": {role: ref}}}}}}
     ref = {"blob": 32 hex chars, "version": int, "key_id": str, "size": plaintext bytes}
+
+Adapter ``objects`` (e.g. the routing index derived from the files) are absent in stores written
+before they existed; readers treat a missing map as empty.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "MANIFEST_CONTEXT",
     "MANIFEST_NAME",
     "adapter_context",
+    "adapter_object_context",
     "find_adapter",
     "find_library",
     "iter_blob_refs",
@@ -125,6 +130,10 @@ def object_context(store_id: str, library: str, role: str) -> bytes:
     return blob_context(store_id, library, role=f"object:{role}")
 
 
+def adapter_object_context(store_id: str, library: str, adapter: str, adapter_id: int, role: str) -> bytes:
+    return blob_context(store_id, library, role=f"object:{role}", adapter=adapter, adapter_id=adapter_id)
+
+
 def iter_blob_refs(manifest: dict[str, Any]) -> Iterator[tuple[dict[str, Any], bytes, str]]:
     """Every blob reference with the context it is sealed for and a human description."""
     store_id = manifest["store_id"]
@@ -135,6 +144,9 @@ def iter_blob_refs(manifest: dict[str, Any]) -> Iterator[tuple[dict[str, Any], b
             for file_name, ref in ad["files"].items():
                 context = adapter_context(store_id, lib_name, ad_name, ad["adapter_id"], file_name)
                 yield ref, context, f"library {lib_name!r} adapter {ad_name!r} file {file_name!r}"
+            for role, ref in ad.get("objects", {}).items():
+                context = adapter_object_context(store_id, lib_name, ad_name, ad["adapter_id"], role)
+                yield ref, context, f"library {lib_name!r} adapter {ad_name!r} object {role!r}"
 
 
 def iter_refs(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -146,7 +158,12 @@ def iter_refs(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def library_refs(lib: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from lib["objects"].values()
     for ad in lib["adapters"].values():
-        yield from ad["files"].values()
+        yield from adapter_refs(ad)
+
+
+def adapter_refs(ad: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from ad["files"].values()
+    yield from ad.get("objects", {}).values()
 
 
 def library_blob_names(lib: dict[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ class AdapterRecord:
     sha256: dict[str, str]
     meta: dict
     size_bytes: int
+    objects: tuple[str, ...] = ()      # roles of the adapter's derived objects (e.g. "index")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
         sha256=dict(entry["sha256"]),
         meta=copy.deepcopy(entry["meta"]),
         size_bytes=entry["size_bytes"],
+        objects=tuple(sorted(entry.get("objects", {}))),
     )
 
 
