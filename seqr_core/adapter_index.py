@@ -34,43 +34,28 @@ class IndexFormatError(FailedPreconditionError):
 
 
 @dataclass(frozen=True)
-class FactorIndex:
-    """One module of one adapter."""
-
-    R: np.ndarray              # (r, r) float64 upper triangular, scale folded in: s·B = Q·R
-    A: np.ndarray | None       # (r, d) float32 own A (general path); None: the library's shared A
-    frob2: float               # ‖ΔW‖_F² = ‖R·A‖_F²
-
-    @property
-    def shared(self) -> bool:
-        return self.A is None
-
-    @property
-    def rank(self) -> int:
-        return int(self.R.shape[0])
-
-
-@dataclass(frozen=True)
 class AdapterIndex:
+    """One adapter's index: per module (sorted), R (r, r) float64 with the scale folded in,
+    ‖ΔW‖_F², and the own A (r, d) float32 of general modules only."""
+
     name: str
     upload_dtype: str
-    factors: Mapping[str, FactorIndex]
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return tuple(self.factors)
+    modules: tuple[str, ...]
+    R: tuple[np.ndarray, ...]
+    frob2: np.ndarray                    # (n,) float64
+    own_a: Mapping[str, np.ndarray]      # general modules -> A
 
     @property
     def shared_modules(self) -> frozenset[str]:
-        return frozenset(m for m, f in self.factors.items() if f.shared)
+        return frozenset(m for m in self.modules if m not in self.own_a)
 
     @property
     def rank(self) -> int:
-        return max(f.rank for f in self.factors.values())
+        return max(R.shape[0] for R in self.R)
 
     @property
     def nbytes(self) -> int:
-        return sum(f.R.nbytes + (0 if f.A is None else f.A.nbytes) + 8 for f in self.factors.values())
+        return sum(R.nbytes for R in self.R) + self.frob2.nbytes + sum(a.nbytes for a in self.own_a.values())
 
 
 def _frozen(a: np.ndarray, dtype) -> np.ndarray:
@@ -106,44 +91,67 @@ def index_adapter(adapter: Adapter, *, shared_a: Mapping[str, np.ndarray],
     """The index object of ``adapter`` for a library whose frozen A's are ``shared_a``
     (``shared_gram``: A·Aᵀ per module in float64, so ‖ΔW‖_F² = tr(RᵀR·AAᵀ) costs r³, not r²·d).
     QRs of equally shaped B's run as one stacked LAPACK call."""
-    shared = {m: _snap(f, shared_a.get(m), upload_dtype) for m, f in adapter.factors.items()}
+    mods = tuple(sorted(adapter.factors))
     by_shape: dict[tuple, list[str]] = {}
-    for m, f in adapter.factors.items():
-        by_shape.setdefault(f.B.shape, []).append(m)
+    for m in mods:
+        by_shape.setdefault(adapter.factors[m].B.shape, []).append(m)
     Rs = {}
     for ms in by_shape.values():
         stack = np.stack([adapter.factors[m].B.astype(np.float64) * adapter.factors[m].scale for m in ms])
-        for m, R in zip(ms, thin_r(stack)):
-            Rs[m] = R
-    out = {}
-    for m, f in adapter.factors.items():
-        R = Rs[m]
-        if shared[m]:
-            frob2 = float(np.einsum("ab,ab->", R @ shared_gram[m], R))              # tr(R·AAᵀ·Rᵀ)
-            out[m] = FactorIndex(R=_frozen(R, np.float64), A=None, frob2=frob2)
+        Rs.update(zip(ms, thin_r(stack)))
+    frob2, own = np.zeros(len(mods)), {}
+    for k, m in enumerate(mods):
+        f, R = adapter.factors[m], Rs[m]
+        if _snap(f, shared_a.get(m), upload_dtype):
+            frob2[k] = np.einsum("ab,ab->", R @ shared_gram[m], R)                  # tr(R·AAᵀ·Rᵀ)
         else:
-            RA = R @ f.A.astype(np.float64)                                          # (r, d)
-            out[m] = FactorIndex(R=_frozen(R, np.float64), A=_frozen(f.A, np.float32),
-                                 frob2=float(np.einsum("ad,ad->", RA, RA)))
-    return AdapterIndex(name=adapter.name, upload_dtype=upload_dtype,
-                        factors=MappingProxyType(dict(sorted(out.items()))))
+            RA = R @ f.A.astype(np.float64)                                        # (r, d)
+            frob2[k] = np.einsum("ad,ad->", RA, RA)
+            own[m] = _frozen(f.A, np.float32)
+    return AdapterIndex(name=adapter.name, upload_dtype=upload_dtype, modules=mods,
+                        R=tuple(_frozen(Rs[m], np.float64) for m in mods), frob2=_frozen(frob2, np.float64),
+                        own_a=MappingProxyType(own))
 
 
 def encode(ai: AdapterIndex) -> bytes:
     """safetensors bytes: meta (JSON as uint8), packed upper triangles of every R (float64),
     ‖ΔW‖_F² per module and the own A of general modules."""
-    mods = list(ai.factors.items())
     meta = {"format": FORMAT, "name": ai.name, "upload_dtype": ai.upload_dtype,
-            "modules": [[m, f.rank, f.shared] for m, f in mods]}
+            "modules": [[m, int(R.shape[0]), m not in ai.own_a] for m, R in zip(ai.modules, ai.R)]}
     tensors = {
         "meta": np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8),
-        "R": np.concatenate([f.R[np.triu_indices(f.rank)] for _, f in mods]),
-        "frob2": np.array([f.frob2 for _, f in mods], np.float64),
+        "R": np.concatenate([R[np.triu_indices(R.shape[0])] for R in ai.R]),
+        "frob2": np.asarray(ai.frob2, np.float64),
     }
-    for k, (_, f) in enumerate(mods):
-        if not f.shared:
-            tensors[f"A{k}"] = f.A
+    for k, m in enumerate(ai.modules):
+        if m in ai.own_a:
+            tensors[f"A{k}"] = ai.own_a[m]
     return safetensors.numpy.save(tensors)
+
+
+def _unpack(flat: np.ndarray, ranks: list[int]) -> tuple[np.ndarray, ...]:
+    """Upper triangles back into (r, r) matrices; all modules of one rank in one assignment."""
+    if len(set(ranks)) == 1:
+        r = ranks[0]
+        iu, ju = np.triu_indices(r)
+        K = iu.size
+        if flat.size != K * len(ranks):
+            raise ValueError("sizes disagree")
+        out = np.zeros((len(ranks), r, r))
+        out[:, iu, ju] = flat.reshape(len(ranks), K)
+        out.setflags(write=False)
+        return tuple(out)
+    mats, pos = [], 0
+    for r in ranks:
+        K = r * (r + 1) // 2
+        R = np.zeros((r, r))
+        R[np.triu_indices(r)] = flat[pos:pos + K]
+        R.setflags(write=False)
+        mats.append(R)
+        pos += K
+    if pos != flat.size:
+        raise ValueError("sizes disagree")
+    return tuple(mats)
 
 
 def decode(raw: bytes, *, field: str = "index") -> AdapterIndex:
@@ -159,17 +167,14 @@ def decode(raw: bytes, *, field: str = "index") -> AdapterIndex:
         raise IndexFormatError("index object written in another format", field=f"{field}.format",
                                limit=FORMAT, actual=got)
     try:
-        Rflat, frob2, out, pos = t["R"], t["frob2"], {}, 0
-        for k, (m, r, shared) in enumerate(meta["modules"]):
-            K = r * (r + 1) // 2
-            R = np.zeros((r, r))
-            R[np.triu_indices(r)] = Rflat[pos:pos + K]
-            pos += K
-            out[m] = FactorIndex(R=_frozen(R, np.float64), A=None if shared else _frozen(t[f"A{k}"], np.float32),
-                                 frob2=float(frob2[k]))
-        if pos != Rflat.size or len(out) != frob2.size:
+        mods = [(str(m), int(r), bool(sh)) for m, r, sh in meta["modules"]]
+        R = _unpack(np.asarray(t["R"], np.float64), [r for _, r, _ in mods])
+        frob2 = _frozen(t["frob2"], np.float64)
+        if frob2.shape != (len(mods),):
             raise ValueError("sizes disagree")
+        own = {m: _frozen(t[f"A{k}"], np.float32) for k, (m, _, sh) in enumerate(mods) if not sh}
         return AdapterIndex(name=str(meta["name"]), upload_dtype=str(meta["upload_dtype"]),
-                            factors=MappingProxyType(dict(sorted(out.items()))))
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+                            modules=tuple(m for m, _, _ in mods), R=R, frob2=frob2,
+                            own_a=MappingProxyType(own))
+    except (KeyError, ValueError, TypeError) as e:
         raise IntegrityError(f"index object is inconsistent ({e})", field=field) from None

@@ -79,24 +79,41 @@ def _moments(index: LibraryIndex, mods, inputs):
             groups.setdefault(id(inp.data), []).append(j)
         else:
             Gs[j], gerr[j] = module_moment(index, m, inp)
-    for js in groups.values():
-        Z, dz = _z64(index, [mods[j] for j in js], inputs[mods[js[0]]].data)    # (g, T, r), (T, g)
+    if groups:
+        js, Z, dz = _project64(index, mods, inputs, list(groups.values()))     # (g, T, r), (g, T)
         T = Z.shape[1]
         Gs[js] = np.matmul(Z.transpose(0, 2, 1), Z) / T                         # (g, r, T)·(g, T, r)
-        gerr[js] = bd.moment_errors((Z * Z).sum(axis=2).T, T, dz)
+        gerr[js] = bd.moment_errors((Z * Z).sum(axis=2).T, T, dz.T)
     return Gs, gerr
 
 
-def _z64(index: LibraryIndex, mods, x: np.ndarray):
-    """z = A·x in float64 for several modules reading the same x (T, d): one GEMM against the
-    stacked A's. Returns (Z (g, T, r), ‖δz_t‖ of the float64 GEMM (T, g))."""
-    x64 = x.astype(np.float64)
-    A = index.memo(("A64stack", tuple(mods)), lambda: np.concatenate([a64(index, m) for m in mods]))
-    T, r = x64.shape[0], A.shape[0] // len(mods)
-    Z = (x64 @ A.T).reshape(T, len(mods), r).transpose(1, 0, 2)             # (T, d)·(d, g·r) -> (g, T, r)
-    af = np.array([index.layout.a_norm[m] for m in mods])
-    dz = bd.gamma64(x64.shape[1]) * np.sqrt(np.einsum("td,td->t", x64, x64))[:, None] * af
-    return Z, dz
+def _project64(index: LibraryIndex, mods, inputs, groups: list[list[int]]):
+    """z = A·x in float64 for every module reading activations; modules sharing one x (q/k/v
+    of a layer) are one GEMM against their stacked A's, and equally sized groups are one
+    batched GEMM. Returns (module positions, Z (g, T, r), ‖δz_t‖ of the float64 GEMM (g, T))."""
+    names = tuple(tuple(mods[j] for j in js) for js in groups)
+    xs = [inputs[ms[0]].data for ms in names]
+    r, d = index.shared_a[names[0][0]].shape
+    sizes = {len(ms) for ms in names}
+    if len(sizes) == 1 and len({x.shape for x in xs}) == 1:
+        def stack():
+            return np.stack([np.concatenate([a64(index, m) for m in ms]).T for ms in names])
+        A = index.memo(("A64groups", names), stack)                            # (G, d, g·r)
+        X = xs[0].astype(np.float64)[None] if len(xs) == 1 else np.stack(xs, dtype=np.float64)  # (G, T, d)
+        G, T, g = X.shape[0], X.shape[1], sizes.pop()
+        Z = np.matmul(X, A).reshape(G, T, g, r).transpose(0, 2, 1, 3).reshape(G * g, T, r)
+    else:                               # ragged groups: one GEMM per group
+        parts = []
+        for ms, x in zip(names, xs):
+            A = index.memo(("A64stack", ms), lambda ms=ms: np.concatenate([a64(index, m) for m in ms]))
+            T = x.shape[0]
+            parts.append((x.astype(np.float64) @ A.T).reshape(T, len(ms), r).transpose(1, 0, 2))
+        Z = np.concatenate(parts)
+    # ‖x_t‖ from the fp32 data: within γ_{d+1} of the true norm, scaled up once
+    xn = np.concatenate([np.repeat(np.sqrt(np.einsum("td,td->t", x, x).astype(np.float64))[None], len(ms), axis=0)
+                         for ms, x in zip(names, xs)]) * (1 + bd.gamma(d + 1))
+    af = np.array([index.layout.a_norm[m] for ms in names for m in ms])
+    return [j for js in groups for j in js], Z, bd.gamma64(d) * xn * af[:, None]
 
 
 def sequence_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np.ndarray,
@@ -127,40 +144,44 @@ def sequence_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids:
 
 
 def token_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np.ndarray,
-                 norm: Normalisation) -> tuple[np.ndarray, np.ndarray] | None:
-    """(S (T, n), per-token bound (T,)) for per-token routing with a linear normalisation,
-    or None when the request does not qualify (moments, general adapters, mixed ranks)."""
+                 norm: Normalisation):
+    """(S (T, n), per-token bound (T,)) for per-token routing with a linear normalisation, or
+    None when the request does not qualify (moments, general adapters, mixed ranks).
+
+    z = A·x is taken in float64 and rounded once to fp32 (bound u·‖z‖). The kernel's fp32
+    projection would save that GEMM's float64 cost, but its bound γ_d·‖A‖·‖x‖ is about 0.7% of
+    a score at d=576 — wider than the usual gap between the best two of 100 adapters — so
+    nearly every token would go to the float64 re-check."""
     if any(i.form == "moments" for i in inputs.values()):
         return None
     p = _plan(index, inputs, ids)
     if p is None:
         return None
-    g, mods, js, rows, slots, sel, present = p
+    g, mods, js, tables, slots, sel, present = p
     Z32, delta = _token_z(index, mods, inputs)                              # (Mr, T, r), (Mr, T)
     feat = sym_feat_tokens(Z32)                                             # (Mr, T, K)
     Mr, T, K = feat.shape
     G = index.table(f"G{g}")                                                # (Mg, K, slots) fp32
-    s, o, cnt = _scales(index, norm, rows, slots, sel, present, per_token=True)
-    n = present.shape[1]
-    S = np.zeros((T, n))
+    s, o, cnt = _scales(index, norm, tables, slots, sel, present, per_token=True)
     step = max(1, _CHUNK // max(1, T * G.shape[2]))
     whole = np.array_equal(js, np.arange(G.shape[0]))
+    S = np.zeros((T, present.shape[1]))
     for lo in range(0, Mr, step if whole else 1):
         hi = min(Mr, lo + step) if whole else lo + 1
         # all modules: chunks of one batched GEMM; a subset: per module, no copy of its table
         E = np.matmul(feat[lo:hi], G[lo:hi] if whole else G[js[lo]][None])   # (m, T, K)·(m, K, N) -> (m, T, N)
-        for k in range(hi - lo):
-            e = E[k] if slots is None else E[k][:, slots]
-            S += e * s[lo + k]
+        S += np.einsum("mtn,mn->tn", E if slots is None else E[:, :, slots], s[lo:hi])
     S -= o
     S[:, cnt == 0] = np.nan
-    fz = np.sqrt(np.einsum("mtk,mtk->mt", feat, feat, dtype=np.float64))     # (Mr, T)
+    # ‖feat_t‖ in fp32 is within γ_{K+1} of the true norm: scaled up once
+    fz = np.sqrt(np.einsum("mtk,mtk->mt", feat, feat).astype(np.float64)) * (1 + bd.gamma(K + 1))
     beta = _row_bound(K, fz, delta, np.abs(s), index.table("wnorm")[sel], index.table("rf2")[sel])
     return S, beta
 
 
 def _token_z(index: LibraryIndex, mods, inputs):
-    """(z (Mr, T, r) fp32, ‖δz‖ (Mr, T)): z in float64 rounded once (activations), or as sent."""
+    """(z (Mr, T, r) fp32, ‖δz‖ (Mr, T)): z = A·x in float64 rounded once, for activations;
+    as sent for projected inputs (exact: δ = 0)."""
     T = next(iter(inputs.values())).data.shape[0]
     r = index.shared_a[mods[0]].shape[0]
     Z, delta = np.empty((len(mods), T, r), np.float32), np.zeros((len(mods), T))
@@ -170,11 +191,10 @@ def _token_z(index: LibraryIndex, mods, inputs):
             Z[j] = inputs[m].data
         else:
             groups.setdefault(id(inputs[m].data), []).append(j)
-    for js in groups.values():
-        x = inputs[mods[js[0]]].data
-        Z64, dz = _z64(index, [mods[j] for j in js], x)                      # (g, T, r), (T, g)
+    if groups:
+        js, Z64, dz = _project64(index, mods, inputs, list(groups.values()))  # (g, T, r), (g, T)
         Z[js] = Z64
-        delta[js] = bd.U32 * np.sqrt((Z64 * Z64).sum(axis=2)) + dz.T
+        delta[js] = bd.U32 * np.sqrt((Z64 * Z64).sum(axis=2)) + dz
     return Z, delta
 
 

@@ -64,14 +64,16 @@ def token_ranks(S: np.ndarray, B: np.ndarray | None, ids: np.ndarray, k: int,
                 recheck: Callable[[np.ndarray, np.ndarray], np.ndarray]):
     """Exact per-token top-k of S (T, n) with bounds B: (T, n) per score, (T,) per token
     (uniform over adapters) or None (not verified). ``recheck(positions, tokens)`` returns
-    float64 scores (len(tokens), len(positions)). Returns (ids (T, k), scores (T, k), re-checked)."""
+    float64 scores (len(tokens), len(positions)). Returns (ids (T, k), scores (T, k), number
+    re-checked, per-token bound (T,) or None)."""
     T, n = S.shape
     k = min(k, n)
     tid, tsc = np.full((T, k), -1, np.int64), np.full((T, k), np.nan)
     valid = ~np.isnan(S[0]) if T else np.zeros(n, bool)
     kk = min(k, int(valid.sum()))
+    row_b = None if B is None else B.copy() if B.ndim == 1 else np.where(valid, B, 0.0).max(axis=1, initial=0.0)
     if kk == 0:
-        return tid, tsc, 0
+        return tid, tsc, 0, row_b
     rows = np.arange(T)
     Sw = np.where(valid, S, -np.inf)
     more = kk < int(valid.sum())
@@ -85,7 +87,7 @@ def token_ranks(S: np.ndarray, B: np.ndarray | None, ids: np.ndarray, k: int,
     tsc[ok, :kk] = St[ok, :kk]
     rest = np.flatnonzero(~ok)
     if not rest.size:
-        return tid, tsc, 0
+        return tid, tsc, 0, row_b
     opened = {}
     for t in rest:
         if B is None:
@@ -108,7 +110,7 @@ def token_ranks(S: np.ndarray, B: np.ndarray | None, ids: np.ndarray, k: int,
         o = order(s, ids)[:k]
         tid[t, : o.size] = ids[o]
         tsc[t, : o.size] = s[o]
-    return tid, tsc, int(sum(r.size for r in opened.values()))
+    return tid, tsc, int(sum(r.size for r in opened.values())), row_b
 
 
 def _settled(S, St, B, top, Sw, kk, more, valid) -> np.ndarray:

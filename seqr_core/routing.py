@@ -136,11 +136,12 @@ def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> di
 
 
 def _check_finite(inputs: Mapping[str, E.ModuleInput]) -> None:
-    # A float64 sum is finite iff every term is (fp32 values cannot overflow it): one pass per
-    # distinct tensor, no temporary; the per-module search runs only when something is wrong.
+    # A sum is finite only if every term is: one pass per distinct tensor, no temporary. A
+    # non-finite sum (a NaN/Inf, or a finite overflow) sends it to the exact per-module search.
     arrays = {id(i.data): i.data for i in inputs.values()}
-    if all(np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)) for a in arrays.values()):
-        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if all(np.isfinite(a.sum()) for a in arrays.values()):
+            return
     for m, inp in sorted(inputs.items()):
         if not np.isfinite(inp.data).all():
             raise InvalidArgumentError("non-finite values (NaN/Inf)", field=f"inputs.{m}.{inp.form}")
@@ -228,12 +229,14 @@ def numpy_scores(p: Plan) -> Scores:
         Sa, _ = combine(index, {m: arrow(m, inp, ids) for m, inp in inputs.items()}, ids,
                         Normalisation("none"), per_token=False)
         ids = np.sort(ids[order(Sa, ids)[: max(p.options.lag_k, p.options.top_k)]])
-    if method == "seqr":
-        fast = (sequence_scores if p.token_mean else token_scores if p.per_token and
-                (norm.kind != "zscore" or norm.transform == "e") else None)
-        got = fast(index, inputs, ids, norm) if fast is not None else None
+    if method == "seqr" and p.token_mean:
+        got = sequence_scores(index, inputs, ids, norm)
         if got is not None:
-            return Scores(ids, got[0], got[1])
+            return Scores(ids, *got)
+    if method == "seqr" and p.per_token and (norm.kind != "zscore" or norm.transform == "e"):
+        got = token_scores(index, inputs, ids, norm)
+        if got is not None:
+            return Scores(ids, *got)
     energy = _energy_fn(index, method, token_mean=p.token_mean)
     S, B = combine(index, {m: energy(m, inp, ids) for m, inp in inputs.items()}, ids, norm,
                    per_token=p.per_token)
@@ -259,12 +262,12 @@ def decide(p: Plan, sc: Scores) -> Decision:
     check = sc.B if p.verify else None            # unverified: fp32 order, bounds only reported
     if p.per_token:
         S_t = sc.S
-        tid, tsc, rechecked = token_ranks(S_t, check, ids, o.top_k,
-                                          lambda pos, t: exact_scores(p, ids[pos], t))
+        tid, tsc, rechecked, tb = token_ranks(S_t, check, ids, o.top_k,
+                                              lambda pos, t: exact_scores(p, ids[pos], t))
         T = S_t.shape[0]
         valid = ~np.isnan(S_t[0]) if T else np.zeros(ids.size, bool)
-        tb = None if sc.B is None else sc.B if sc.B.ndim == 1 else \
-            np.where(valid, sc.B, 0.0).max(axis=1, initial=0.0)
+        if tb is None and sc.B is not None:       # unverified: the bounds as the scorer gave them
+            tb = sc.B if sc.B.ndim == 1 else np.where(valid, sc.B, 0.0).max(axis=1, initial=0.0)
         tokens, bounds = TokenDecisions(ids=tid, scores=tsc, bounds=tb), None
         votes = np.bincount(np.searchsorted(ids, tid[:, 0][tid[:, 0] >= 0]), minlength=ids.size)
         mean_s = S_t.mean(axis=0) if T else np.zeros(ids.size)

@@ -67,15 +67,17 @@ class Layout:
 
     def check(self, ai: AdapterIndex) -> None:
         """An index object fits this library (stored objects are re-checked on load)."""
-        for m, f in ai.factors.items():
+        for m, R in zip(ai.modules, ai.R):
             if m not in self.row:
                 raise InvalidArgumentError("module not in the library's signature",
                                            field=f"adapter.{m}", actual=m)
-            if f.R.shape != (f.rank, f.rank) or (f.shared and f.rank != self.rank(m)) or \
-                    (not f.shared and f.A.shape != (f.rank, self.d_in[m])):
+            r = R.shape[0]
+            A = ai.own_a.get(m)
+            if R.shape != (r, r) or (A is None and r != self.rank(m)) or \
+                    (A is not None and A.shape != (r, self.d_in[m])):
                 raise InvalidArgumentError("index object does not fit the library's module",
                                            field=f"adapter.{m}", limit=(self.rank(m), self.d_in[m]),
-                                           actual=f.R.shape)
+                                           actual=R.shape)
 
 
 def gram_weights(R: np.ndarray) -> np.ndarray:
@@ -106,22 +108,21 @@ def adapter_columns(layout: Layout, items) -> dict[str, np.ndarray]:
     for g, grp in enumerate(layout.groups):
         out[f"W{g}"] = np.zeros((grp.rows.size, grp.K, k))
     for c, (ai, _) in enumerate(items):
+        rows = np.array([layout.row[m] for m in ai.modules])
+        out["present"][rows, c] = True
+        out["frob2"][rows, c] = ai.frob2
         per_group: dict[int, list] = {}
-        for m, f in ai.factors.items():
-            r = layout.row[m]
-            out["present"][r, c] = True
-            out["frob2"][r, c] = f.frob2
-            if f.shared:
-                out["shared"][r, c] = True
-                g, j = layout.group_of[m]
-                per_group.setdefault(g, []).append((j, r, f.R))
-        for g, lst in per_group.items():
-            js, rows = [j for j, _, _ in lst], [r for _, r, _ in lst]
-            R = np.stack([R for _, _, R in lst])                           # (m, r, r)
+        for k, m in enumerate(ai.modules):
+            if m not in ai.own_a:
+                per_group.setdefault(layout.group_of[m][0], []).append(k)
+        for g, ks in per_group.items():
+            js = [layout.group_of[ai.modules[k]][1] for k in ks]
+            R = np.stack([ai.R[k] for k in ks])                            # (m, r, r)
             w = gram_weights(R)                                            # (m, K)
             out[f"W{g}"][js, :, c] = w
-            out["wnorm"][rows, c] = np.linalg.norm(w, axis=1)
-            out["rf2"][rows, c] = np.einsum("nab,nab->n", R, R)
+            out["shared"][rows[ks], c] = True
+            out["wnorm"][rows[ks], c] = np.linalg.norm(w, axis=1)
+            out["rf2"][rows[ks], c] = np.einsum("nab,nab->n", R, R)
     return out
 
 
@@ -158,9 +159,8 @@ def _general_block(ids, Rs, As) -> GeneralBlock:
 def general_add(general: Mapping[str, GeneralBlock], layout: Layout, items) -> Mapping[str, GeneralBlock]:
     adds: dict[str, list] = {}
     for ai, i in items:
-        for m, f in ai.factors.items():
-            if not f.shared:
-                adds.setdefault(m, []).append((int(i), f.R, f.A))
+        for m, A in ai.own_a.items():
+            adds.setdefault(m, []).append((int(i), ai.R[ai.modules.index(m)], A))
     if not adds:
         return general
     out = dict(general)

@@ -28,6 +28,7 @@ from .auth import Principal
 from .metrics import Metrics
 
 log = logging.getLogger("seqr.manager")
+_LOAD_CHUNK = 256                    # adapters per append while loading (bounds peak memory)
 
 
 @dataclass(frozen=True)
@@ -131,18 +132,21 @@ class LibraryManager:
         rec = self._store.library(name)
         spec = lo.spec_from_store(name, rec.meta, self._store.read_library_object(name, lo.SHARED_A))
         empty = spec.empty_index(version=rec.version)
-        items, derived, why = [], {}, {}
+        index, chunk, derived, why = empty.reserve(len(rec.adapters)), [], {}, {}
         for ar in rec.adapters:                      # adapter id order
             ai, fresh, reason = self._load_adapter(name, ar, empty)
-            items.append((ai, ar.adapter_id))
+            chunk.append((ai, ar.adapter_id))
             if fresh is not None:
                 derived[ar.name] = {lo.INDEX: fresh}
                 why[reason] = why.get(reason, 0) + 1
+            if len(chunk) == _LOAD_CHUNK:            # columns in place; the objects are dropped
+                index, _ = index.add_indexed(chunk, version=rec.version)
+                chunk = []
+        index, _ = index.add_indexed(chunk, version=rec.version)
         if derived:
             log.info("adapters re-parsed from their PEFT files", extra={"library": name, "adapters": len(derived),
                                                                        "reasons": why})
             self._store_derived(name, derived)
-        index, _ = empty.add_indexed(items, version=rec.version)
         raw = self._store.read_library_object(name, lo.CALIBRATION)
         if raw is not None:
             ids = {e.name: e.adapter_id for e in index.adapters}
