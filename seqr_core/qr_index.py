@@ -57,9 +57,10 @@ class AdapterEntry:
         return "general" if not self.shared_modules else "mixed"
 
 
-def _entry(ai: AdapterIndex, adapter_id: int) -> AdapterEntry:
-    return AdapterEntry(name=ai.name, adapter_id=int(adapter_id), modules=ai.modules,
-                        shared_modules=ai.shared_modules, rank=ai.rank, upload_dtype=ai.upload_dtype)
+def _entry(layout: Layout, ai: AdapterIndex, adapter_id: int) -> AdapterEntry:
+    return AdapterEntry(name=ai.name, adapter_id=int(adapter_id), modules=layout.intern(ai.modules),
+                        shared_modules=layout.intern(ai.shared_modules), rank=ai.rank,
+                        upload_dtype=ai.upload_dtype)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class LibraryIndex:
             last = int(adapter_id)
         if not items:
             return self, ()
-        entries = tuple(_entry(ai, i) for ai, i in items)
+        entries = tuple(_entry(self.layout, ai, i) for ai, i in items)
         cols = adapter_columns(self.layout, [(ai, i) for ai, i in items])
         general = general_add(self.general, self.layout, items)
         cal = None if self.cal_columns is None else self.cal_columns.append(empty_cal(self.layout, len(items)))
@@ -252,9 +253,9 @@ class LibraryIndex:
         ids = self.module_ids(module)
         return ids, self.table("frob2")[self.layout.row[module], self.slots_of(ids)]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the index arrays this snapshot's lineage holds (capacity included)."""
+    def nbytes(self, *, used: bool = True) -> int:
+        """Bytes of the index arrays: of this snapshot's slots (``used``), or as allocated
+        (spare capacity included; never-written capacity is not resident memory)."""
         cols = [self.columns] + ([self.cal_columns] if self.cal_columns is not None else [])
-        n = sum(a.nbytes for c in cols for a in c.lineage.arrays.values())
-        return n + sum(g.nbytes for g in self.general.values())
+        n = sum(a.nbytes * (c.n / a.shape[-1] if used else 1.0) for c in cols for a in c.lineage.arrays.values())
+        return int(n) + sum(g.nbytes for g in self.general.values())

@@ -7,7 +7,7 @@ at a time equals one built in bulk, bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -43,6 +43,14 @@ class Layout:
     group_of: Mapping[str, tuple[int, int]]        # shared-A module -> (group, row in group)
     shared_gram: Mapping[str, np.ndarray]          # A·Aᵀ (r, r) float64
     a_norm: Mapping[str, float]                    # ‖A‖_F
+    _interned: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def intern(self, value):
+        """One shared object per distinct module tuple/set: thousands of adapters usually
+        target the same modules, and their entries need not hold a copy each."""
+        if isinstance(value, tuple):
+            value = tuple(self.modules[self.row[m]] for m in value)
+        return self._interned.setdefault(value, value)
 
     @classmethod
     def build(cls, signature: BaseModelSignature, shared_a: Mapping[str, np.ndarray]) -> "Layout":
