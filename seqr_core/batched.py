@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from . import bounds as bd
-from .energies import ModuleInput, a64, module_moment, sym_feat_matrix, sym_feat_tokens
+from .energies import ModuleInput, a64, sym_feat_matrix, sym_feat_tokens
 from .normalise import Normalisation, adapter_stats
 from .qr_index import LibraryIndex
 
@@ -71,6 +71,7 @@ def _moments(index: LibraryIndex, mods, inputs):
     r = index.shared_a[mods[0]].shape[0]
     Gs, gerr = np.empty((len(mods), r, r)), np.empty(len(mods))
     groups: dict[int, list[int]] = {}
+    proj = []
     for j, m in enumerate(mods):
         inp = inputs[m]
         if inp.form == "moments":          # already ZᵀZ/T: exact inputs, no error to carry
@@ -78,7 +79,12 @@ def _moments(index: LibraryIndex, mods, inputs):
         elif inp.form == "activations":
             groups.setdefault(id(inp.data), []).append(j)
         else:
-            Gs[j], gerr[j] = module_moment(index, m, inp)
+            proj.append(j)
+    if proj:                              # z as sent, exact: G and its rounding, all at once
+        Z = np.stack([inputs[mods[j]].data for j in proj], dtype=np.float64)     # (P, T, r)
+        T = Z.shape[1]
+        Gs[proj] = np.matmul(Z.transpose(0, 2, 1), Z) / T
+        gerr[proj] = bd.moment_errors((Z * Z).sum(axis=2).T, T, None)
     if groups:
         js, Z, dz = _project64(index, mods, inputs, list(groups.values()))     # (g, T, r), (g, T)
         T = Z.shape[1]

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
 
 from seqr_core import (AdapterIndex, BaseModelSignature, CalibrationStats, LibraryIndex, SharedARecipe,
-                       generate_shared_a, read_safetensors, write_safetensors)
+                       generate_shared_a, write_safetensors)
 from seqr_core import adapter_index
 from seqr_core.adapters import MAX_RANK
 from seqr_core.errors import InvalidArgumentError, IntegrityError
@@ -73,9 +75,20 @@ def spec_from_store(name: str, meta: dict, shared_a_bytes: bytes | None) -> Libr
                              limit=FORMAT, actual=meta.get("format"))
     sig = BaseModelSignature.from_dict(meta["signature"])
     recipe = SharedARecipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
-    shared = read_safetensors(shared_a_bytes, field=f"library[{name}].shared_a")[0] if shared_a_bytes else {}
+    shared = _read_sealed_tensors(shared_a_bytes, field=f"library[{name}].shared_a") if shared_a_bytes else {}
     return LibrarySpec(name=name, signature=sig, shared_a=shared, recipe=recipe,
                        meta=dict(meta.get("user") or {}))
+
+
+def _read_sealed_tensors(raw: bytes, *, field: str) -> dict[str, np.ndarray]:
+    """Tensors of an object the store authenticated (not a tenant upload), read with the
+    safetensors library. (peft_io's strict upload reader takes a header length whose low byte
+    is 0x80 for a pickle: the 128-module shared A of a Llama-3-8B library is refused by it.)"""
+    try:
+        out = safetensors.numpy.load(bytes(raw))
+    except SafetensorError as e:
+        raise IntegrityError(f"not readable ({e})", field=field) from None
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 def encode_calibration(stats: CalibrationStats, adapter_ids: Mapping[str, int]) -> bytes:
