@@ -110,7 +110,6 @@ def main(argv=None) -> None:
                          gflops=flops_seqr / t_kernel / 1e9))
         print(f"N={N}: kernel {t_kernel*1e3:.2f} ms, route/token {t_route_t*1e3:.2f} ms, spectr {t_spectr*1e3:.1f} ms",
               flush=True)
-        del idx, factors, SV
     ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
     lines = [f"fp32 GEMM peak (2048³, numpy, one thread, this run): **{peak:.1f} GFLOP/s**; d={d}, r={r}, "
              f"one module, T={T} tokens per call for every method (ms per call).",

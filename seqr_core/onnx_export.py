@@ -22,7 +22,6 @@ name and dynamic axis exactly as documented, and gives byte-identical output for
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np

@@ -45,7 +45,6 @@ import os
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +56,7 @@ from seqr_core.errors import (
     UnavailableError,
 )
 
+from .adapter_edits import adapter_objects_edit, new_adapters_edit, now
 from .anchor import AnchorFile, resolve_anchor_dir
 from .commit import Committer, Txn
 from .durable_io import DurableIO, FailPoints
@@ -260,7 +260,7 @@ class LibraryStore:
         def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
             if name in manifest["libraries"]:
                 raise AlreadyExistsError(f"library {name!r} already exists", field="library", actual=name)
-            lib = {"version": 1, "meta": meta, "next_adapter_id": 0, "created_at": _now(), "objects": {},
+            lib = {"version": 1, "meta": meta, "next_adapter_id": 0, "created_at": now(), "objects": {},
                    "adapters": {}}
             manifest["libraries"][name] = lib
             for role, data in objects.items():
@@ -293,31 +293,7 @@ class LibraryStore:
             name, meta = validate_name(name, field="adapter"), validate_meta(meta)
             checked.append((name, validate_files(files), meta, validate_objects(objects)))
 
-        def edit(manifest: dict[str, Any], txn: Txn) -> list[AdapterRecord]:
-            lib = writable_library(manifest, library)
-            out = []
-            for name, files, meta, objects in checked:
-                if name in lib["adapters"]:
-                    raise AlreadyExistsError(
-                        f"adapter {name!r} already exists in library {library!r}", field="adapter", actual=name
-                    )
-                adapter_id = lib["next_adapter_id"]
-                entry = {"adapter_id": adapter_id, "created_at": _now(), "meta": meta, "files": {},
-                         "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
-                         "size_bytes": sum(len(d) for d in files.values()), "objects": {}}
-                for file_name, data in files.items():
-                    context = adapter_context(manifest["store_id"], library, name, adapter_id, file_name)
-                    entry["files"][file_name] = self._write_blob(txn, data, context)
-                for role, data in objects.items():
-                    context = adapter_object_context(manifest["store_id"], library, name, adapter_id, role)
-                    entry["objects"][role] = self._write_blob(txn, data, context)
-                lib["adapters"][name] = entry
-                lib["next_adapter_id"] = adapter_id + 1
-                lib["version"] += 1
-                out.append(adapter_record(name, entry))
-            return out
-
-        return self._mutate(edit)
+        return self._mutate(new_adapters_edit(library, checked, self._write_blob))
 
     def put_adapter_objects(self, library: str, objects: dict[str, dict[str, bytes]]) -> LibraryRecord:
         """Add or replace derived objects of existing adapters ({adapter: {role: bytes}}) in one
@@ -325,20 +301,7 @@ class LibraryStore:
         nothing a caller sees, so the library version stays; replaced blobs are shredded."""
         checked = {validate_name(n, field="adapter"): validate_objects(o) for n, o in objects.items()}
 
-        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
-            lib = writable_library(manifest, library)
-            for name, roles in checked.items():
-                old = find_adapter(manifest, library, name)
-                entry = {**old, "objects": dict(old.get("objects", {}))}
-                for role, data in roles.items():
-                    if role in entry["objects"]:
-                        txn.obsolete.append(entry["objects"][role]["blob"])
-                    context = adapter_object_context(manifest["store_id"], library, name, entry["adapter_id"], role)
-                    entry["objects"][role] = self._write_blob(txn, data, context)
-                lib["adapters"][name] = entry
-            return library_record(library, lib)
-
-        return self._mutate(edit)
+        return self._mutate(adapter_objects_edit(library, checked, self._write_blob))
 
     def delete_adapter(self, library: str, name: str) -> LibraryRecord:
         """Remove an adapter and crypto-shred its files; bumps the library version."""
@@ -460,7 +423,3 @@ class LibraryStore:
 
     def _blob_file(self, name: str) -> Path:
         return self._committer.blob_file(name)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

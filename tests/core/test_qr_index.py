@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seqr_core import (Adapter, AlreadyExistsError, InvalidArgumentError, LibraryIndex, ModuleFactors,
-                       ModuleInput, Normalisation, NotFoundError, RouteOptions, route)
+                       Normalisation, NotFoundError, RouteOptions, route)
 from seqr_core.signature import BaseModelSignature, ModuleSpec
 
 from .libraries import add, calibrated, original, random_inputs, random_library
