@@ -21,7 +21,7 @@ import numpy as np
 
 from . import bounds as bd
 from .energies import ModuleInput, a64, sym_feat_matrix, sym_feat_tokens
-from .normalise import Normalisation, adapter_stats
+from .normalise import Normalisation, adapter_stats, affine
 from .qr_index import LibraryIndex
 
 _CHUNK = 1 << 24            # elements of fp32 E held at once by the per-token path
@@ -47,19 +47,14 @@ def _plan(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np.ndarra
     return g, mods, js, rows, slots, sel, present
 
 
-def _scales(index: LibraryIndex, norm: Normalisation, rows, slots, sel, present, *, per_token: bool):
-    """(s (Mr, n), o (n,), c (Mr, n) or None): S = Σ_m s_m·e_m − o for a linear normalisation."""
+def _scales(index: LibraryIndex, norm: Normalisation, slots, sel, present, *, per_token: bool):
+    """(s (Mr, n), o (n,), cnt (n,)): S = Σ_m s_m·e_m − o for a linear normalisation, cnt the
+    number of supplied modules each candidate targets."""
     cnt = present.sum(axis=0)
     if norm.kind == "zscore" and norm.granularity == "adapter":
         mean, sd = adapter_stats(index, index.slots if slots is None else slots, norm, per_token=per_token)
         return present / sd, mean / sd, cnt
-    mu, c = 0.0, 1.0
-    if norm.kind == "frobenius":
-        c = np.maximum(index.table("frob2")[sel], 1e-30)
-    elif norm.kind == "activation":
-        c = np.maximum(index.cal_table("mod_mean")[0][sel], 1e-30)
-    elif norm.kind == "zscore":
-        mu, c = index.cal_table("mod_mean")[0][sel], index.cal_table("mod_std")[0][sel]
+    mu, c = affine(index, sel, norm)
     with np.errstate(invalid="ignore", divide="ignore"):
         s = present / (c * cnt)
         o = (mu * s).sum(axis=0) if np.ndim(mu) else np.zeros(present.shape[1])
@@ -142,7 +137,7 @@ def sequence_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids:
     fn = np.linalg.norm(F, axis=1)
     Bm = bd.gram_f64_columns(F.shape[1], fn[:, None], gerr[:, None], index.table("wnorm")[sel],
                              index.table("rf2")[sel])                        # (Mr, n)
-    s, o, cnt = _scales(index, norm, rows, slots, sel, present, per_token=False)
+    s, o, cnt = _scales(index, norm, slots, sel, present, per_token=False)
     with np.errstate(invalid="ignore"):
         S = np.einsum("mn,mn->n", E, s) - o
         B = np.einsum("mn,mn->n", Bm, np.abs(s))
@@ -168,7 +163,7 @@ def token_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     feat = sym_feat_tokens(Z32)                                             # (Mr, T, K)
     Mr, T, K = feat.shape
     G = index.table(f"G{g}")                                                # (Mg, K, slots) fp32
-    s, o, cnt = _scales(index, norm, tables, slots, sel, present, per_token=True)
+    s, o, cnt = _scales(index, norm, slots, sel, present, per_token=True)
     step = max(1, _CHUNK // max(1, T * G.shape[2]))
     whole = np.array_equal(js, np.arange(G.shape[0]))
     S = np.zeros((T, present.shape[1]))

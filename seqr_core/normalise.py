@@ -94,20 +94,26 @@ def fallback_text(missing: list[str]) -> str:
     return f"uncalibrated adapters {missing[:8]}: fell back to frobenius"
 
 
+def affine(index: LibraryIndex, sel, norm: Normalisation):
+    """(μ, c) with u = (f(e) − μ)/c for the (module, slot) table entries ``sel`` selects —
+    the one definition every scorer (per module, batched, ONNX export) normalises with."""
+    mu, c = 0.0, 1.0
+    if norm.kind == "frobenius":
+        c = np.maximum(index.table("frob2")[sel], 1e-30)
+    elif norm.kind == "activation":
+        c = np.maximum(index.cal_table("mod_mean")[0][sel], 1e-30)
+    elif norm.kind == "zscore" and norm.granularity == "adapter_module":
+        t = TRANSFORMS.index(norm.transform)
+        mu, c = index.cal_table("mod_mean")[t][sel], index.cal_table("mod_std")[t][sel]
+    return mu, c
+
+
 def module_constants(index: LibraryIndex, module: str, slots: np.ndarray, norm: Normalisation):
     """Per-column (offset μ, scale c, log floor δ) so u = (f(e) − μ)/c, for adapter ``slots``."""
     k = index.layout.row[module]
-    f2 = index.table("frob2")[k, slots]
-    delta = LOG_FLOOR * f2 + 1e-30
-    mu, c = np.zeros(slots.size), np.ones(slots.size)
-    if norm.kind == "frobenius":
-        c = np.maximum(f2, 1e-30)
-    elif norm.kind == "activation":
-        c = np.maximum(index.cal_table("mod_mean")[0, k, slots], 1e-30)
-    elif norm.kind == "zscore" and norm.granularity == "adapter_module":
-        t = TRANSFORMS.index(norm.transform)
-        mu, c = index.cal_table("mod_mean")[t, k, slots], index.cal_table("mod_std")[t, k, slots]
-    return mu, c, delta
+    mu, c = affine(index, (k, slots), norm)
+    delta = LOG_FLOOR * index.table("frob2")[k, slots] + 1e-30
+    return np.broadcast_to(mu, slots.shape), np.broadcast_to(c, slots.shape), delta
 
 
 def adapter_stats(index: LibraryIndex, slots: np.ndarray, norm: Normalisation, *, per_token: bool):
