@@ -76,19 +76,20 @@ def real_files(rng, sig, shared_a) -> dict[str, bytes]:
 
 def synthetic_index(rng, name: str, sig, shared_gram) -> bytes:
     """A sealed-ready index object of a synthetic shared-A adapter: R = the QR factor of a
-    Gaussian s·B (Bartlett: χ diagonal, Gaussian upper triangle), ‖ΔW‖_F² = tr(RᵀR·AAᵀ)."""
-    from seqr_core.adapter_index import AdapterIndex, encode
+    Gaussian s·B (Bartlett: χ diagonal, Gaussian upper triangle), stored as the service stores
+    it (Gram weights of R, ‖ΔW‖_F² = tr(RᵀR·AAᵀ))."""
+    from seqr_core.adapter_index import AdapterIndex, encode, gram_weights, sym_feat
     mods = tuple(sorted(shared_gram))
+    R = np.zeros((len(mods), RANK, RANK))
     iu = np.triu_indices(RANK, 1)
-    Rs, f2 = [], np.zeros(len(mods))
-    for k, m in enumerate(mods):
-        R = np.zeros((RANK, RANK))
-        R[iu] = rng.standard_normal(iu[0].size)
-        R[np.diag_indices(RANK)] = np.sqrt(rng.chisquare(sig.spec(m).d_out - np.arange(RANK)))
-        R *= 0.02 * 2.0                                      # std of B times the scale α/r
-        Rs.append(R)
-        f2[k] = np.einsum("ab,ab->", R @ shared_gram[m], R)
-    return encode(AdapterIndex(name=name, upload_dtype="F32", modules=mods, R=tuple(Rs), frob2=f2, own_a={}))
+    R[:, iu[0], iu[1]] = rng.standard_normal((len(mods), iu[0].size))
+    d_out = np.array([sig.spec(m).d_out for m in mods])
+    R[:, np.arange(RANK), np.arange(RANK)] = np.sqrt(rng.chisquare(d_out[:, None] - np.arange(RANK)))
+    R *= 0.02 * 2.0                                          # std of B times the scale α/r
+    w = gram_weights(R)                                      # (n, K)
+    f2 = np.array([sym_feat(shared_gram[m]) @ w[k] for k, m in enumerate(mods)])
+    return encode(AdapterIndex(name=name, upload_dtype="F32", modules=mods, ranks=(RANK,) * len(mods),
+                               frob2=f2, gram=w.ravel(), own={}))
 
 
 def requests(rng, shared_a) -> dict:

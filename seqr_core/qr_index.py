@@ -187,18 +187,19 @@ class LibraryIndex:
     def add_indexed(self, items, *, version: int | None = None) -> tuple["LibraryIndex", tuple[AdapterEntry, ...]]:
         """Bulk add of (AdapterIndex, adapter_id) pairs: one append of their columns. All or
         nothing: any invalid item raises before the snapshot is built."""
-        names = set(self.names)
+        by_name = self.memo("by_name", lambda: {a.name: a for a in self.adapters})
+        fresh: set[str] = set()
         last = self.adapters[-1].adapter_id if self.adapters else -1
         for ai, adapter_id in items:
             check_adapter_name(ai.name)
-            if ai.name in names:
+            if ai.name in by_name or ai.name in fresh:
                 raise AlreadyExistsError(f"adapter {ai.name!r} already exists",
                                          field="adapter.name", actual=ai.name)
             if adapter_id <= last:
                 raise InvalidArgumentError("adapter ids must grow (ids are never reused)",
                                            field="adapter_id", limit=f">{last}", actual=adapter_id)
             self.layout.check(ai)
-            names.add(ai.name)
+            fresh.add(ai.name)
             last = int(adapter_id)
         if not items:
             return self, ()
@@ -206,9 +207,11 @@ class LibraryIndex:
         cols = adapter_columns(self.layout, [(ai, i) for ai, i in items])
         general = general_add(self.general, self.layout, items)
         cal = None if self.cal_columns is None else self.cal_columns.append(empty_cal(self.layout, len(items)))
+        # The name map carries over (a dict copy, not a rebuild from every entry).
+        memo = {"by_name": {**by_name, **{e.name: e for e in entries}}}
         new = replace(self, adapters=self.adapters + entries, columns=self.columns.append(cols),
                       live=np.concatenate([self.live, np.ones(len(items), bool)]),
-                      general=general, cal_columns=cal, _memo={},
+                      general=general, cal_columns=cal, _memo=memo,
                       version=self.version + 1 if version is None else version)
         return new, entries
 

@@ -48,9 +48,11 @@ class Layout:
     def intern(self, value):
         """One shared object per distinct module tuple/set: thousands of adapters usually
         target the same modules, and their entries need not hold a copy each."""
-        if isinstance(value, tuple):
-            value = tuple(self.modules[self.row[m]] for m in value)
-        return self._interned.setdefault(value, value)
+        hit = self._interned.get(value)
+        if hit is None:
+            canon = tuple(self.modules[self.row[m]] for m in value) if isinstance(value, tuple) else value
+            hit = self._interned.setdefault(value, canon)
+        return hit
 
     @classmethod
     def build(cls, signature: BaseModelSignature, shared_a: Mapping[str, np.ndarray]) -> "Layout":
@@ -74,26 +76,39 @@ class Layout:
         return 0 if g is None else self.groups[g[0]].rank
 
     def check(self, ai: AdapterIndex) -> None:
-        """An index object fits this library (stored objects are re-checked on load)."""
-        for m, R in zip(ai.modules, ai.R):
+        """An index object fits this library (stored objects are re-checked on load). Checked
+        once per distinct (modules, ranks, own-A shapes): adapters of one fleet share it."""
+        key = ("fits", ai.modules, ai.ranks, tuple(sorted((m, A.shape) for m, (_, A) in ai.own.items())))
+        if key in self._interned:
+            return
+        for m, r in zip(ai.modules, ai.ranks):
             if m not in self.row:
                 raise InvalidArgumentError("module not in the library's signature",
                                            field=f"adapter.{m}", actual=m)
-            r = R.shape[0]
-            A = ai.own_a.get(m)
-            if R.shape != (r, r) or (A is None and r != self.rank(m)) or \
-                    (A is not None and A.shape != (r, self.d_in[m])):
+            own = ai.own.get(m)
+            if (own is None and r != self.rank(m)) or \
+                    (own is not None and (own[0].shape != (r, r) or own[1].shape != (r, self.d_in[m]))):
                 raise InvalidArgumentError("index object does not fit the library's module",
-                                           field=f"adapter.{m}", limit=(self.rank(m), self.d_in[m]),
-                                           actual=R.shape)
+                                           field=f"adapter.{m}", limit=(self.rank(m), self.d_in[m]), actual=r)
+        self._interned[key] = True
 
-
-def gram_weights(R: np.ndarray) -> np.ndarray:
-    """R (n, r, r) -> (n, K) float64 weights w with zᵀ(RᵀR)z = feat(z)·w, K = r(r+1)/2."""
-    r = R.shape[-1]
-    iu, ju = np.triu_indices(r)
-    S = np.matmul(R.transpose(0, 2, 1), R)                                # (n, r, r) RᵀR
-    return S[:, iu, ju] * np.where(iu == ju, 1.0, 2.0)
+    def plan(self, ai: AdapterIndex):
+        """(rows of its modules, per shared-A group: (group, positions among the adapter's
+        shared modules, rows in the group's table, signature rows)) — cached per module set."""
+        key = ("plan", ai.modules, frozenset(ai.own))
+        hit = self._interned.get(key)
+        if hit is None:
+            rows = np.array([self.row[m] for m in ai.modules])
+            groups: dict[int, tuple[list, list, list]] = {}
+            shared = [k for k, m in enumerate(ai.modules) if m not in ai.own]
+            for s, k in enumerate(shared):
+                g, j = self.group_of[ai.modules[k]]
+                grp = groups.setdefault(g, ([], [], []))
+                grp[0].append(s), grp[1].append(j), grp[2].append(rows[k])
+            hit = self._interned.setdefault(key, (rows, tuple(
+                (g, slice(None) if sp == list(range(len(shared))) else np.array(sp), np.array(js), np.array(rs))
+                for g, (sp, js, rs) in sorted(groups.items()))))
+        return hit
 
 
 def empty_columns(layout: Layout) -> Columns:
@@ -115,23 +130,29 @@ def adapter_columns(layout: Layout, items) -> dict[str, np.ndarray]:
            "wnorm": np.zeros((M, k))}
     for g, grp in enumerate(layout.groups):
         out[f"W{g}"] = np.zeros((grp.rows.size, grp.K, k))
+    by_plan: dict[int, tuple] = {}
     for c, (ai, _) in enumerate(items):
-        rows = np.array([layout.row[m] for m in ai.modules])
-        out["present"][rows, c] = True
-        out["frob2"][rows, c] = ai.frob2
-        per_group: dict[int, list] = {}
-        for k, m in enumerate(ai.modules):
-            if m not in ai.own_a:
-                per_group.setdefault(layout.group_of[m][0], []).append(k)
-        for g, ks in per_group.items():
-            js = [layout.group_of[ai.modules[k]][1] for k in ks]
-            R = np.stack([ai.R[k] for k in ks])                            # (m, r, r)
-            w = gram_weights(R)                                            # (m, K)
-            out[f"W{g}"][js, :, c] = w
-            out["shared"][rows[ks], c] = True
-            out["wnorm"][rows[ks], c] = np.linalg.norm(w, axis=1)
-            out["rf2"][rows[ks], c] = np.einsum("nab,nab->n", R, R)
+        plan = layout.plan(ai)
+        out["present"][plan[0], c] = True
+        out["frob2"][plan[0], c] = ai.frob2
+        by_plan.setdefault(id(plan), (plan, []))[1].append(c)
+    # Adapters with the same modules: their stored Gram weights land in one assignment per group.
+    for (_, groups), cs in by_plan.values():
+        cs = np.array(cs)
+        for g, sp, js, rows in groups:
+            w = np.stack([items[c][0].gram_of(sp) for c in cs])            # (C, m, K)
+            out[f"W{g}"][js[:, None], :, cs[None, :]] = w.transpose(1, 0, 2)
+            sel = (rows[:, None], cs[None, :])
+            out["shared"][sel] = True
+            out["wnorm"][sel] = np.linalg.norm(w, axis=2).T
+            out["rf2"][sel] = w[:, :, _diagonal(layout.groups[g].rank)].sum(axis=2).T    # tr(RᵀR)
     return out
+
+
+def _diagonal(r: int) -> np.ndarray:
+    """Positions of the diagonal of RᵀR among its packed upper-triangle weights."""
+    iu, ju = np.triu_indices(r)
+    return np.flatnonzero(iu == ju)
 
 
 # --- general (own-A) adapters: per module, copied on change (work ∝ that module's rows) ---
@@ -167,8 +188,8 @@ def _general_block(ids, Rs, As) -> GeneralBlock:
 def general_add(general: Mapping[str, GeneralBlock], layout: Layout, items) -> Mapping[str, GeneralBlock]:
     adds: dict[str, list] = {}
     for ai, i in items:
-        for m, A in ai.own_a.items():
-            adds.setdefault(m, []).append((int(i), ai.R[ai.modules.index(m)], A))
+        for m, (R, A) in ai.own.items():
+            adds.setdefault(m, []).append((int(i), R, A))
     if not adds:
         return general
     out = dict(general)

@@ -28,7 +28,7 @@ from .auth import Principal
 from .metrics import Metrics
 
 log = logging.getLogger("seqr.manager")
-_LOAD_CHUNK = 256                    # adapters per append while loading (bounds peak memory)
+_LOAD_CHUNK = 32                     # adapters per append while loading (bounds peak memory)
 
 
 @dataclass(frozen=True)
