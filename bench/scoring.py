@@ -48,8 +48,9 @@ def best_time(fn, *, repeats: int, min_time: float = 0.2) -> float:
 
 
 def gemm_peak(n: int = 2048) -> float:
+    """fp32 GEMM rate, best of 10 (this machine is shared: the best is the closest to peak)."""
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    return 2 * n ** 3 / best_time(lambda: a @ a, repeats=5) / 1e9
+    return 2 * n ** 3 / best_time(lambda: a @ a, repeats=10, min_time=1.0) / 1e9
 
 
 def build(N: int, d: int, r: int, rng) -> tuple[LibraryIndex, list]:
@@ -100,31 +101,33 @@ def main(argv=None) -> None:
         t_route_s = best_time(lambda: route(idx, {"m": inp}, opts_s), repeats=fast)
         rechecked = route(idx, {"m": inp}, opts_t).rechecked
         ids, SV, ranks, _ = svd_factors(idx, "m")
-        t_spectr = best_time(lambda: bare_spectr(SV, ranks, x), repeats=2 if N <= 1000 else 1, min_time=0)
+        t_spectr = best_time(lambda: bare_spectr(SV, ranks, x), repeats=3 if N <= 1000 else 1, min_time=0)
         t_arrow = best_time(lambda: arrow_energies(idx, "m", inp), repeats=3)
         t_exact = best_time(lambda: exact_brute_force(factors, x), repeats=1, min_time=0)
         flops_seqr = 2 * (r * d + N * K) * T
         rows.append(dict(N=N, kernel=t_kernel, precise=t_prec, route_t=t_route_t, route_s=t_route_s,
                          spectr=t_spectr, arrow=t_arrow, exact=t_exact, rechecked=rechecked,
                          fr_r2=N * r * d / (r * d + N * r * r), fr_k=N * r * d / (r * d + N * K),
-                         gflops=flops_seqr / t_kernel / 1e9))
+                         gflops=flops_seqr / t_kernel / 1e9, spectr_gflops=2 * N * r * d * T / t_spectr / 1e9))
         print(f"N={N}: kernel {t_kernel*1e3:.2f} ms, route/token {t_route_t*1e3:.2f} ms, spectr {t_spectr*1e3:.1f} ms",
               flush=True)
+    peak = max(peak, gemm_peak())            # again at the end: the machine's load varies
     ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
     lines = [f"fp32 GEMM peak (2048³, numpy, one thread, this run): **{peak:.1f} GFLOP/s**; d={d}, r={r}, "
              f"one module, T={T} tokens per call for every method (ms per call).",
              "",
              "| N | seqr kernel | seqr precise +bounds | route() token | route() sequence | route token / kernel "
              "| route token / precise | re-checked | spectr | arrow | exact (B) | spectr/seqr | FLOP ratio r² | "
-             "FLOP ratio K | measured / FLOP r² | seqr GFLOP/s | % of peak |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "FLOP ratio K | measured / FLOP r² | seqr GFLOP/s | spectr GFLOP/s | seqr % of peak |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in rows:
         ratio = w["spectr"] / w["kernel"]
         lines.append(
             f"| {w['N']} | {ms(w['kernel'])} | {ms(w['precise'])} | {ms(w['route_t'])} | {ms(w['route_s'])} | "
             f"{w['route_t'] / w['kernel']:.2f} | {w['route_t'] / w['precise']:.2f} | {w['rechecked']} | "
             f"{ms(w['spectr'])} | {ms(w['arrow'])} | {ms(w['exact'])} | {ratio:.1f} | {w['fr_r2']:.1f} | "
-            f"{w['fr_k']:.1f} | {ratio / w['fr_r2']:.2f} | {w['gflops']:.1f} | {100 * w['gflops'] / peak:.0f}% |")
+            f"{w['fr_k']:.1f} | {ratio / w['fr_r2']:.2f} | {w['gflops']:.1f} | {w['spectr_gflops']:.1f} | "
+            f"{100 * w['gflops'] / peak:.0f}% |")
     lines += ["", f"Per 1,000 tokens, multiply by {1000 / T:.3g}. route() token: per-token exact top-1 of "
               "every token (frobenius); sequence: the token-mean decision. re-checked: candidates "
               "re-scored in float64 by the per-token route (bounds settled the rest)."]

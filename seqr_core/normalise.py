@@ -53,8 +53,10 @@ class Normalisation:
         return self.kind in ("activation", "zscore")
 
 
-def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisation) -> list[str]:
-    """Adapters among ``ids`` lacking the stats ``norm`` needs on the supplied ``modules``."""
+def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisation, *,
+                 first: int | None = None) -> list[str]:
+    """Adapters among ``ids`` lacking the stats ``norm`` needs on the supplied ``modules``
+    (only the ``first`` few names, when that is all the caller shows)."""
     if not norm.needs_calibration or not len(ids):
         return []
     pos = index.positions(ids)
@@ -66,7 +68,7 @@ def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisat
         need = index.table("present")[np.ix_(rows, slots)]                       # (Mr, n)
         has = index.cal_table("has")[np.ix_(rows, slots)]
         bad = ~index.cal_table("calibrated")[slots] | (need & ~has).any(axis=0)
-    return [index.adapters[int(p)].name for p in pos[bad]]
+    return [index.adapters[int(p)].name for p in pos[bad][:first]]
 
 
 def targeted(index: LibraryIndex, ids: np.ndarray, modules) -> np.ndarray:
@@ -84,7 +86,7 @@ def effective(index: LibraryIndex, norm: Normalisation, modules, ids: np.ndarray
     with any uncalibrated candidate falls back to frobenius, visibly."""
     ids = index.ids if ids is None else ids
     if norm.needs_calibration and ids.size:
-        missing = uncalibrated(index, targeted(index, ids, modules), modules, norm)
+        missing = uncalibrated(index, targeted(index, ids, modules), modules, norm, first=8)
         if missing:
             return Normalisation("frobenius"), fallback_text(missing)
     return norm, ""

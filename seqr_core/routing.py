@@ -195,7 +195,7 @@ def plan(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
     if not tgt.size:
         raise InvalidArgumentError("no candidate adapter targets any supplied module",
                                    field="inputs", actual=sorted(inputs)[:4])
-    missing = uncalibrated(index, tgt, inputs, norm)
+    missing = uncalibrated(index, tgt, inputs, norm, first=8)
     if missing:
         fallback, norm = fallback_text(missing), Normalisation("frobenius")
     elif norm.kind == "zscore" and norm.granularity == "adapter":

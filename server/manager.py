@@ -240,7 +240,7 @@ class LibraryManager:
             cur = self.get(library, principal)
             entry = cur.entry(name, principal, field="name")
             dry, _ = cur.index.remove_adapter(name)
-            self._store.delete_adapter(library, name)
+            self._store.delete_adapter(library, name, record=False)
             version, _ = self._store.library_head(library)
             state = _state(cur.spec, dry.with_version(version), {n: r for n, r in cur.records.items() if n != name})
             self._swap(state)

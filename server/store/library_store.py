@@ -303,16 +303,17 @@ class LibraryStore:
 
         return self._mutate(adapter_objects_edit(library, checked, self._write_blob))
 
-    def delete_adapter(self, library: str, name: str) -> LibraryRecord:
-        """Remove an adapter and crypto-shred its files; bumps the library version."""
+    def delete_adapter(self, library: str, name: str, *, record: bool = True) -> LibraryRecord | None:
+        """Remove an adapter and crypto-shred its files and objects; bumps the library version.
+        ``record=False`` skips building the library's record (a copy of every adapter's)."""
 
-        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord | None:
             entry = find_adapter(manifest, library, name)
             lib = writable_library(manifest, library)
             txn.obsolete.extend(ref["blob"] for ref in adapter_refs(entry))
             del lib["adapters"][name]
             lib["version"] += 1
-            return library_record(library, lib)
+            return library_record(library, lib) if record else None
 
         return self._mutate(edit)
 

@@ -38,13 +38,23 @@ class LibraryRecord:
     objects: tuple[str, ...]
 
 
+def _copy_json(value: Any) -> Any:
+    """A deep copy of validated JSON data (dicts, lists, scalars): several times faster than
+    copy.deepcopy, which matters when a 10,000-adapter library lists its records."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
 def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
     return AdapterRecord(
         name=name,
         adapter_id=entry["adapter_id"],
         created_at=entry["created_at"],
         sha256=dict(entry["sha256"]),
-        meta=copy.deepcopy(entry["meta"]),
+        meta=_copy_json(entry["meta"]),
         size_bytes=entry["size_bytes"],
         objects=tuple(sorted(entry.get("objects", {}))),
     )
