@@ -16,7 +16,11 @@ FLOP ratios beside the measured spectr/seqr: N·r·d / (r·d + N·r²) (an r×r 
 adapter) and N·r·d / (r·d + N·K) (the Gram form seqr runs). GEMM peak: fp32 2048³ in the
 same run, one BLAS thread.
 
+A second table: per-token route() at serving shape — T=128 over 60 modules (30 layers × q, v,
+d=576, r=8, as bench/load.py) × 100 shared-A adapters — for activations and projected inputs.
+
     .venv/bin/python bench/scoring.py [--quick] [--out bench/results/scoring.md]
+    .venv/bin/python bench/scoring.py --per-token-only     # just the second table
 """
 
 from __future__ import annotations
@@ -70,6 +74,30 @@ def exact_brute_force(factors, x: np.ndarray) -> np.ndarray:
                      ((z @ f.B.T) * np.float32(f.scale) for f in factors)], 1)
 
 
+def per_token_fleet(*, layers: int = 30, n: int = 100, d: int = 576, r: int = 8, T: int = 128) -> str:
+    """route() per token over ``2·layers`` modules × ``n`` adapters (q and v share one input)."""
+    rng = np.random.default_rng(0)
+    mods = [ModuleSpec(f"model.layers.{i}.self_attn.{p}", d, d) for i in range(layers) for p in ("q_proj", "v_proj")]
+    sig = BaseModelSignature("fleet", tuple(mods))
+    A = {m.name: (rng.uniform(-1, 1, (r, d)) / np.sqrt(d)).astype(np.float32) for m in mods}
+    idx = LibraryIndex.create(name="fleet", signature=sig, shared_a=A).add_adapters(
+        [(Adapter(name=f"a{i}", factors={m.name: ModuleFactors(A=A[m.name], scale=2.0, B=(
+            rng.standard_normal((d, r)) * 0.02).astype(np.float32)) for m in mods}), i, "F32") for i in range(n)])[0]
+    xs = [rng.standard_normal((T, d)).astype(np.float32) for _ in range(layers)]
+    acts = {m.name: ModuleInput("activations", xs[k // 2], T) for k, m in enumerate(mods)}
+    proj = {m: ModuleInput("projected", (x.data @ A[m].T).astype(np.float32), T) for m, x in acts.items()}
+    lines = [f"route() per token, T={T}, {len(mods)} modules × {n} shared-A adapters, d={d}, r={r}, "
+             "frobenius, top-1 (ms per call, best of 20):", "",
+             "| input | route() per token | re-checked | route() sequence |", "|---|---:|---:|---:|"]
+    for form, inp in (("activations (8.8 MB)", acts), ("projected (245 KB)", proj)):
+        tok = RouteOptions(granularity="token", normalisation=Normalisation("frobenius"))
+        seq = RouteOptions(normalisation=Normalisation("frobenius"))
+        t_tok = best_time(lambda: route(idx, inp, tok), repeats=20)
+        t_seq = best_time(lambda: route(idx, inp, seq), repeats=20)
+        lines.append(f"| {form} | {t_tok * 1e3:.2f} | {route(idx, inp, tok).rechecked} | {t_seq * 1e3:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=4096)
@@ -78,8 +106,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ns", default="10,100,1000,4000")
     ap.add_argument("--quick", action="store_true", help="N up to 1000, fewer repeats")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--per-token-only", action="store_true")
     a = ap.parse_args(argv)
     threadpool_limits(1)                     # as `seqr serve --blas-threads 1`
+    if a.per_token_only:
+        print(per_token_fleet())
+        return
     ns = [int(x) for x in a.ns.split(",")]
     if a.quick:
         ns = [n for n in ns if n <= 1000]
@@ -131,7 +163,7 @@ def main(argv=None) -> None:
     lines += ["", f"Per 1,000 tokens, multiply by {1000 / T:.3g}. route() token: per-token exact top-1 of "
               "every token (frobenius); sequence: the token-mean decision. re-checked: candidates "
               "re-scored in float64 by the per-token route (bounds settled the rest)."]
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n\n" + per_token_fleet()
     print(text)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
