@@ -1,11 +1,11 @@
 """The QR index: what SEQR needs to route, held as per-adapter columns that grow in place.
 
 For adapter i on module m with ΔW = s·B·A, thin QR s·B = Q·R gives ‖ΔW x‖ = ‖R·A·x‖, so only
-the r×r R is kept (seqr_core.adapter_index; B is never held). Shared-A adapters (A equal to
-the library's frozen A_m) go on the fast path: z = A_m·x once, then e_i = zᵀ(RᵢᵀRᵢ)z =
-feat(z)·wᵢ for all i as one GEMM, wᵢ the float64 Gram weights of Rᵢ (K = r(r+1)/2 numbers).
-Other adapters keep M_i = R_i·A_i (r×d, fp32) plus R_i and A_i for the float64 re-check —
-SpectR's cost, the same exact answer.
+R is kept (seqr_core.adapter_index; B is never held). Shared-A adapters (A equal to the
+library's frozen A_m) go on the fast path: z = A_m·x once, then e_i = zᵀ(RᵢᵀRᵢ)z = feat(z)·wᵢ
+for all i as one GEMM, wᵢ the float64 Gram weights of Rᵢ (K = r(r+1)/2 numbers — all of R
+routing needs). Other adapters keep M_i = R_i·A_i (r×d, fp32) plus R_i and A_i for the float64
+re-check — SpectR's cost, the same exact answer.
 
 Layout (``Columns``, seqr_core.slots): one slot per adapter, in id order. Per module row of
 the signature: present / shared / ‖ΔW‖_F² / ‖R‖_F² / ‖w‖; per group of shared-A modules of

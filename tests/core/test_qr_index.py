@@ -187,6 +187,9 @@ def test_adding_an_adapter_writes_its_columns_into_the_shared_tables():
         adapter_id=999)
     assert not np.shares_memory(other.table("W0"), new.table("W0"))
     assert not np.array_equal(other.table("W0")[..., -1], new.table("W0")[..., -1])
+    # Removing one masks its slot: the tables are not rebuilt either.
+    gone, _ = new.remove_adapter(new.names[0])
+    assert np.shares_memory(gone.table("W0"), new.table("W0")) and gone.names == new.names[1:]
 
 
 @pytest.mark.parametrize("seed", range(4))
