@@ -43,9 +43,32 @@ def order(S: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return o[np.lexsort((ids[o], groups))]
 
 
+def top(S: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """``order(S, ids)[:k]`` without sorting all n: the scores within the tie tolerance of the
+    k-th best (and any chain of near-ties reaching down from it) are the only ones that can
+    land in the first k."""
+    valid = ~np.isnan(S)
+    nv = int(valid.sum())
+    if nv <= max(4 * k, 64):
+        return order(S, ids)[:k]
+    Sv = np.where(valid, S, -np.inf)
+    tol = TIE_RTOL * float(np.abs(S[valid]).max())
+    kth = Sv.size - k                             # the k-th largest (invalid ones sort below)
+    thr = float(np.partition(Sv, kth)[kth])
+    while True:
+        cand = Sv >= thr - tol
+        below = Sv[~cand & valid]
+        if not below.size or Sv[cand].min() - below.max() >= tol:
+            break
+        thr = float(below.max())                  # a near-tie chain continues below: follow it
+    c = np.flatnonzero(cand)
+    return c[order(S[c], ids[c])][:k]
+
+
 def exact_rank(S, B, ids, k, recheck: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """(order of positions, scores with re-checked entries exact, their bounds (0 where
-    re-checked), number re-checked). The top two are always settled, for the margin."""
+    """(the first max(k, 2) positions in order, scores with re-checked entries exact, their
+    bounds (0 where re-checked), number re-checked). The top two are always settled, for the
+    margin."""
     S = S.copy()
     nvalid = int((~np.isnan(S)).sum())
     kk = min(max(k, 2), nvalid)
@@ -57,7 +80,7 @@ def exact_rank(S, B, ids, k, recheck: Callable) -> tuple[np.ndarray, np.ndarray,
             B = B.copy()
             B[R] = 0.0
             n = R.size
-    return order(S, ids), S, B, n
+    return top(S, ids, max(k, 2)), S, B, n
 
 
 def token_ranks(S: np.ndarray, B: np.ndarray | None, ids: np.ndarray, k: int,

@@ -272,7 +272,7 @@ def decide(p: Plan, sc: Scores) -> Decision:
         votes = np.bincount(np.searchsorted(ids, tid[:, 0][tid[:, 0] >= 0]), minlength=ids.size)
         mean_s = S_t.mean(axis=0) if T else np.zeros(ids.size)
         S = np.where(valid, votes / max(T, 1), np.nan)
-        ordr = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))]
+        ordr = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))][: max(o.top_k, 2)]
     else:
         ordr, S, checked, rechecked = exact_rank(sc.S, check, ids, o.top_k,
                                                  lambda R: exact_scores(p, ids[R]))
