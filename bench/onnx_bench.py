@@ -77,7 +77,6 @@ def bench_one(be: OnnxBackend, *, n: int, d: int, r: int, T: int, granularity: s
         row["numpy" + key], row["onnx" + key] = T / t_np, T / t_ox
         if verify:
             row["rechecked"] = f"{d_np.rechecked} / {d_ox.rechecked}"
-    be.forget(idx.name)
     return row
 
 

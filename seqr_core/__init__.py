@@ -3,6 +3,7 @@
 numpy in, numpy out: no files, sockets, keys or gRPC here (torch/onnx only in ``onnx_export``).
 """
 
+from .adapter_index import AdapterIndex, IndexFormatError
 from .adapters import Adapter, ModuleFactors, peft_scale
 from .calibration import CalibrationStats, Calibrator, derived_stats, merge_into
 from .energies import ModuleInput

@@ -19,10 +19,10 @@ from typing import Mapping
 
 import numpy as np
 
-from .energies import ModuleInput
+from .energies import ModuleInput, a64, recheck_f64
 from .errors import InvalidArgumentError
-from .moments import MomentAccumulator, MomentPool, derived_module_stats, features
-from .qr_index import LibraryIndex, ModuleIndex, gram_weights
+from .moments import MomentAccumulator, MomentPool, derived_module_stats
+from .qr_index import LibraryIndex
 
 TRANSFORMS = ("e", "sqrt", "log")
 LOG_FLOOR = 1e-8
@@ -166,7 +166,7 @@ class Calibrator:
             if inp.form == "moments":
                 raise InvalidArgumentError("calibration needs per-token inputs (activations or "
                                            "projected), not moments", field=f"inputs.{m}.moments")
-            energies[m] = energies64(self.index.modules[m], inp, field=f"inputs.{m}")
+            energies[m] = energies64(self.index, m, inp, field=f"inputs.{m}")
             if T is None:
                 T = energies[m][1].shape[0]
             if energies[m][1].shape[0] != T:
@@ -213,30 +213,20 @@ class Calibrator:
         return self._pool.finish()
 
 
-def energies64(mi: ModuleIndex, inp: ModuleInput, *, field: str):
-    """(ids, e (T, n) float64, z (T, r) float64 or None) of every adapter on one module:
-    shared-A as φ(z)·w, general as ‖M·x‖² (needs activations)."""
-    if inp.form != "activations" and mi.general_ids.size:
+def energies64(index: LibraryIndex, module: str, inp: ModuleInput, *, field: str):
+    """(ids, e (T, n) float64, z (T, r) float64 or None) of every adapter on one module,
+    shared then general (the order of ``index.frob2``): the float64 re-check's energies."""
+    ids = index.module_ids(module)
+    g = index.general.get(module)
+    if inp.form != "activations" and g is not None:
         raise InvalidArgumentError(
-            f"module {mi.name} has adapters with their own A (general path) that need "
-            f"activations", field=f"{field}.{inp.form}", actual=int(mi.general_ids.size))
-    A64, W64, M64 = mi.cached("calibration64", lambda: (
-        None if mi.shared_a is None else mi.shared_a.astype(np.float64),
-        gram_weights(mi.R) if mi.shared_ids.size else None, mi.M.astype(np.float64)))
-    x64 = inp.data.astype(np.float64)
-    ids, es, z = [], [], None
-    if A64 is not None:
-        z = x64 if inp.form == "projected" else x64 @ A64.T                # (T, d)·(d, r) -> (T, r)
-        if W64 is not None:
-            es.append(features(z) @ W64)                                   # (T, K)·(K, Ns) -> (T, Ns)
-            ids.append(mi.shared_ids)
-    if mi.general_ids.size:
-        y = x64 @ M64.T                                                    # (T, d)·(d, Σr) -> (T, Σr)
-        es.append(np.add.reduceat(y * y, mi.M_offsets[:-1], axis=1))       # (T, Ng)
-        ids.append(mi.general_ids)
-    T = x64.shape[0]
-    e = np.concatenate(es, axis=1) if es else np.zeros((T, 0))
-    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), e, z
+            f"module {module} has adapters with their own A (general path) that need "
+            f"activations", field=f"{field}.{inp.form}", actual=int(g.ids.size))
+    z = None
+    if module in index.shared_a:
+        x64 = inp.data.astype(np.float64)
+        z = x64 if inp.form == "projected" else x64 @ a64(index, module).T        # (T, d)·(d, r) -> (T, r)
+    return ids, recheck_f64(index, module, inp, ids), z
 
 
 def derived_stats(index: LibraryIndex, pool: MomentPool | None) -> CalibrationStats | None:
@@ -248,14 +238,13 @@ def derived_stats(index: LibraryIndex, pool: MomentPool | None) -> CalibrationSt
         return cal
     have = dict(cal.adapters) if cal is not None else {}
     added = {}
-    for entry in index.adapters:
+    for entry, slot in zip(index.adapters, index.slots):
         if entry.name in have or entry.kind != "shared_a":
             continue
         ms = {}
-        for m in sorted(entry.adapter.factors):
-            mi = index.modules[m]
-            k = int(np.flatnonzero(mi.shared_ids == entry.adapter_id)[0])
-            got = derived_module_stats(pool, mi.R[k], m)
+        for m in entry.modules:
+            g, j = index.layout.group_of[m]
+            got = derived_module_stats(pool, index.table(f"W{g}")[j][:, slot], m)
             if got is None:
                 break
             ms[m] = got
@@ -267,7 +256,8 @@ def derived_stats(index: LibraryIndex, pool: MomentPool | None) -> CalibrationSt
         return cal
     have.update(added)
     return CalibrationStats(adapters=MappingProxyType(have),
-                            sequences=cal.sequences if cal is not None else int(pool.sequences))
+                            sequences=cal.sequences if cal is not None else int(pool.sequences),
+                            calibrated_at=cal.calibrated_at if cal is not None else None)
 
 
 def merge_into(index: LibraryIndex, fresh: CalibrationStats) -> CalibrationStats:

@@ -2,7 +2,7 @@
 traffic, so a shared-A adapter uploaded later is calibrated at once (DESIGN §4c).
 
 With φ(z) the upper-triangle features of z zᵀ (K = r(r+1)/2) and w the adapter's Gram weights
-(qr_index.gram_weights), every token's energy is linear in φ: e_t = φ(z_t)·w. So over the pooled
+(adapter_index.gram_weights), every token's energy is linear in φ: e_t = φ(z_t)·w. So over the pooled
 tokens, exactly (up to float64 rounding):
 
     mean_t e             = μ·w          μ = mean_t φ(z_t)                  (K,)
@@ -33,7 +33,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import IntegrityError, InvalidArgumentError
-from .qr_index import gram_weights, triu_pairs
+from .qr_index import triu_pairs
 
 FORMAT = 1
 
@@ -233,13 +233,13 @@ class MomentAccumulator:
         return MomentPool(modules=MappingProxyType(mods), sequences=self.sequences)
 
 
-def derived_module_stats(pool: MomentPool, R: np.ndarray, module: str) -> np.ndarray | None:
-    """(3 transforms, 3) [n, mean, M2] for one shared-A adapter's R on ``module``: transform e
-    from the pool, √e and log e NaN (not derivable); None if the pool lacks the module."""
+def derived_module_stats(pool: MomentPool, w: np.ndarray, module: str) -> np.ndarray | None:
+    """(3 transforms, 3) [n, mean, M2] for one shared-A adapter's Gram weights ``w`` (K,) on
+    ``module`` (adapter_index.gram_weights): transform e from the pool, √e and log e NaN (not
+    derivable); None if the pool lacks the module."""
     mm = pool.modules.get(module)
-    if mm is None or mm.mean.size != R.shape[0] * (R.shape[0] + 1) // 2:
+    if mm is None or mm.mean.size != w.size:
         return None
-    w = gram_weights(R[None])[:, 0]                                        # (K,)
     out = np.full((3, 3), np.nan)
     out[0] = mm.energy_stats(w)
     return out

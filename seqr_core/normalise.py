@@ -22,7 +22,6 @@ from .calibration import LOG_FLOOR, TRANSFORMS, transform, transform_bound
 from .energies import Energies
 from .errors import FailedPreconditionError, InvalidArgumentError
 from .qr_index import LibraryIndex
-from .stacked import stacked
 
 KINDS = ("none", "frobenius", "activation", "zscore")
 GRANULARITIES = ("adapter_module", "adapter")
@@ -54,33 +53,45 @@ class Normalisation:
         return self.kind in ("activation", "zscore")
 
 
-def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisation) -> list[str]:
-    """Adapters among ``ids`` lacking the stats ``norm`` needs on the supplied ``modules``."""
+def uncalibrated(index: LibraryIndex, ids: np.ndarray, modules, norm: Normalisation, *,
+                 first: int | None = None) -> list[str]:
+    """Adapters among ``ids`` lacking the stats ``norm`` needs on the supplied ``modules``
+    (only the ``first`` few names, when that is all the caller shows)."""
     if not norm.needs_calibration or not len(ids):
         return []
-    st = stacked(index)
     pos = index.positions(ids)
-    rows = [st.row[m] for m in modules]
-    if st.cal is None:
+    if index.cal_columns is None:
         bad = np.ones(pos.size, bool)
     else:
-        need = st.present[np.ix_(rows, pos)]                                  # (Mr, n)
-        bad = ~st.cal.calibrated[pos] | (need & ~st.cal.has[np.ix_(rows, pos)]).any(axis=0)
-        bad |= ~_has_values(st.cal, norm, rows, pos, need)
-    return [index.adapters[int(p)].name for p in pos[bad]]
+        slots = index.slots[pos]
+        rows = np.array([index.layout.row[m] for m in modules])
+        need = index.table("present")[np.ix_(rows, slots)]                       # (Mr, n)
+        has = index.cal_table("has")[np.ix_(rows, slots)]
+        bad = ~index.cal_table("calibrated")[slots] | (need & ~has).any(axis=0)
+        bad |= ~_has_values(index, norm, rows, slots, need)
+    return [index.adapters[int(p)].name for p in pos[bad][:first]]
 
 
-def _has_values(cal, norm: Normalisation, rows, pos: np.ndarray, need: np.ndarray) -> np.ndarray:
+def targeted(index: LibraryIndex, ids: np.ndarray, modules) -> np.ndarray:
+    """The candidates among ``ids`` that target at least one of ``modules``."""
+    rows = np.array([index.layout.row[m] for m in modules])
+    present = index.table("present")
+    if ids.size == index.ids.size and index.compact:
+        return ids[present[rows].any(axis=0)]
+    return ids[present[np.ix_(rows, index.slots_of(ids))].any(axis=0)]
+
+
+def _has_values(index: LibraryIndex, norm: Normalisation, rows, slots: np.ndarray, need: np.ndarray) -> np.ndarray:
     """(n,) whether the statistics ``norm`` reads are numbers: stats derived from pooled
     moments (calibration.derived_stats) hold transform e per module only, NaN elsewhere."""
     t = 0 if norm.kind == "activation" else TRANSFORMS.index(norm.transform)
     if norm.kind == "zscore" and norm.granularity == "adapter":
-        return np.isfinite(cal.seq_mean[t, pos]) & np.isfinite(cal.seq_std[t, pos]) \
-            & np.isfinite(cal.tok_mean[t, pos]) & np.isfinite(cal.tok_std[t, pos])
-    arrays = [cal.mod_mean[t]] if norm.kind == "activation" else [cal.mod_mean[t], cal.mod_std[t]]
-    ok = np.ones(pos.size, bool)
-    for a in arrays:
-        ok &= ~(need & ~np.isfinite(a[np.ix_(rows, pos)])).any(axis=0)
+        return np.all([np.isfinite(index.cal_table(k)[t, slots])
+                       for k in ("seq_mean", "seq_std", "tok_mean", "tok_std")], axis=0)
+    keys = ("mod_mean",) if norm.kind == "activation" else ("mod_mean", "mod_std")
+    ok = np.ones(slots.size, bool)
+    for k in keys:
+        ok &= ~(need & ~np.isfinite(index.cal_table(k)[t][np.ix_(rows, slots)])).any(axis=0)
     return ok
 
 
@@ -90,31 +101,43 @@ def effective(index: LibraryIndex, norm: Normalisation, modules, ids: np.ndarray
     with any uncalibrated candidate falls back to frobenius, visibly."""
     ids = index.ids if ids is None else ids
     if norm.needs_calibration and ids.size:
-        st = stacked(index)
-        rows = [st.row[m] for m in modules]
-        pos = index.positions(ids)
-        targeted = ids[st.present[rows][:, pos].any(axis=0)]
-        missing = uncalibrated(index, targeted, modules, norm)
+        missing = uncalibrated(index, targeted(index, ids, modules), modules, norm, first=8)
         if missing:
-            return Normalisation("frobenius"), f"uncalibrated adapters {missing[:8]}: fell back to frobenius"
+            return Normalisation("frobenius"), fallback_text(missing)
     return norm, ""
 
 
-def _module_constants(index: LibraryIndex, module: str, ids: np.ndarray, norm: Normalisation):
-    """Per-column (offset μ, scale c, log floor δ) so u = (f(e) − μ)/c."""
-    st = stacked(index)
-    k, pos = st.row[module], index.positions(ids)
-    f2 = st.frob2[k, pos]
-    delta = LOG_FLOOR * f2 + 1e-30
-    mu, c = np.zeros(pos.size), np.ones(pos.size)
+def fallback_text(missing: list[str]) -> str:
+    return f"uncalibrated adapters {missing[:8]}: fell back to frobenius"
+
+
+def affine(index: LibraryIndex, sel, norm: Normalisation):
+    """(μ, c) with u = (f(e) − μ)/c for the (module, slot) table entries ``sel`` selects —
+    the one definition every scorer (per module, batched, ONNX export) normalises with."""
+    mu, c = 0.0, 1.0
     if norm.kind == "frobenius":
-        c = np.maximum(f2, 1e-30)
+        c = np.maximum(index.table("frob2")[sel], 1e-30)
     elif norm.kind == "activation":
-        c = np.maximum(st.cal.mod_mean[0, k, pos], 1e-30)
+        c = np.maximum(index.cal_table("mod_mean")[0][sel], 1e-30)
     elif norm.kind == "zscore" and norm.granularity == "adapter_module":
         t = TRANSFORMS.index(norm.transform)
-        mu, c = st.cal.mod_mean[t, k, pos], st.cal.mod_std[t, k, pos]
-    return mu, c, delta
+        mu, c = index.cal_table("mod_mean")[t][sel], index.cal_table("mod_std")[t][sel]
+    return mu, c
+
+
+def module_constants(index: LibraryIndex, module: str, slots: np.ndarray, norm: Normalisation):
+    """Per-column (offset μ, scale c, log floor δ) so u = (f(e) − μ)/c, for adapter ``slots``."""
+    k = index.layout.row[module]
+    mu, c = affine(index, (k, slots), norm)
+    delta = LOG_FLOOR * index.table("frob2")[k, slots] + 1e-30
+    return np.broadcast_to(mu, slots.shape), np.broadcast_to(c, slots.shape), delta
+
+
+def adapter_stats(index: LibraryIndex, slots: np.ndarray, norm: Normalisation, *, per_token: bool):
+    """Adapter-level zscore (μ_i, σ_i) of ``slots``: token stats per token, else sequence stats."""
+    t = TRANSFORMS.index(norm.transform)
+    key = "tok" if per_token else "seq"
+    return index.cal_table(f"{key}_mean")[t, slots], index.cal_table(f"{key}_std")[t, slots]
 
 
 def _check_pooled(norm: Normalisation, module: str) -> None:
@@ -148,7 +171,7 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
         cols = np.searchsorted(ids, sub.ids)
         if en.pooled:
             _check_pooled(norm, m)
-        mu, c, delta = _module_constants(index, m, sub.ids, norm)
+        mu, c, delta = module_constants(index, m, index.slots_of(sub.ids), norm)
         if t == "e" and not per_token:
             # Linear in e: the token mean and its bound come from column sums (O(T·n), one pass).
             T = sub.e.shape[0]
@@ -168,10 +191,7 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
         cnt[cols] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         if adapter_level:
-            st, t = stacked(index), TRANSFORMS.index(norm.transform)
-            pos = index.positions(ids)
-            mean = (st.cal.tok_mean if per_token else st.cal.seq_mean)[t, pos]
-            sd = (st.cal.tok_std if per_token else st.cal.seq_std)[t, pos]
+            mean, sd = adapter_stats(index, index.slots_of(ids), norm, per_token=per_token)
             S, B = (S - mean) / sd, B / sd
         else:
             S, B = S / cnt, B / cnt
@@ -182,16 +202,16 @@ def combine(index: LibraryIndex, blocks: Mapping[str, Energies], ids: np.ndarray
 
 def check_adapter_level_modules(index: LibraryIndex, ids: np.ndarray, modules) -> None:
     """Adapter-level z-scores compare sums over modules: the request must cover the same set."""
-    st = stacked(index)
-    pos = index.positions(ids)
-    supplied = np.zeros(len(st.modules), bool)
-    supplied[[st.row[m] for m in modules]] = True
-    targeted = st.present[:, pos] & supplied[:, None]                         # (M, n)
-    differs = (targeted != st.cal.has[:, pos]).any(axis=0) & targeted.any(axis=0)
+    slots = index.slots_of(ids)
+    supplied = np.zeros(len(index.layout.modules), bool)
+    supplied[[index.layout.row[m] for m in modules]] = True
+    has = index.cal_table("has")[:, slots]
+    tgt = index.table("present")[:, slots] & supplied[:, None]                 # (M, n)
+    differs = (tgt != has).any(axis=0) & tgt.any(axis=0)
     if differs.any():
         j = int(np.flatnonzero(differs)[0])
-        name = index.adapters[int(pos[j])].name
+        name = index.adapters[int(index.positions(ids[j:j + 1])[0])].name
         raise FailedPreconditionError(
-            f"adapter-level zscore for {name!r} was calibrated on {int(st.cal.has[:, pos[j]].sum())} "
+            f"adapter-level zscore for {name!r} was calibrated on {int(has[:, j].sum())} "
             "modules; the request must supply the same modules", field="inputs",
-            limit=int(st.cal.has[:, pos[j]].sum()), actual=int(targeted[:, j].sum()))
+            limit=int(has[:, j].sum()), actual=int(tgt[:, j].sum()))

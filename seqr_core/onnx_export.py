@@ -8,13 +8,9 @@ rounding. The contract (input/output names and shapes, adapter order and ids, no
 is written into the model's ``metadata_props`` (``_metadata``, ``OUTPUT_DOCS``) and
 ``doc_string`` (``SCORER_DOC``), so a host needs no project code. No I/O here: bytes out.
 
-How the graph is built, per exported module (shapes beside each op below): shared-A adapters
-go through z = A·x (float64 by default, see ``precise_z``), the upper-triangle features of
-z·zᵀ and one GEMM with the Gram weights; own-A adapters through ‖M_i·x‖² with M rank-padded;
-then the transform (e, √e, log e), the per-column normalisation, a Gather into library
-positions, the sum over modules and the per-adapter division; NaN where an adapter is masked
-or unscored; TopK. For linear transforms and sequence-only outputs the token mean is taken
-before the Gram product (one GEMV instead of a T×N GEMM).
+The graph itself is built in seqr_core.onnx_graph; this module plans it (which adapters are
+scored on which module, with which normalisation constants — the numpy path's own) and writes
+the contract.
 
 Why onnx.helper and not torch.onnx.export: the server re-exports on every library change,
 so export must be fast and light. The dynamo exporter takes seconds per graph (6.5 s for a
@@ -26,26 +22,23 @@ name and dynamic axis exactly as documented, and gives byte-identical output for
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from .calibration import LOG_FLOOR
-from .energies import FORMS, gamma
+from . import bounds as bd
+from . import onnx_graph as og
+from .energies import FORMS, module_view
 from .errors import FailedPreconditionError, InvalidArgumentError, LimitExceededError
-from .normalise import Normalisation, effective
-from .qr_index import LibraryIndex, triu_pairs
+from .normalise import Normalisation, adapter_stats, effective, module_constants
+from .qr_index import LibraryIndex
 
 FORMAT = "seqr-onnx-scorer/1"
 MASK = "candidate_mask"
 INPUT_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
                 "bfloat16": TensorProto.BFLOAT16}
-_U32 = 2.0 ** -24
-_SLACK = 1e-12              # energies._F64_SLACK: QR route vs B route in float64
-_BOUND_SAFETY = 1.0 + 1e-3  # absorbs first-order fp32 rounding of the bound arithmetic itself
 _MAX_BYTES = (2 << 30) - (64 << 20)   # protobuf's 2 GiB limit, with room for the graph
 
 
@@ -53,56 +46,11 @@ def input_name(module: str, form: str) -> str:
     return f"{module}:{form}"
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """One exported module: its input and the library positions of its scored columns."""
-
-    module: str
-    form: str
-    d: int
-    shared_k: np.ndarray      # indices into ModuleIndex.shared_ids that are scored
-    general_k: np.ndarray     # indices into ModuleIndex.general_ids that are scored
-    cols: np.ndarray          # library positions of the module's columns (shared, general)
-
-
-class _Graph:
-    """A tiny node/initializer accumulator; every op returns its (unique) output name."""
-
-    def __init__(self, opset: int):
-        self.opset, self.nodes, self.inits, self._n, self._scalars = opset, [], [], 0, {}
-
-    def fresh(self, hint: str) -> str:
-        self._n += 1
-        return f"{hint}_{self._n}"
-
-    def const(self, arr, hint: str) -> str:
-        name = self.fresh(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    def scalar(self, v: float) -> str:
-        key = repr(float(v))
-        if key not in self._scalars:
-            self._scalars[key] = self.const(np.array(v, np.float32), "c")
-        return self._scalars[key]
-
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
-        outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int) -> str:
-        # Opset 18 moved the axes of ReduceMean/L2/SumSquare from an attribute to an input.
-        if self.opset >= 18:
-            return self.op(op_type, x, self.const(np.array(axes, np.int64), "axes"), keepdims=keepdims)
-        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
-
-
 # --- planning: which adapters are scored where, and with which constants -----------------
 
 def _resolve(index: LibraryIndex, modules, forms, default_form: str) -> list[tuple[str, str]]:
     if modules is None:
-        modules = [m for m in index.signature.names if index.modules[m].ids.size]
+        modules = [m for m in index.signature.names if index.module_ids(m).size]
     modules = sorted(set(modules))       # combine() sums modules in sorted order too
     if not modules:
         raise FailedPreconditionError("nothing to export: no module has adapters",
@@ -134,13 +82,14 @@ def _unscorable(index: LibraryIndex, mforms, norm: Normalisation) -> dict[str, s
     why = {}
     for m, form in mforms:
         if form != "activations":
-            for i in index.modules[m].general_ids:
+            g = index.general.get(m)
+            for i in (g.ids if g is not None else ()):
                 why.setdefault(_name(index, i), f"has its own A on {m}: needs activations")
     if not norm.needs_calibration:
         return why
     adapter_level = norm.kind == "zscore" and norm.granularity == "adapter"
     for e in index.adapters:
-        targeted = tuple(sorted(set(e.adapter.factors) & mods))
+        targeted = tuple(sorted(set(e.modules) & mods))
         st = index.calibration.get(e.name) if index.calibration is not None else None
         if not targeted:
             continue
@@ -156,235 +105,48 @@ def _name(index: LibraryIndex, adapter_id) -> str:
     return index.adapters[int(index.positions(np.array([adapter_id]))[0])].name
 
 
-def _plans(index: LibraryIndex, mforms, skip: set[str]) -> list[_Plan]:
-    pos = {int(i): p for p, i in enumerate(index.ids)}
-    names = index.names
-    plans = []
+def _plans(index: LibraryIndex, mforms, skip: set[str]) -> list[og.ModuleData]:
+    """Per exported module: the arrays its graph needs, for the adapters not skipped."""
+    names, plans = index.names, []
+    keep = (lambda ids: np.array([names[p] not in skip for p in index.positions(ids)], bool))
+    ids_all = index.columns.view("ids")
     for m, form in mforms:
-        mi = index.modules[m]
-        sk = np.array([k for k, i in enumerate(mi.shared_ids) if names[pos[int(i)]] not in skip], np.int64)
-        gk = np.array([k for k, i in enumerate(mi.general_ids) if names[pos[int(i)]] not in skip], np.int64)
-        cols = np.array([pos[int(i)] for i in mi.shared_ids[sk]] + [pos[int(i)] for i in mi.general_ids[gk]],
-                        np.int64)
-        plans.append(_Plan(m, form, index.signature.spec(m).d_in, sk, gk, cols))
+        v = module_view(index, m)
+        slots = v.slots[keep(v.shared_ids)] if v.slots.size else v.slots
+        blk = v.general
+        gk = np.flatnonzero(keep(blk.ids)) if blk is not None else np.zeros(0, np.int64)
+        r, d = v.rank, v.d
+        K = r * (r + 1) // 2
+        W = index.table(f"W{v.group}")[v.j][:, slots] if slots.size else np.zeros((K, 0))
+        Mp, rmax, mnorm = np.zeros((0, d), np.float32), 0, np.zeros(0)
+        if gk.size:
+            rows = [np.arange(blk.offsets[k], blk.offsets[k + 1]) for k in gk]
+            rmax = max(x.size for x in rows)
+            Mp = np.zeros((gk.size * rmax, d), np.float32)
+            for j, x in enumerate(rows):
+                Mp[j * rmax: j * rmax + x.size] = blk.M[x]
+            mnorm = blk.mnorm[gk]
+        gids = blk.ids[gk] if blk is not None else np.zeros(0, np.int64)
+        cols = index.positions(np.concatenate([ids_all[slots], gids]))
+        plans.append(og.ModuleData(
+            module=m, form=form, d=d, cols=cols.astype(np.int64), shared_a=v.shared_a,
+            a_norm=index.layout.a_norm.get(m, 0.0), gram32=W.astype(np.float32), gram64=W,
+            wnorm=index.table("wnorm")[v.row, slots], rf2=index.table("rf2")[v.row, slots],
+            general_M=Mp, general_n=int(gk.size), general_rmax=rmax, general_mnorm=mnorm))
     return plans
 
 
-def _column_constants(index: LibraryIndex, p: _Plan, norm: Normalisation):
-    """Per module column (μ, c, δ) with u = (f(e) − μ)/c, as normalise._module_constants."""
-    mi = index.modules[p.module]
-    f2 = np.concatenate([mi.frob2_shared[p.shared_k], mi.frob2_general[p.general_k]])
-    n = f2.size
-    mu, c = np.zeros(n), np.ones(n)
-    if norm.kind == "frobenius":
-        c = np.maximum(f2, 1e-30)
-    elif norm.kind == "activation" or (norm.kind == "zscore" and norm.granularity == "adapter_module"):
-        t = "e" if norm.kind == "activation" else norm.transform
-        for j, col in enumerate(p.cols):
-            st = index.calibration.get(index.adapters[int(col)].name)
-            m_, s_ = st.mean_std(st.module_stats[p.module], t)
-            mu[j], c[j] = (0.0, max(m_, 1e-30)) if norm.kind == "activation" else (m_, s_)
-    return mu, c, LOG_FLOOR * f2 + 1e-30
+def _column_constants(index: LibraryIndex, p: og.ModuleData, norm: Normalisation):
+    """Per module column (μ, c, δ) with u = (f(e) − μ)/c: the numpy path's own constants."""
+    return module_constants(index, p.module, index.slots[p.cols], norm)
 
 
-# --- graph pieces ------------------------------------------------------------------------
-
-def _z_term(g: _Graph, e: str, q: str, rho: np.ndarray) -> str:
-    """2·√(e·q)·ρ + q·ρ²: the rounding of z (or y) carried into e, q = δ² (Cauchy–Schwarz
-    gives the token mean the same form with q = mean δ²), as energies.Bound."""
-    rho32 = g.const(rho.astype(np.float32), "rho")
-    two_root = g.op("Mul", g.op("Sqrt", g.op("Mul", e, q)), g.scalar(2.0))
-    rho2 = g.const((rho ** 2).astype(np.float32), "rho2")
-    return g.op("Add", g.op("Mul", two_root, rho32), g.op("Mul", q, rho2))
-
-
-def _shared(g: _Graph, mi, p: _Plan, x: str, xn2: str | None, *, bounds: bool, pooled: bool,
-            precise: bool):
-    """Shared-A energies: e (B, T, Ns), or token means (B, Ns) when ``pooled``, and bounds."""
-    r = mi.shared_a.shape[0]
-    iu, ju = triu_pairs(r)
-    K = iu.size
-    if p.form == "moments":
-        Gs = g.op("Mul", g.op("Add", x, g.op("Transpose", x, perm=[0, 2, 1])), g.scalar(0.5))
-        flat = g.op("Reshape", Gs, g.const(np.array([0, r * r], np.int64), "shape"))  # (B, r·r)
-        feat = g.op("Gather", flat, g.const((iu * r + ju).astype(np.int64), "triu"), axis=1)
-        feat = g.op("Unsqueeze", feat, g.const(np.array([1], np.int64), "axes"))        # (B, 1, K)
-    elif p.form == "projected":
-        z = x
-    elif precise:
-        # z = A·x in float64, rounded once: its error is ~u·‖z‖ instead of γ_d·‖A‖·‖x‖
-        # (~1% at d=4096), which would leave most candidates to the float64 re-check.
-        A64 = g.const(mi.shared_a.T.astype(np.float64), "A_T64")
-        z = g.op("Cast", g.op("MatMul", g.op("Cast", x, to=TensorProto.DOUBLE), A64),
-                 to=TensorProto.FLOAT)                       # (B, T, d)·(d, r) -> (B, T, r)
-    else:
-        z = g.op("MatMul", x, g.const(mi.shared_a.T.copy(), "A_T"))  # (B, T, d)·(d, r) -> (B, T, r)
-    if p.form != "moments":
-        feat = g.op("Mul", g.op("Gather", z, g.const(iu.astype(np.int64), "iu"), axis=2),
-                    g.op("Gather", z, g.const(ju.astype(np.int64), "ju"), axis=2))  # (B, T, K)
-    R = mi.R[p.shared_k]
-    rf = np.sqrt(np.einsum("nab,nab->n", R, R))                               # (Ns,) ‖R‖_F
-    gn = np.linalg.norm(mi.gram[:, p.shared_k].astype(np.float64), axis=0)    # (Ns,)
-    delta2 = None                                              # (B, T, 1) bound on ‖δz_t‖²
-    if bounds and p.form == "activations":
-        af = float(np.linalg.norm(mi.shared_a.astype(np.float64)))
-        if precise:
-            g64 = p.d * 2.0 ** -53 / (1 - p.d * 2.0 ** -53)
-            zn = g.reduce("ReduceL2", z, [2], 1)                                  # (B, T, 1)
-            delta = g.op("Add", g.op("Mul", zn, g.scalar(_U32 * (1 + (r + 8) * _U32))),
-                         g.op("Mul", g.op("Sqrt", xn2), g.scalar(g64 * af * 1.01)))
-            delta2 = g.op("Mul", delta, delta)
-        else:
-            delta2 = g.op("Mul", xn2, g.scalar(gamma(p.d) ** 2 * af ** 2 * (1 + gamma(p.d))))
-    if pooled:
-        # The token mean is linear: mean_t(feat)·gram is one (B, K)·(K, Ns) product, not T of
-        # them. Done in float64 (T·K + K·Ns double ops): the only fp32 roundings left are
-        # feat's products, gram's entries and the result's — 4u, not γ_{T+K}.
-        fbar = g.reduce("ReduceMean", g.op("Cast", feat, to=TensorProto.DOUBLE), [1], 0)  # (B, K)
-        gram64 = g.const(mi.gram[:, p.shared_k].astype(np.float64), "gram64")
-        e64 = g.op("MatMul", fbar, gram64)                                        # (B, K)·(K, Ns) -> (B, Ns)
-        e = g.op("Cast", g.op("Relu", e64), to=TensorProto.FLOAT)
-        if not bounds:
-            return e, None
-        mfz = g.reduce("ReduceMean", g.reduce("ReduceL2", feat, [2], 0), [1], 1)  # (B, 1) mean ‖feat_t‖
-        w = g.const((gamma(4) * gn + _SLACK * rf ** 2).astype(np.float32), "w")
-        b = g.op("Add", g.op("Mul", mfz, w), g.op("Mul", e, g.scalar(2 * _U32)))  # (B, Ns)
-        if delta2 is not None:
-            q = g.reduce("ReduceMean", delta2, [1], 0)                            # (B, 1) mean δ²
-            b = g.op("Add", b, _z_term(g, g.op("Add", e, b), q, rf))
-        return e, b
-    gram = g.const(mi.gram[:, p.shared_k], "gram")
-    e = g.op("Relu", g.op("MatMul", feat, gram))                # (B, T, K)·(K, Ns) -> (B, T, Ns)
-    if not bounds:
-        return e, None
-    w1 = g.const((gamma(K + 2) * gn + _SLACK * rf ** 2).astype(np.float32), "w1")
-    b = g.op("Mul", g.reduce("ReduceL2", feat, [2], 1), w1)                      # (B, T, Ns)
-    if delta2 is not None:
-        b = g.op("Add", b, _z_term(g, g.op("Add", e, b), delta2, rf))
-    return e, b
-
-
-def _general(g: _Graph, mi, p: _Plan, x: str, xn2: str | None, *, bounds: bool, pooled: bool):
-    """Own-A energies ‖M_i x‖² (ranks zero-padded to rmax: exact), token means if ``pooled``."""
-    rows = [np.arange(mi.M_offsets[k], mi.M_offsets[k + 1]) for k in p.general_k]
-    rmax = max(r_.size for r_ in rows)
-    ng = p.general_k.size
-    Mp = np.zeros((ng * rmax, p.d), np.float32)
-    for j, r_ in enumerate(rows):
-        Mp[j * rmax: j * rmax + r_.size] = mi.M[r_]
-    y = g.op("MatMul", x, g.const(Mp.T.copy(), "M_T"))  # (B, T, d)·(d, Ng·rmax) -> (B, T, Ng·rmax)
-    y4 = g.op("Reshape", y, g.const(np.array([0, 0, ng, rmax], np.int64), "shape"))
-    e = g.reduce("ReduceSumSquare", y4, [3], 0)                                   # (B, T, Ng)
-    if pooled:
-        e = g.reduce("ReduceMean", e, [1], 0)                                     # (B, Ng)
-        xn2 = g.reduce("ReduceMean", xn2, [1], 0) if bounds else None            # (B, 1)
-    if not bounds:
-        return e, None
-    mf = np.sqrt((Mp.astype(np.float64) ** 2).reshape(ng, rmax * p.d).sum(1))    # (Ng,) ‖M_i‖_F
-    b = g.op("Add", g.op("Mul", xn2, g.const((_SLACK * mf ** 2).astype(np.float32), "slack")),
-             g.op("Mul", e, g.scalar(gamma(rmax + 1))))
-    q = g.op("Mul", xn2, g.scalar(gamma(p.d + 1) ** 2))                          # δ² = γ²·‖x‖²
-    return e, g.op("Add", b, _z_term(g, e, q, mf))
-
-
-def _energies(g: _Graph, index: LibraryIndex, p: _Plan, x: str, *, bounds: bool, pooled: bool,
-              precise: bool):
-    """Module energies in column order (shared, then general) and their bounds."""
-    mi = index.modules[p.module]
-    xn2 = None
-    if bounds and p.form == "activations":
-        # ‖x_t‖² in fp32 is within γ_d of the true value: scale up once, as energies does.
-        xn2 = g.op("Mul", g.reduce("ReduceSumSquare", x, [2], 1), g.scalar(1 + gamma(p.d)))  # (B, T, 1)
-    es, bs = [], []
-    if p.shared_k.size:
-        e, b = _shared(g, mi, p, x, xn2, bounds=bounds, pooled=pooled, precise=precise)
-        es.append(e)
-        bs.append(b)
-    if p.general_k.size:
-        e, b = _general(g, mi, p, x, xn2, bounds=bounds, pooled=pooled)
-        es.append(e)
-        bs.append(b)
-    cat = (lambda ts: ts[0] if len(ts) == 1 else g.op("Concat", *ts, axis=-1))
-    return cat(es), (cat(bs) if bounds else None)
-
-
-def _transform(g: _Graph, e: str, b: str | None, t: str, delta: np.ndarray):
-    """f(e), a bound on |f(e_true) − f(e)|, and |f| plus f's absolute evaluation error scale."""
-    if t == "e":
-        return e, b, e
-    if t == "sqrt":
-        f = g.op("Sqrt", e)
-        # |√(e±b) − √e| ≤ min(√b, b/√e)
-        tb = None if b is None else g.op("Min", g.op("Sqrt", b),
-                                         g.op("Div", b, g.op("Max", f, g.scalar(1e-30))))
-        return f, tb, f
-    delta = g.const(delta.astype(np.float32), "delta")
-    f = g.op("Log", g.op("Add", e, delta))
-    # |log(e±b+δ) − log(e+δ)| ≤ b / (max(e−b, 0) + δ)
-    tb = None if b is None else g.op("Div", b, g.op("Add", g.op("Relu", g.op("Sub", e, b)), delta))
-    return f, tb, g.op("Add", g.op("Abs", f), g.scalar(1.0))
-
-
-def _scatter(g: _Graph, t: str, cols: np.ndarray, n: int, rank: int) -> str:
-    """Module columns -> library positions (last axis); absent positions read a zero column."""
-    idx = np.full(n, cols.size, np.int64)
-    idx[cols] = np.arange(cols.size)
-    pads = np.zeros(2 * rank, np.int64)
-    pads[-1] = 1
-    padded = g.op("Pad", t, g.const(pads, "pads"), g.scalar(0.0))
-    return g.op("Gather", padded, g.const(idx, "cols"), axis=rank - 1)
-
-
-def _affine(g: _Graph, t: str, mu: np.ndarray, c: np.ndarray) -> str:
-    if mu.any():
-        t = g.op("Sub", t, g.const(mu.astype(np.float32), "mu"))
-    if (c != 1).any():
-        t = g.op("Div", t, g.const(c.astype(np.float32), "c"))
-    return t
-
-
-def _adapter_stats(index: LibraryIndex, valid: np.ndarray, which: str, t: str):
+def _adapter_stats(index: LibraryIndex, valid: np.ndarray, per_token: bool, norm: Normalisation):
     """Adapter-level zscore (μ_i, σ_i) per library position (0, 1 where not scored)."""
     mu, sd = np.zeros(valid.size), np.ones(valid.size)
-    for p in np.flatnonzero(valid):
-        st = index.calibration.get(index.adapters[int(p)].name)
-        mu[p], sd[p] = st.mean_std(getattr(st, which), t)
+    p = np.flatnonzero(valid)
+    mu[p], sd[p] = adapter_stats(index, index.slots[p], norm, per_token=per_token)
     return mu, sd
-
-
-def _pool(g: _Graph, parts: dict, *, valid, cnt, mu_sd, kappa: str, bounds: bool):
-    """Sum module parts, normalise per adapter, NaN where unscored; bound += κ·magnitude."""
-    total = {k: (v[0] if len(v) == 1 else g.op("Sum", *v)) for k, v in parts.items() if v}
-    nan_pad = g.const(np.where(valid, 0.0, np.nan).astype(np.float32), "nan_pad")
-    if mu_sd is not None:
-        mu = g.const(mu_sd[0].astype(np.float32), "mu_i")
-        sd = g.const(mu_sd[1].astype(np.float32), "sd_i")
-        amu = g.const(np.abs(mu_sd[0]).astype(np.float32), "amu_i")
-        S = g.op("Div", g.op("Sub", total["s"], mu), sd)
-        B = g.op("Div", total["b"], sd) if bounds else None
-        mag = g.op("Div", g.op("Add", total["m"], amu), sd) if bounds else None
-    else:
-        inv = g.const(np.where(valid, 1.0 / np.maximum(cnt, 1), 0.0).astype(np.float32), "inv_cnt")
-        S = g.op("Mul", total["s"], inv)
-        B = g.op("Mul", total["b"], inv) if bounds else None
-        mag = g.op("Mul", total["m"], inv) if bounds else None
-    S = g.op("Add", S, nan_pad)
-    if bounds:
-        B = g.op("Mul", g.op("Add", B, g.op("Mul", mag, kappa)), g.scalar(_BOUND_SAFETY))
-    return S, B
-
-
-def _outputs(g: _Graph, S: str, B: str | None, mask: str, ids: str, k: int, prefix: str, axis: int):
-    nan = g.scalar(np.nan)
-    Sm = g.op("Where", mask, S, nan)
-    top = g.op("Where", g.op("IsNaN", Sm), g.scalar(-np.inf), Sm)
-    vals, idx = g.op("TopK", top, g.const(np.array([k], np.int64), "k"), n_out=2, axis=axis,
-                     largest=1, sorted=1)
-    out = {f"{prefix}scores": Sm, f"{prefix}topk_scores": vals, f"{prefix}topk_indices": idx,
-           f"{prefix}topk_adapter_ids": g.op("Gather", ids, idx, axis=0)}
-    if B is not None:
-        out[f"{prefix}score_bounds"] = g.op("Where", mask, B, nan)
-    return out
 
 
 OUTPUT_DOCS = {
@@ -406,7 +168,7 @@ OUTPUT_DOCS = {
 def _build(index: LibraryIndex, mforms, norm: Normalisation, *, k: int, per_token: bool,
            bounds: bool, input_dtype: str, skip: dict[str, str], opset: int, tokens: int | None,
            precise: bool):
-    g = _Graph(opset)
+    g = og.Graph(opset)
     N = len(index.adapters)
     plans = _plans(index, mforms, set(skip))
     t = norm.transform if norm.kind == "zscore" else "e"
@@ -435,9 +197,9 @@ def _build(index: LibraryIndex, mforms, norm: Normalisation, *, k: int, per_toke
             continue
         x = name if input_dtype == "float32" else g.op("Cast", name, to=TensorProto.FLOAT)
         cnt[p.cols] += 1
-        e, b = _energies(g, index, p, x, bounds=bounds, pooled=pooled, precise=precise)
+        e, b = og.energies(g, p, x, bounds=bounds, pooled=pooled, precise=precise)
         mu, c, delta = _column_constants(index, p, norm)
-        f, tb, absf = _transform(g, e, b, t, delta)
+        f, tb, absf = og.transform(g, e, b, t, delta)
         amu = g.const(np.abs(mu).astype(np.float32), "amu")
         # Sequence: token mean first, then the affine normalisation (the mean is linear).
         if pooled:
@@ -446,15 +208,15 @@ def _build(index: LibraryIndex, mforms, norm: Normalisation, *, k: int, per_toke
             fm = g.reduce("ReduceMean", f, [1], 0)                                # (B, n)
             bm = g.reduce("ReduceMean", tb, [1], 0) if bounds else None
             am = fm if absf == f else g.reduce("ReduceMean", absf, [1], 0)
-        seq["s"].append(_scatter(g, _affine(g, fm, mu, c), p.cols, N, 2))
+        seq["s"].append(og.scatter(g, og.affine(g, fm, mu, c), p.cols, N, 2))
         if bounds:
-            seq["b"].append(_scatter(g, _affine(g, bm, 0 * mu, c), p.cols, N, 2))
-            seq["m"].append(_scatter(g, _affine(g, g.op("Add", am, amu), 0 * mu, c), p.cols, N, 2))
+            seq["b"].append(og.scatter(g, og.affine(g, bm, 0 * mu, c), p.cols, N, 2))
+            seq["m"].append(og.scatter(g, og.affine(g, g.op("Add", am, amu), 0 * mu, c), p.cols, N, 2))
         if per_token:
-            tok["s"].append(_scatter(g, _affine(g, f, mu, c), p.cols, N, 3))       # (B, T, N)
+            tok["s"].append(og.scatter(g, og.affine(g, f, mu, c), p.cols, N, 3))       # (B, T, N)
             if bounds:
-                tok["b"].append(_scatter(g, _affine(g, tb, 0 * mu, c), p.cols, N, 3))
-                tok["m"].append(_scatter(g, _affine(g, g.op("Add", absf, amu), 0 * mu, c), p.cols, N, 3))
+                tok["b"].append(og.scatter(g, og.affine(g, tb, 0 * mu, c), p.cols, N, 3))
+                tok["m"].append(og.scatter(g, og.affine(g, g.op("Add", absf, amu), 0 * mu, c), p.cols, N, 3))
     valid = cnt > 0
     if not valid.any():
         raise FailedPreconditionError("no adapter can be scored on the exported modules",
@@ -462,18 +224,18 @@ def _build(index: LibraryIndex, mforms, norm: Normalisation, *, k: int, per_toke
     M = len(plans)
     # Rounding of the fp32 tail (transform, token mean, module sum, normalisation): per
     # element a few u of its magnitude, plus γ_T for the token mean, γ_M for the module sum.
-    kappa_seq = g.scalar((1 + M + 16) * _U32) if T == 1 else \
-        g.op("Mul", g.op("Add", T, g.scalar(M + 16)), g.scalar(_U32))
+    kappa_seq = g.scalar(bd.tail_kappa(1, M)) if T == 1 else \
+        g.op("Mul", g.op("Add", T, g.scalar(M + 16)), g.scalar(bd.U32))          # bounds.tail_kappa(T, M)
     mask = MASK
     ids = g.const(index.ids.astype(np.int64), "adapter_ids")
-    S, B = _pool(g, seq, valid=valid, cnt=cnt, kappa=kappa_seq, bounds=bounds,
-                 mu_sd=_adapter_stats(index, valid, "seq_stats", t) if adapter_level else None)
-    outs = _outputs(g, S, B, mask, ids, k, "", 1)
+    S, B = og.pool(g, seq, valid=valid, cnt=cnt, kappa=kappa_seq, bounds=bounds,
+                   mu_sd=_adapter_stats(index, valid, False, norm) if adapter_level else None)
+    outs = og.outputs(g, S, B, mask, ids, k, "", 1)
     if per_token:
-        St, Bt = _pool(g, tok, valid=valid, cnt=cnt, kappa=g.scalar((M + 16) * _U32), bounds=bounds,
-                       mu_sd=_adapter_stats(index, valid, "tok_stats", t) if adapter_level else None)
+        St, Bt = og.pool(g, tok, valid=valid, cnt=cnt, kappa=g.scalar(bd.tail_kappa(0, M)), bounds=bounds,
+                         mu_sd=_adapter_stats(index, valid, True, norm) if adapter_level else None)
         mask3 = g.op("Unsqueeze", mask, g.const(np.array([1], np.int64), "axes"))
-        outs.update(_outputs(g, St, Bt, mask3, ids, k, "token_", 2))
+        outs.update(og.outputs(g, St, Bt, mask3, ids, k, "token_", 2))
     inputs.append(helper.make_tensor_value_info(MASK, TensorProto.BOOL, ["mask_batch", N]))
     outputs = []
     for name, src in outs.items():

@@ -1,8 +1,10 @@
 """Routing decisions: inputs + options -> ranked adapter choices, exact w.r.t. float64.
 
-The float32 scores come with error bounds; the candidates whose order (or top-k membership)
-those bounds leave in doubt are re-scored with the float64 brute force, so the returned
-ranking equals the float64 brute-force ranking. Ties break by adapter id (older first).
+One pipeline for every backend: ``plan`` (validate, resolve candidates and the effective
+normalisation) -> scores and bounds (``numpy_scores`` here; the ONNX backend supplies its
+own) -> ``decide`` (rank; the candidates whose order or top-k membership the bounds leave in
+doubt are re-scored in float64 from the index, so the returned ranking equals the float64
+ranking; ties break by adapter id, older first).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from . import baselines as BL
 from . import energies as E
-from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from .normalise import Normalisation, check_adapter_level_modules, combine, uncalibrated
-from .fused import fused_scores
+from .batched import sequence_scores, token_scores
+from .errors import FailedPreconditionError, InvalidArgumentError
+from .normalise import (Normalisation, check_adapter_level_modules, combine, fallback_text, targeted,
+                        uncalibrated)
 from .qr_index import LibraryIndex
-from .stacked import stacked
+from .ranking import exact_rank, order, token_ranks
 
 METHODS = ("seqr", "exact", "spectr", "arrow", "lag")
 GRANULARITY = ("sequence", "token")
@@ -66,6 +70,7 @@ class Choice:
 class TokenDecisions:
     ids: np.ndarray      # (T, k) adapter ids, -1 where fewer than k candidates
     scores: np.ndarray   # (T, k)
+    bounds: np.ndarray | None = None   # (T,) every token-t score is within ±bounds[t] of float64
 
 
 @dataclass(frozen=True)
@@ -80,17 +85,12 @@ class Decision:
     candidate_ids: np.ndarray      # (N,) adapters considered, library order
     scores: np.ndarray             # (N,) their sequence scores (NaN: no supplied module)
     tokens: TokenDecisions | None = None
+    bounds: np.ndarray | None = None   # (N,) |scores − float64 score| ≤ bounds (0: re-checked)
 
 
 def _module_dims(index: LibraryIndex) -> dict:
     """{module: (d_in, shared-A rank or 0)}, per snapshot."""
-    with index._lock:  # type: ignore[attr-defined]
-        dims = index._cache.get("dims")  # type: ignore[attr-defined]
-        if dims is None:
-            dims = {s.name: (s.d_in, index.shared_a[s.name].shape[0] if s.name in index.shared_a else 0)
-                    for s in index.signature.modules}
-            index._cache["dims"] = dims  # type: ignore[attr-defined]
-        return dims
+    return index.memo("dims", lambda: {m: (d, index.layout.rank(m)) for m, d in index.layout.d_in.items()})
 
 
 def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> dict[str, E.ModuleInput]:
@@ -136,11 +136,12 @@ def check_inputs(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput]) -> di
 
 
 def _check_finite(inputs: Mapping[str, E.ModuleInput]) -> None:
-    # One pass over all tensors (many small moments matrices cost one call, not sixty);
-    # the per-module search runs only when something is wrong, to name the field.
+    # A sum is finite only if every term is: one pass per distinct tensor, no temporary. A
+    # non-finite sum (a NaN/Inf, or a finite overflow) sends it to the exact per-module search.
     arrays = {id(i.data): i.data for i in inputs.values()}
-    if np.isfinite(np.concatenate([a.ravel() for a in arrays.values()])).all():
-        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if all(np.isfinite(a.sum()) for a in arrays.values()):
+            return
     for m, inp in sorted(inputs.items()):
         if not np.isfinite(inp.data).all():
             raise InvalidArgumentError("non-finite values (NaN/Inf)", field=f"inputs.{m}.{inp.form}")
@@ -156,59 +157,37 @@ def candidate_ids(index: LibraryIndex, candidates) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
-def _energy_fn(index: LibraryIndex, method: str, *, token_mean: bool = False) -> Callable:
-    if method == "seqr":
-        return lambda m, inp, allowed: E.seqr_energies(index.modules[m], inp, allowed=allowed,
-                                                       field=f"inputs.{m}", token_mean=token_mean)
-    fn = {"exact": E.exact_energies, "spectr": E.spectr_energies, "arrow": E.arrow_energies,
-          "lag": E.spectr_energies}[method]
-    return lambda m, inp, allowed: fn(index, m, inp, allowed=allowed, field=f"inputs.{m}")
+@dataclass(frozen=True)
+class Plan:
+    """What one request needs, settled before any scoring (shared by every backend)."""
+
+    index: LibraryIndex
+    inputs: Mapping[str, E.ModuleInput]     # validated, float32
+    options: RouteOptions
+    ids: np.ndarray                         # candidate ids, library order
+    norm: Normalisation                     # effective (after the uncalibrated fallback)
+    fallback: str
+    per_token: bool
+    token_mean: bool                        # sequence routing, linear normalisation: only mean_t e
+
+    @property
+    def verify(self) -> bool:
+        return self.options.verify and self.options.method == "seqr"
 
 
-def _uncertain(S: np.ndarray, B: np.ndarray, ids: np.ndarray, kk: int) -> np.ndarray | None:
-    """Positions whose top-kk membership/order the bounds leave open; None if all certain."""
-    valid = ~np.isnan(S)
-    lower, upper = np.where(valid, S - B, -np.inf), np.where(valid, S + B, -np.inf)
-    Lk = np.sort(lower)[-kk]
-    R = np.flatnonzero(valid & (upper >= Lk))
-    if R.size == kk:
-        o = R[np.argsort(-S[R], kind="stable")]
-        if np.all(lower[o[:-1]] > upper[o[1:]]):
-            return None
-    return R
+@dataclass(frozen=True)
+class Scores:
+    """A backend's answer: scores of candidates ``ids`` — (n,), or (T, n) per token — and
+    bounds: the same shape, (T,) per token uniform over adapters, or None (not tracked)."""
+
+    ids: np.ndarray
+    S: np.ndarray
+    B: np.ndarray | None
 
 
-TIE_RTOL = 1e-12  # float64 scores this close are ties: different exact formulas disagree there
-
-
-def _order(S: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Positions by score descending; scores within TIE_RTOL (relative) tie and go by id."""
-    valid = np.flatnonzero(~np.isnan(S))
-    o = valid[np.lexsort((ids[valid], -S[valid]))]
-    if o.size < 2:
-        return o
-    tol = TIE_RTOL * float(np.abs(S[o]).max())
-    groups = np.concatenate([[0], np.cumsum(np.diff(S[o]) < -tol)])  # new group on a real drop
-    return o[np.lexsort((ids[o], groups))]
-
-
-def _exact_rank(S, B, ids, k, recheck) -> tuple[np.ndarray, np.ndarray, int]:
-    """(order of positions, scores with re-checked entries exact, number re-checked)."""
-    S = S.copy()
-    nvalid = int((~np.isnan(S)).sum())
-    kk = min(max(k, 2), nvalid)
-    n = 0
-    if B is not None and kk > 0:
-        R = _uncertain(S, B, ids, kk)
-        if R is not None:
-            S[R] = recheck(R)
-            n = R.size
-    return _order(S, ids), S, n
-
-
-def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
-          options: RouteOptions = RouteOptions()) -> Decision:
-    """Rank the candidate adapters for one request. See the module docstring for exactness."""
+def plan(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
+         options: RouteOptions = RouteOptions()) -> Plan:
+    """Validate a request and settle candidates and normalisation. Raises what routing raises."""
     inputs = check_inputs(index, inputs)
     if not index.adapters:       # also what a caller who may see none of them gets
         raise FailedPreconditionError(f"library {index.name!r} has no adapters to route to; upload one "
@@ -216,79 +195,107 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
                                       actual=index.name)
     ids = candidate_ids(index, options.candidates)
     norm, fallback = options.normalisation, ""
-    st = stacked(index)
-    rows = [st.row[m] for m in inputs]
-    hit = st.present[rows].any(axis=0)                                     # (N,) targets a supplied module
-    targeted = ids[hit if ids.size == st.ids.size else hit[index.positions(ids)]]
-    if not targeted.size:
+    tgt = targeted(index, ids, inputs)
+    if not tgt.size:
         raise InvalidArgumentError("no candidate adapter targets any supplied module",
                                    field="inputs", actual=sorted(inputs)[:4])
-    missing = uncalibrated(index, targeted, inputs, norm)
+    missing = uncalibrated(index, tgt, inputs, norm, first=8)
     if missing:
-        fallback = f"uncalibrated adapters {missing[:8]}: fell back to frobenius"
-        norm = Normalisation("frobenius")
+        fallback, norm = fallback_text(missing), Normalisation("frobenius")
     elif norm.kind == "zscore" and norm.granularity == "adapter":
-        check_adapter_level_modules(index, targeted, inputs)
+        check_adapter_level_modules(index, tgt, inputs)
     per_token = options.granularity == "token" or options.aggregation == "vote"
+    if per_token:
+        for m, inp in sorted(inputs.items()):
+            if inp.pooled:
+                raise InvalidArgumentError("per-token routing needs per-token inputs, not moments",
+                                           field=f"inputs.{m}.moments")
     # Sequence routing with a normalisation linear in e needs only mean_t e: the cheap path.
     linear = norm.kind != "zscore" or norm.transform == "e"
-    energy = _energy_fn(index, options.method, token_mean=linear and not per_token)
-    method = options.method
+    return Plan(index=index, inputs=inputs, options=options, ids=ids, norm=norm, fallback=fallback,
+                per_token=per_token, token_mean=linear and not per_token)
+
+
+def _energy_fn(index: LibraryIndex, method: str, *, token_mean: bool = False) -> Callable:
+    if method == "seqr":
+        return lambda m, inp, allowed: E.seqr_energies(index, m, inp, allowed=allowed,
+                                                       field=f"inputs.{m}", token_mean=token_mean)
+    fn = {"exact": BL.exact_energies, "spectr": BL.spectr_energies, "arrow": BL.arrow_energies,
+          "lag": BL.spectr_energies}[method]
+    return lambda m, inp, allowed: fn(index, m, inp, allowed=allowed, field=f"inputs.{m}")
+
+
+def numpy_scores(p: Plan) -> Scores:
+    """The numpy backend: batched paths where the request qualifies, per module otherwise."""
+    index, inputs, ids, norm, method = p.index, p.inputs, p.ids, p.norm, p.options.method
     if method == "lag":
         arrow = _energy_fn(index, "arrow")
-        ab = {m: arrow(m, inp, ids) for m, inp in inputs.items()}
-        Sa, _ = combine(index, ab, ids, Normalisation("none"), per_token=False)
-        keep = _order(Sa, ids)[: max(options.lag_k, options.top_k)]
-        ids = np.sort(ids[keep])
-    token_mean = linear and not per_token
-    fused = fused_scores(index, inputs, ids, norm) if method == "seqr" and token_mean else None
-    blocks = {m: energy(m, inp, ids) for m, inp in inputs.items()} if fused is None else None
-    verify = options.verify and method == "seqr"
+        Sa, _ = combine(index, {m: arrow(m, inp, ids) for m, inp in inputs.items()}, ids,
+                        Normalisation("none"), per_token=False)
+        ids = np.sort(ids[order(Sa, ids)[: max(p.options.lag_k, p.options.top_k)]])
+    if method == "seqr" and p.token_mean:
+        got = sequence_scores(index, inputs, ids, norm)
+        if got is not None:
+            return Scores(ids, *got)
+    if method == "seqr" and p.per_token and (norm.kind != "zscore" or norm.transform == "e"):
+        got = token_scores(index, inputs, ids, norm)
+        if got is not None:
+            return Scores(ids, *got)
+    energy = _energy_fn(index, method, token_mean=p.token_mean)
+    S, B = combine(index, {m: energy(m, inp, ids) for m, inp in inputs.items()}, ids, norm,
+                   per_token=p.per_token)
+    return Scores(ids, S, B if method == "seqr" else None)
 
-    def exact_scores(pos: np.ndarray, tokens=None) -> np.ndarray:
-        sub = ids[pos]
-        fb = {}
-        for m, inp in inputs.items():
-            here = sub[_present(index, m, sub)]
-            e = E.brute_force_f64(index, m, inp, here, tokens=tokens, token_mean=token_mean)
-            fb[m] = E.Energies(ids=here, e=e, pooled=inp.pooled or token_mean)
-        s, _ = combine(index, fb, sub, norm, per_token=tokens is not None)
-        return s[0] if tokens is not None else s
 
-    tokens = None
-    rechecked = 0
-    if per_token:
-        S_t, B_t = combine(index, blocks, ids, norm, per_token=True)     # (T, N)
-        T, k = S_t.shape[0], min(options.top_k, ids.size)
-        tid, tsc = np.full((T, k), -1, np.int64), np.full((T, k), np.nan)
-        for t in range(T):
-            o, s, n = _exact_rank(S_t[t], B_t[t] if verify else None, ids, k,
-                                  lambda R, t=t: exact_scores(R, tokens=np.array([t])))
-            rechecked += n
-            tid[t, : min(k, o.size)] = ids[o[:k]]
-            tsc[t, : min(k, o.size)] = s[o[:k]]
-        tokens = TokenDecisions(ids=tid, scores=tsc)
-        votes = np.array([(tid[:, 0] == i).sum() for i in ids], dtype=np.float64)
-        mean_s = np.nanmean(S_t, axis=0) if T else np.zeros(ids.size)
-        valid = ~np.isnan(S_t).all(axis=0)
+def exact_scores(p: Plan, ids: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
+    """Float64 scores of adapters ``ids`` from the index (the re-check): (n,), or
+    (len(tokens), n) per token."""
+    blocks = {}
+    for m, inp in p.inputs.items():
+        here = ids[np.isin(ids, p.index.module_ids(m))]
+        e = E.recheck_f64(p.index, m, inp, here, tokens=tokens, token_mean=p.token_mean)
+        blocks[m] = E.Energies(ids=here, e=e, pooled=inp.pooled or p.token_mean)
+    s, _ = combine(p.index, blocks, ids, p.norm, per_token=tokens is not None)
+    return s
+
+
+def decide(p: Plan, sc: Scores) -> Decision:
+    """Rank exactly: settle what the bounds settle, re-check the rest in float64."""
+    o, ids, index = p.options, sc.ids, p.index
+    tokens, bounds = None, sc.B
+    check = sc.B if p.verify else None            # unverified: fp32 order, bounds only reported
+    if p.per_token:
+        S_t = sc.S
+        tid, tsc, rechecked, tb = token_ranks(S_t, check, ids, o.top_k,
+                                              lambda pos, t: exact_scores(p, ids[pos], t))
+        T = S_t.shape[0]
+        valid = ~np.isnan(S_t[0]) if T else np.zeros(ids.size, bool)
+        if tb is None and sc.B is not None:       # unverified: the bounds as the scorer gave them
+            tb = sc.B if sc.B.ndim == 1 else np.where(valid, sc.B, 0.0).max(axis=1, initial=0.0)
+        tokens, bounds = TokenDecisions(ids=tid, scores=tsc, bounds=tb), None
+        votes = np.bincount(np.searchsorted(ids, tid[:, 0][tid[:, 0] >= 0]), minlength=ids.size)
+        mean_s = S_t.mean(axis=0) if T else np.zeros(ids.size)
         S = np.where(valid, votes / max(T, 1), np.nan)
-        order = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))]
+        ordr = np.flatnonzero(valid)[np.lexsort((ids[valid], -mean_s[valid], -S[valid]))][: max(o.top_k, 2)]
     else:
-        S, B = fused if fused is not None else combine(index, blocks, ids, norm, per_token=False)
-        order, S, rechecked = _exact_rank(S, B if verify else None, ids, options.top_k,
-                                          lambda R: exact_scores(R))
-    top = order[: options.top_k]
-    sc = S[top]
-    w = np.exp((sc - sc.max()) / options.temperature) if sc.size else sc
-    w = w / w.sum() if sc.size else w
+        ordr, S, checked, rechecked = exact_rank(sc.S, check, ids, o.top_k,
+                                                 lambda R: exact_scores(p, ids[R]))
+        bounds = checked if check is not None else sc.B
+    top = ordr[: o.top_k]
+    sc_top = S[top]
+    w = np.exp((sc_top - sc_top.max()) / o.temperature) if sc_top.size else sc_top
+    w = w / w.sum() if sc_top.size else w
     lib_pos = index.positions(ids[top])
-    choices = tuple(Choice(name=index.adapters[int(q)].name, adapter_id=int(ids[p]), score=float(S[p]),
-                           weight=float(wi)) for p, q, wi in zip(top, lib_pos, w))
-    margin = float(S[order[0]] - S[order[1]]) if order.size > 1 else float("inf")
-    return Decision(choices=choices, margin=margin, version=index.version, method=method,
-                    normalisation=norm.label, fallback=fallback, rechecked=rechecked,
-                    candidate_ids=ids, scores=S, tokens=tokens)
+    choices = tuple(Choice(name=index.adapters[int(q)].name, adapter_id=int(ids[i]), score=float(S[i]),
+                           weight=float(wi)) for i, q, wi in zip(top, lib_pos, w))
+    margin = float(S[ordr[0]] - S[ordr[1]]) if ordr.size > 1 else float("inf")
+    return Decision(choices=choices, margin=margin, version=index.version, method=o.method,
+                    normalisation=p.norm.label, fallback=p.fallback, rechecked=rechecked,
+                    candidate_ids=ids, scores=S, tokens=tokens, bounds=bounds)
 
 
-def _present(index: LibraryIndex, module: str, ids: np.ndarray) -> np.ndarray:
-    return np.isin(ids, index.modules[module].ids)
+def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
+          options: RouteOptions = RouteOptions()) -> Decision:
+    """Rank the candidate adapters for one request. See the module docstring for exactness."""
+    p = plan(index, inputs, options)
+    return decide(p, numpy_scores(p))

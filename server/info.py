@@ -39,8 +39,8 @@ def adapter_info(state: LibraryState, entry: AdapterEntry) -> library_pb2.Adapte
     rec = state.records.get(entry.name)
     cal = state.index.calibration
     info = library_pb2.AdapterInfo(
-        name=entry.name, adapter_id=entry.adapter_id, kind=_KIND[entry.kind], rank=entry.adapter.rank,
-        modules=list(entry.adapter.modules), upload_dtype=entry.upload_dtype,
+        name=entry.name, adapter_id=entry.adapter_id, kind=_KIND[entry.kind], rank=entry.rank,
+        modules=list(entry.modules), upload_dtype=entry.upload_dtype,
         calibrated=cal is not None and cal.get(entry.name) is not None, status=library_pb2.ADAPTER_READY)
     if rec is not None:
         _record_fields(info, rec)

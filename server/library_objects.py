@@ -8,7 +8,11 @@
   derived from the pooled moments are not stored: they are derived again at every load);
 * object ``moments``: the pooled moments of z = A·x per shared-A module (seqr_core.moments),
   written with the calibration it came from in one commit;
-* per adapter: the uploaded PEFT files verbatim (re-parsed on startup) and meta.
+* per adapter: the uploaded PEFT files verbatim, meta, and object ``index``: the adapter's
+  routing index (seqr_core.adapter_index: R per module, ‖ΔW‖_F², own A of general modules),
+  sealed like the files and committed with them. Startup loads the index objects and never
+  parses PEFT files, except for an adapter whose index is missing (a store written before index
+  objects existed) or of another format: that one is re-parsed once and its index stored.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
 
-from seqr_core import (AdapterEntry, BaseModelSignature, CalibrationStats, LibraryIndex, MomentPool,
-                       SharedARecipe, generate_shared_a, read_safetensors, write_safetensors)
+from seqr_core import (AdapterEntry, AdapterIndex, BaseModelSignature, CalibrationStats, LibraryIndex,
+                       MomentPool, SharedARecipe, generate_shared_a, write_safetensors)
+from seqr_core import adapter_index
 from seqr_core.adapters import MAX_RANK
 from seqr_core.errors import FailedPreconditionError, InvalidArgumentError, IntegrityError, LimitExceededError
 
@@ -30,6 +37,7 @@ FORMAT = 1
 SHARED_A = "shared_a"
 CALIBRATION = "calibration"
 MOMENTS = "moments"
+INDEX = "index"                       # per adapter
 
 
 @dataclass(frozen=True)
@@ -118,14 +126,14 @@ def spec_from_store(name: str, meta: dict, shared_a_bytes: bytes | None) -> Libr
                              limit=FORMAT, actual=meta.get("format"))
     sig = BaseModelSignature.from_dict(meta["signature"])
     recipe = SharedARecipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
-    shared = read_safetensors(shared_a_bytes, field=f"library[{name}].shared_a")[0] if shared_a_bytes else {}
+    shared = _read_sealed_tensors(shared_a_bytes, field=f"library[{name}].shared_a") if shared_a_bytes else {}
     return LibrarySpec(name=name, signature=sig, shared_a=shared, recipe=recipe,
                        meta=dict(meta.get("user") or {}), shared_a_only=bool(meta.get("shared_a_only", False)))
 
 
 def check_adapter_kind(spec: LibrarySpec, entry: AdapterEntry, *, allow_general: bool) -> None:
     """An upload whose A is not the library's shared A is never silently stored as general."""
-    foreign = [m for m in sorted(entry.adapter.factors) if m not in entry.shared_modules]
+    foreign = [m for m in entry.modules if m not in entry.shared_modules]
     if not foreign:
         return
     m = foreign[0]
@@ -159,6 +167,17 @@ def decode_moments(raw: bytes) -> MomentPool:
     return MomentPool.from_bytes(raw)
 
 
+def _read_sealed_tensors(raw: bytes, *, field: str) -> dict[str, np.ndarray]:
+    """Tensors of an object the store authenticated (not a tenant upload), read with the
+    safetensors library. (peft_io's strict upload reader takes a header length whose low byte
+    is 0x80 for a pickle: the 128-module shared A of a Llama-3-8B library is refused by it.)"""
+    try:
+        out = safetensors.numpy.load(bytes(raw))
+    except SafetensorError as e:
+        raise IntegrityError(f"not readable ({e})", field=field) from None
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
 def encode_calibration(stats: CalibrationStats, adapter_ids: Mapping[str, int]) -> bytes:
     stats = stats.streamed()
     doc = {"format": FORMAT, "adapter_ids": {n: int(adapter_ids[n]) for n in stats.adapters},
@@ -174,3 +193,16 @@ def decode_calibration(raw: bytes, current_ids: Mapping[str, int]) -> Calibratio
         if current_ids.get(n) != i:
             stats = stats.without(n)
     return stats
+
+
+def encode_index(ai: AdapterIndex) -> bytes:
+    return adapter_index.encode(ai)
+
+
+def decode_index(raw: bytes, *, library: str, adapter: str) -> AdapterIndex:
+    """A stored index object; its name must be the adapter's (the store binds the blob to it)."""
+    field = f"library[{library}].adapter[{adapter}].index"
+    ai = adapter_index.decode(raw, field=field)
+    if ai.name != adapter:
+        raise IntegrityError("index object names another adapter", field=field, limit=adapter, actual=ai.name)
+    return ai

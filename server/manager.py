@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, MomentPool, RouteOptions,
-                       derived_stats, merge_into, parse_peft_adapter, route)
+from seqr_core import (AdapterEntry, AdapterIndex, CalibrationStats, IndexFormatError, LibraryIndex, ModuleInput,
+                       MomentPool, RouteOptions, derived_stats, merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
@@ -39,6 +39,7 @@ from .store import AdapterRecord, LibraryRecord
 from .views import ChangeLog, view_version
 
 log = logging.getLogger("seqr.manager")
+_LOAD_CHUNK = 32                     # adapters per append while loading (bounds peak memory)
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,9 @@ def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
 
 
 def _same_factors(a: AdapterEntry | None, b: AdapterEntry | None) -> bool:
-    return (a is not None and b is not None and a.adapter_id == b.adapter_id
-            and a.adapter.factors.keys() == b.adapter.factors.keys()
-            and all(a.adapter.factors[m] is b.adapter.factors[m] for m in a.adapter.factors))
+    """Whether two entries are one upload: an entry object is shared by every snapshot (and
+    restricted view) until its adapter is deleted or replaced, which makes a new entry."""
+    return a is not None and a is b
 
 
 class LibraryManager:
@@ -185,16 +186,31 @@ class LibraryManager:
                                             "quarantined": sum(len(s.damage.adapters) for s in libs.values())})
 
     def _rebuild(self, name: str) -> LibraryState:
+        """A library from its stored index objects; PEFT files are parsed only for adapters
+        without a current one (then that index is stored, so the next start reads it)."""
         rec = self._store.library(name)
         spec = lo.spec_from_store(name, rec.meta, self._store.read_library_object(name, lo.SHARED_A))
-        items, damage = [], LibraryDamage()
+        empty = spec.empty_index(version=rec.version)
+        index, chunk, derived, why, damage = empty.reserve(len(rec.adapters)), [], {}, {}, LibraryDamage()
         for ar in rec.adapters:                      # adapter id order
-            got = self._load_adapter(name, ar, spec)
+            got = guarded(lambda ar=ar: self._load_adapter(name, ar, empty), library=name,
+                          what=f"adapter {ar.name!r}")
             if isinstance(got, Damage):
                 damage = damage.with_adapter(ar.name, got)
-            else:
-                items.append((got.adapter, ar.adapter_id, got.upload_dtype))
-        index, _ = spec.empty_index(version=rec.version).add_adapters(items, version=rec.version)
+                continue
+            ai, fresh, reason = got
+            chunk.append((ai, ar.adapter_id))
+            if fresh is not None:
+                derived[ar.name] = {lo.INDEX: fresh}
+                why[reason] = why.get(reason, 0) + 1
+            if len(chunk) == _LOAD_CHUNK:            # columns in place; the objects are dropped
+                index, _ = index.add_indexed(chunk, version=rec.version)
+                chunk = []
+        index, _ = index.add_indexed(chunk, version=rec.version)
+        if derived:
+            log.info("adapters re-parsed from their PEFT files", extra={"library": name, "adapters": len(derived),
+                                                                       "reasons": why})
+            self._store_derived(name, derived)
         raw = guarded(lambda: self._store.read_library_object(name, lo.CALIBRATION), library=name,
                       what=lo.CALIBRATION)
         if isinstance(raw, Damage):
@@ -212,17 +228,39 @@ class LibraryManager:
         raw = self._store.read_library_object(library, lo.MOMENTS)
         return None if raw is None else lo.decode_moments(raw)
 
-    def _load_adapter(self, library: str, ar: AdapterRecord, spec: lo.LibrarySpec) -> ParsedAdapter | Damage:
-        """One stored adapter, parsed; or the Damage that quarantines it (the library loads on)."""
-        return guarded(lambda: parse_peft_adapter(self._store.read_adapter_files(library, ar.name), name=ar.name,
-                                                  signature=spec.signature),
-                       library=library, what=f"adapter {ar.name!r}")
+    def _load_adapter(self, library: str, rec: AdapterRecord, empty: LibraryIndex
+                      ) -> tuple[AdapterIndex, bytes | None, str]:
+        """One adapter's index: (index object, its bytes if it had to be derived now, why).
+        Raises for this adapter alone (damaged index object or files: it is quarantined)."""
+        raw = self._store.read_adapter_object(library, rec.name, lo.INDEX) if lo.INDEX in rec.objects else None
+        reason = "no stored index (store written before index objects)"
+        if raw is not None:
+            try:
+                ai = lo.decode_index(raw, library=library, adapter=rec.name)
+                empty.layout.check(ai)
+                return ai, None, ""
+            except IndexFormatError as e:
+                reason = f"index format {e.actual} is not {e.limit}"
+                log.debug("stale index format", extra={"library": library, "adapter": rec.name})
+        parsed = parse_peft_adapter(self._store.read_adapter_files(library, rec.name), name=rec.name,
+                                    signature=empty.signature)
+        ai = empty.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)
+        return ai, lo.encode_index(ai), reason
+
+    def _store_derived(self, library: str, derived: dict) -> None:
+        """Persist re-derived index objects (one commit). Serving does not depend on it: if the
+        store refuses, the next start derives them again."""
+        try:
+            self._store.put_adapter_objects(library, derived)
+        except SeqrError as e:
+            log.warning("could not store re-derived index objects", extra={"library": library,
+                                                                          "error": str(e), "code": e.code})
 
     def warm(self) -> None:
         """Route one small synthetic request per library so first real calls pay no lazy setup."""
         rng = np.random.default_rng(0)
         for s in self._libs.values():
-            mods = sorted({m for e in s.index.adapters for m in e.adapter.factors})
+            mods = [m for m in s.index.signature.names if s.index.module_ids(m).size]
             if not mods:
                 continue
             inputs = {m: ModuleInput("activations", rng.standard_normal(
@@ -240,11 +278,18 @@ class LibraryManager:
         for name in ([library] if library is not None else sorted(self._libs)):
             state = self._libs.get(name)
             for e in state.index.adapters if state is not None else ():
-                got = guarded(lambda e=e: self._store.read_adapter_files(name, e.name), library=name,
+                got = guarded(lambda e=e: self._read_adapter(name, e.name), library=name,
                               what=f"adapter {e.name!r}")
                 if isinstance(got, Damage) and self._quarantine(name, e.name, got):
                     found.setdefault(name, []).append(e.name)
         return found
+
+    def _read_adapter(self, library: str, name: str) -> None:
+        """Authenticate everything stored for one adapter: its files and its index object."""
+        self._store.read_adapter_files(library, name)
+        raw = self._store.read_adapter_object(library, name, lo.INDEX)
+        if raw is not None:
+            lo.decode_index(raw, library=library, adapter=name)
 
     # ------------------------------------------------------------------ writes
     def create_library(self, spec: lo.LibrarySpec, *, principal: Principal | None = None) -> LibraryState:
@@ -276,49 +321,49 @@ class LibraryManager:
                     replace: bool = False) -> tuple[LibraryState, AdapterEntry]:
         """Store a new adapter, or with ``replace`` a new version of a visible one (adapter_updates.py)."""
         check_adapter_name(name, field="header.name")
-        sig = self.get(library, principal, field="header.library").index.signature
-        parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
+        base = self.get(library, principal, field="header.library").index
+        parsed = parse_peft_adapter(files, name=name, signature=base.signature)   # CPU-heavy: outside the lock
+        ai = base.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)  # (the QR, too)
         with self.audit.mutation(principal=principal, action="ReplaceAdapter" if replace else "PutAdapter",
                                  library=library, adapter=name), self._write:
             self._check_open()
             cur = self.get(library, principal, field="header.library")
             if replace:
-                state = self._replace(cur, parsed, files, meta, principal, allow_general=allow_general)
+                state = self._replace(cur, parsed, ai, files, meta, principal, allow_general=allow_general)
                 return state, state.index.entry(name)
             if name in cur.damage.adapters:   # the index no longer holds it; the store still does
                 raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
                                          "delete it first)", field="adapter.name", actual=name)
             self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
-            predicted = self._store.library(library).next_adapter_id
-            dry, entry = cur.index.add_adapter(parsed.adapter, adapter_id=predicted,
-                                               upload_dtype=parsed.upload_dtype)
+            _, predicted = self._store.library_head(library)
+            dry, (entry,) = cur.index.add_indexed([(ai, predicted)])
             lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
-            rec = self._store.put_adapter(library, name, files=files, meta={
+            rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)}, meta={
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
                 "base_model": parsed.base_model, OWNER: principal.name})
             lib = self._store.library(library)
             if rec.adapter_id == predicted:
                 new = dry.with_version(lib.version)
             else:   # cannot happen while we are the store's only writer; stay correct anyway
-                new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
-                                                   upload_dtype=parsed.upload_dtype, version=lib.version)
+                new, _ = cur.index.add_indexed([(ai, rec.adapter_id)], version=lib.version)
             state = _state(cur.spec, new, lib, cur.damage, cur.pool)
             self._swap(state)
+        entry = state.index.entry(name)
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
-        return state, state.index.entry(name)
+        return state, entry
 
-    def _replace(self, cur: LibraryState, parsed: ParsedAdapter, files: dict[str, bytes],
+    def _replace(self, cur: LibraryState, parsed: ParsedAdapter, ai: AdapterIndex, files: dict[str, bytes],
                  meta: Mapping[str, str], principal: Principal, *, allow_general: bool) -> LibraryState:
         """Swap in a new version under the old id; with the writer lock held."""
         name = parsed.adapter.name
         old = updates.replaced_record(cur, name, principal)
         self._check_quota(principal, updates.replacement_usage(old, principal, sum(len(d) for d in files.values())))
-        dry, entry = cur.index.replace_adapter(parsed.adapter, adapter_id=old.adapter_id,
-                                               upload_dtype=parsed.upload_dtype)
+        dry, entry = cur.index.replace_indexed(ai, adapter_id=old.adapter_id)
         lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
         rec = self._store.put_adapter(cur.name, name, files=files, replace=True,
-                                      objects=updates.calibration_objects(cur, name), meta={
+                                      objects={lo.INDEX: lo.encode_index(ai)},
+                                      library_objects=updates.calibration_objects(cur, name), meta={
                                           "user": dict(meta), "upload_dtype": parsed.upload_dtype,
                                           "kind": entry.kind, "base_model": parsed.base_model,
                                           OWNER: principal.name})

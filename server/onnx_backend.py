@@ -12,16 +12,14 @@ weights). Each (library snapshot, profile) gets one session; a *profile* is what
 specialised to: the supplied modules and their input forms, the effective normalisation and
 whether per-token outputs are needed. Sessions are built only off the request path, by one
 background thread: ``prepare(index)`` (called by the server after every library change, and
-by ``route`` itself when it sees a newer snapshot) exports the profiles in recent use for the
-new snapshot, warms them, then swaps the library's slot in one assignment. Until then the old
-sessions keep serving on the old snapshot (``Decision.version`` says which); whatever is not
-warm yet is served by numpy, exactly. Numpy also serves, with a logged reason:
-  - method other than seqr (exact, spectr, arrow, lag);
-  - a request on a snapshot older than the warm one;
-  - a stale warm snapshot that lacks a requested candidate;
-  - requests numpy rejects (moments with per-token routing, zscore of √e/log e on moments,
-    projected/moments for adapters with their own A) — numpy raises the same error it always does;
-  - an export or session build that failed (logged with the error).
+by ``route`` itself when it sees a snapshot it has no sessions for) exports the profiles in
+recent use, warms them, then swaps the library's slot in one assignment. A request is scored
+by ONNX only on the very snapshot it names — the manager's current one — so an answer never
+comes from an older library; until that snapshot's sessions are warm, numpy serves it,
+exactly. Numpy also serves, with a logged reason: methods other than seqr; requests numpy
+rejects (it raises the same error it always does); a candidate the graph excludes; an export
+or session build that failed (logged with the error). Either way the decision comes from
+seqr_core.routing's one pipeline: this backend only supplies scores and bounds.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
@@ -42,8 +40,7 @@ from seqr_core import energies as E
 from seqr_core.errors import InvalidArgumentError, UnavailableError
 from seqr_core.normalise import Normalisation
 from seqr_core.qr_index import LibraryIndex
-from seqr_core.routing import Decision, RouteOptions, check_inputs
-from seqr_core.routing import route as numpy_route
+from seqr_core.routing import Decision, Plan, RouteOptions, decide, numpy_scores, plan
 
 from . import onnx_scoring as S
 from .onnx_scoring import Profile, default_profile
@@ -120,7 +117,6 @@ class _Scorer:
 class _Slot:
     index: LibraryIndex
     scorers: Mapping[Profile, _Scorer]
-    memo: dict = field(default_factory=dict, compare=False)   # per-snapshot request planning
 
 
 class OnnxBackend:
@@ -129,17 +125,14 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, *, prefer: str | None = None, intra_op_threads: int | None = None,
-                 max_profiles: int = 8, default_normalisation: Normalisation | None = None,
-                 serve_stale: bool = True):
+                 max_profiles: int = 8, default_normalisation: Normalisation | None = None):
         self.providers = select_providers(prefer)
         self.threads, self.max_profiles = intra_op_threads, max_profiles
-        self.default_normalisation, self.serve_stale = default_normalisation, serve_stale
+        self.default_normalisation = default_normalisation
         self._slots: dict[str, _Slot] = {}
         self._recent: dict[str, OrderedDict] = {}
         self._pending: set = set()
         self._failed: dict = {}
-        self._exported: dict[str, tuple[int, bytes]] = {}
-        self._generation: Counter = Counter()   # bumped by forget(): in-flight builds are dropped
         self._lock = threading.Lock()
         self._stats: Counter = Counter()
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqr-onnx-build")
@@ -147,14 +140,9 @@ class OnnxBackend:
         log.info("onnx backend: providers %s", names)
 
     # --- building (never on the request path) ---------------------------------------------
-    def prepare(self, index: LibraryIndex, *, profiles=None, model_bytes: bytes | None = None,
-                wait: bool = False) -> Future:
+    def prepare(self, index: LibraryIndex, *, profiles=None, wait: bool = False) -> Future:
         """Export + warm sessions for ``index`` in the background, then swap them in.
-
-        ``profiles``: default = those in recent use for this library, or the default profile.
-        ``model_bytes``: a cached export of the default profile (``exported_bytes``), used
-        if its metadata names this library, version and profile.
-        """
+        ``profiles``: default = those in recent use for this library, or the default profile."""
         if not index.adapters:                        # nothing to score: numpy answers (errors)
             with self._lock:
                 cur = self._slots.get(index.name)
@@ -167,35 +155,10 @@ class OnnxBackend:
             profs = list(profiles or self._recent.get(index.name, ()) or
                          [default_profile(index, self.default_normalisation)])
             self._pending.update((index.name, index.version, p) for p in profs)
-            gen = self._generation[index.name]
-        fut = self._builder.submit(self._build_and_swap, index, profs, model_bytes, gen)
+        fut = self._builder.submit(self._build_and_swap, index, profs)
         if wait:
             fut.result()
         return fut
-
-    def exported_bytes(self, index: LibraryIndex) -> bytes:
-        """The default profile's ONNX bytes (cached per version), for an encrypted store cache
-        that ``prepare(index, model_bytes=...)`` takes back. Note: the store's
-        ``put_library_object`` bumps the library version, which makes any cached scorer stale
-        at once; export takes ~0.1 s for a 60-module library, so the server need not cache."""
-        with self._lock:
-            hit = self._exported.get(index.name)
-        if hit is not None and hit[0] == index.version:
-            return hit[1]
-        from seqr_core.onnx_export import export_scorer
-        raw = export_scorer(index, **default_profile(index, self.default_normalisation).export_options())
-        with self._lock:
-            self._exported[index.name] = (index.version, raw)
-        return raw
-
-    def forget(self, library: str) -> None:
-        """Drop a deleted library's sessions and cached bytes (call on DeleteLibrary: a library
-        re-created under the same name starts again at version 1)."""
-        with self._lock:
-            self._generation[library] += 1
-            for d in (self._slots, self._recent, self._exported):
-                d.pop(library, None)
-            self._failed = {k: v for k, v in self._failed.items() if k[0] != library}
 
     def close(self) -> None:
         self._builder.shutdown(wait=True, cancel_futures=True)
@@ -212,43 +175,34 @@ class OnnxBackend:
         slot = self._slots.get(library)
         return None if slot is None else slot.index.version
 
-    def _build_and_swap(self, index: LibraryIndex, profiles, model_bytes, gen: int) -> None:
+    def _build_and_swap(self, index: LibraryIndex, profiles) -> None:
         built = {}
-        dflt = default_profile(index, self.default_normalisation)
         for prof in profiles:
             try:
-                built[prof] = self._compile(index, prof, model_bytes if prof == dflt else None)
+                built[prof] = self._compile(index, prof)
             except Exception as e:                # noqa: BLE001 - served by numpy, reason logged
                 log.warning("onnx scorer %s v%d [%s] failed: %s", index.name, index.version, prof.key, e)
                 with self._lock:
                     self._failed[(index.name, index.version, prof)] = f"export failed: {e}"
         with self._lock:
             self._pending.difference_update((index.name, index.version, p) for p in profiles)
-            if gen != self._generation[index.name]:
-                return                                # the library was forgotten meanwhile
             cur = self._slots.get(index.name)
             if cur is not None and cur.index.version > index.version:
                 return                                # a newer snapshot is already warm
             self._failed = {k: v for k, v in self._failed.items()
                             if k[0] != index.name or k[1] >= index.version}
-            memo = {}
             if cur is not None and cur.index.version == index.version:
-                built, memo = {**cur.scorers, **built}, cur.memo
+                built = {**cur.scorers, **built}
             recent = self._recent.get(index.name)
             if recent:
                 built = {p: s for p, s in built.items() if p in recent or p in profiles}
-            self._slots[index.name] = _Slot(index, MappingProxyType(built), memo)   # the atomic swap
+            self._slots[index.name] = _Slot(index, MappingProxyType(built))   # the atomic swap
 
-    def _compile(self, index: LibraryIndex, prof: Profile, model_bytes: bytes | None) -> _Scorer:
+    def _compile(self, index: LibraryIndex, prof: Profile) -> _Scorer:
         from seqr_core.onnx_export import export_scorer, scorer_metadata
-        if model_bytes is None:
-            model_bytes = export_scorer(index, **prof.export_options())
-        sess = new_session(model_bytes, providers=self.providers, threads=self.threads)
+        sess = new_session(export_scorer(index, **prof.export_options()), providers=self.providers,
+                           threads=self.threads)
         md = scorer_metadata(sess.get_modelmeta().custom_metadata_map)
-        if (md.get("seqr.library"), md.get("seqr.version"), md.get("seqr.profile")) != \
-                (index.name, index.version, prof.key):
-            log.info("cached onnx scorer does not match %s v%d; re-exporting", index.name, index.version)
-            return self._compile(index, prof, None)
         _warm_up(sess)
         excluded = frozenset(a["id"] for a in md["seqr.adapters"] if a["excluded"])
         provider = sess.get_providers()[0]
@@ -256,7 +210,7 @@ class OnnxBackend:
         return _Scorer(sess, provider, excluded)
 
     def _want(self, index: LibraryIndex, prof: Profile | None) -> None:
-        """Note a profile as in use and get it (or a newer snapshot) built in the background."""
+        """Note a profile as in use and get it (or this snapshot) built in the background."""
         with self._lock:
             if prof is not None:
                 recent = self._recent.setdefault(index.name, OrderedDict())
@@ -270,70 +224,36 @@ class OnnxBackend:
             busy = self._pending | set(self._failed)
             profs = [p for p in profs if p is not None and (index.name, index.version, p) not in busy
                      and (slot is None or slot.index.version != index.version or p not in slot.scorers)]
-            if not profs and slot is None and not self._recent.get(index.name):
-                dflt = default_profile(index, self.default_normalisation)
-                profs = [] if (index.name, index.version, dflt) in busy else [dflt]
             if not profs:
                 return
             self._pending.update((index.name, index.version, p) for p in profs)
-            gen = self._generation[index.name]
-        self._builder.submit(self._build_and_swap, index, profs, None, gen)
+        self._builder.submit(self._build_and_swap, index, profs)
 
     # --- serving -----------------------------------------------------------------------------
-    def _numpy(self, index, inputs, options, reason: str) -> Decision:
+    def _numpy(self, p: Plan, reason: str) -> Decision:
         with self._lock:
             first = self._stats[f"numpy: {reason}"] == 0
             self._stats[f"numpy: {reason}"] += 1
         (log.info if first else log.debug)("onnx backend: served by numpy (%s)", reason)
-        return numpy_route(index, inputs, options)
+        return decide(p, numpy_scores(p))
 
     def route(self, index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
               options: RouteOptions = RouteOptions()) -> Decision:
-        if options.method != "seqr":
-            return self._numpy(index, inputs, options, f"method {options.method} runs on numpy")
-        checked = check_inputs(index, inputs)
-        slot = self._slots.get(index.name)           # one read: a swap cannot change it under us
-        snap, cands, why = self._snapshot(slot, index, options.candidates)
-        if snap is None:
-            if slot is None or slot.index.version < index.version:
-                # Cold (or the warm snapshot lacks a candidate): learn this request's profile
-                # so the build serves it; plan() raises exactly what numpy would raise.
-                cold = S.plan(index, checked, options, options.candidates)
-                self._want(index, cold.profile if isinstance(cold, S.RoutePlan) else None)
-            return self._numpy(index, inputs, options, why)
-        plan = S.plan(snap, checked, options, cands, memo=slot.memo)
-        if isinstance(plan, str):
-            return self._numpy(index, inputs, options, plan)
-        if snap.version != index.version:
-            self._want(index, plan.profile)
-        scorer = slot.scorers.get(plan.profile)
+        p = plan(index, inputs, options)                 # raises exactly what numpy raises
+        prof = S.profile(p)
+        if isinstance(prof, str):
+            return self._numpy(p, prof)
+        slot = self._slots.get(index.name)               # one read: a swap cannot change it under us
+        scorer = slot.scorers.get(prof) if slot is not None and slot.index.version == index.version else None
         if scorer is None:
-            self._want(snap, plan.profile)
-            key = (snap.name, snap.version, plan.profile)
-            return self._numpy(index, inputs, options, self._failed.get(key, "scorer warming"))
-        if scorer.excluded and np.isin(plan.ids, list(scorer.excluded)).any():
-            return self._numpy(index, inputs, options, "candidate not scorable by this graph")
+            self._want(index, prof)
+            key = (index.name, index.version, prof)
+            return self._numpy(p, self._failed.get(key, "scorer warming"))
+        if scorer.excluded and np.isin(p.ids, list(scorer.excluded)).any():
+            return self._numpy(p, "candidate not scorable by this graph")
         with self._lock:
             self._stats[f"onnx: {scorer.provider}"] += 1
-        return S.decide(snap, checked, options, plan, scorer.session, memo=slot.memo)
-
-    def _snapshot(self, slot: _Slot | None, index: LibraryIndex, candidates):
-        """(snapshot to score on, candidates to use, reason if none)."""
-        if slot is None:
-            return None, None, "scorer warming"
-        have = slot.index
-        if have.version == index.version:
-            return have, candidates, ""
-        if have.version > index.version or not self.serve_stale:
-            return None, None, "request snapshot differs from the warm scorer's"
-        old = set(have.names)
-        wanted = candidates if candidates is not None else index.names
-        if candidates is not None and not set(candidates) <= old:
-            return None, None, "candidate newer than the warm scorer"
-        keep = tuple(n for n in wanted if n in old)   # deleted adapters are never served
-        if not keep:
-            return None, None, "no candidate in the warm scorer"
-        return have, (candidates if candidates is not None or len(keep) == len(old) else keep), ""
+        return decide(p, S.scores(p, scorer.session))
 
 
 def _warm_up(sess) -> None:

@@ -32,7 +32,6 @@ import numpy as np
 from seqr_core import Calibrator, CalibrationStats, LibraryIndex, ModuleInput
 from seqr_core.errors import SeqrError
 from seqr_core.moments import MomentAccumulator
-from seqr_core.stacked import stacked
 
 from .auth import ROLES, Principal
 from .metrics import Metrics
@@ -110,14 +109,11 @@ class TrafficLearner:
         if gaps != lib.gaps:              # adapters added or calibrated since: start again
             lib.gaps, lib.calibrator, lib.basis = gaps, None, None
             if gaps:
-                entries = [index.entry(n) for n in gaps]
-                lib.basis, _ = LibraryIndex.create(name=index.name, signature=index.signature,
-                                                   shared_a=index.shared_a, version=index.version).add_adapters(
-                    [(e.adapter, e.adapter_id, e.upload_dtype) for e in entries], version=index.version)
+                lib.basis = index.restricted(gaps)
                 lib.calibrator = Calibrator(lib.basis)
         if lib.calibrator is None:
             return
-        needed = {m for e in lib.basis.adapters for m in e.adapter.factors}
+        needed = {m for e in lib.basis.adapters for m in e.modules}
         if any(m not in inputs or inputs[m].form != "activations" for m in needed):
             return                        # only sequences that cover every gap module per token
         lib.calibrator.update({m: inputs[m] for m in needed})
@@ -145,18 +141,19 @@ class TrafficLearner:
 def drift(index: LibraryIndex, pool: MomentAccumulator) -> float:
     """Spread (max − min) over calibrated shared-A adapters of their mean ``activation`` score
     on the pooled traffic; 0 when fewer than two adapters can be compared."""
-    st = stacked(index)
-    if st.cal is None:
+    if index.cal_columns is None or not index.adapters:
         return 0.0
-    means = pool.finish().modules
+    slots, lay = index.slots, index.layout
     ratios = []
-    for m, mm in means.items():
-        k = st.row.get(m)
-        if k is None or st.W[k] is None or mm.mean.size != st.W[k].shape[0]:
+    for m, mm in pool.finish().modules.items():
+        g = lay.group_of.get(m)
+        if g is None or mm.mean.size != lay.groups[g[0]].K:
             continue
-        e = mm.mean @ st.W[k]                                              # (K,)·(K, N) -> (N,)
-        ok = st.shared[k] & st.cal.has[k] & np.isfinite(st.cal.mod_mean[0, k])
-        ratios.append(np.where(ok, e / np.maximum(st.cal.mod_mean[0, k], 1e-30), np.nan))
+        k = lay.row[m]
+        e = mm.mean @ index.table(f"W{g[0]}")[g[1]][:, slots]                 # (K,)·(K, N) -> (N,)
+        mean = index.cal_table("mod_mean")[0][k, slots]
+        ok = index.table("shared")[k, slots] & index.cal_table("has")[k, slots] & np.isfinite(mean)
+        ratios.append(np.where(ok, e / np.maximum(mean, 1e-30), np.nan))
     if not ratios:
         return 0.0
     r = np.stack(ratios)                                                   # (rows, N)

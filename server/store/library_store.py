@@ -45,7 +45,6 @@ import os
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +56,7 @@ from seqr_core.errors import (
     UnavailableError,
 )
 
+from .adapter_edits import adapter_objects_edit, new_adapters_edit, now, replace_adapter_edit
 from .anchor import AnchorFile, resolve_anchor_dir
 from .commit import Committer, Txn
 from .durable_io import DurableIO, FailPoints
@@ -65,6 +65,8 @@ from .errors import MissingBlobError, TamperedBlobError
 from .key_providers import KeyProvider
 from .manifest import (
     adapter_context,
+    adapter_object_context,
+    adapter_refs,
     find_adapter,
     find_library,
     iter_blob_refs,
@@ -167,6 +169,12 @@ class LibraryStore:
         self._check_open()
         return library_record(name, find_library(self._manifest, name))
 
+    def library_head(self, name: str) -> tuple[int, int]:
+        """(version, next adapter id) of a library, without building its adapter records."""
+        self._check_open()
+        lib = find_library(self._manifest, name)
+        return lib["version"], lib["next_adapter_id"]
+
     def adapter(self, library: str, name: str) -> AdapterRecord:
         self._check_open()
         return adapter_record(name, find_adapter(self._manifest, library, name))
@@ -186,6 +194,19 @@ class LibraryStore:
                     raise TamperedBlobError(f"{what}: plaintext does not match its recorded sha256")
                 out[file_name] = data
             return out
+
+    def read_adapter_object(self, library: str, name: str, role: str) -> bytes | None:
+        """The adapter's derived object for ``role`` (e.g. "index"), or None if it has none."""
+        self._check_open()
+        validate_role(role)
+        with self._rw.read():
+            manifest = self._manifest
+            entry = find_adapter(manifest, library, name)
+            ref = entry.get("objects", {}).get(role)
+            if ref is None:
+                return None
+            context = adapter_object_context(manifest["store_id"], library, name, entry["adapter_id"], role)
+            return self._read_blob(ref, context, f"library {library!r} adapter {name!r} object {role!r}")
 
     def read_library_object(self, library: str, role: str) -> bytes | None:
         """The library's object for ``role`` (e.g. "calibration"), or None if it has none."""
@@ -210,7 +231,8 @@ class LibraryStore:
         """Where an object's blob lives on disk (for diagnostics and tamper tests)."""
         self._check_open()
         if adapter is not None:
-            ref = find_adapter(self._manifest, library, adapter)["files"].get(file)
+            entry = find_adapter(self._manifest, library, adapter)
+            ref = entry["files"].get(file) if role is None else entry.get("objects", {}).get(role)
         else:
             ref = find_library(self._manifest, library)["objects"].get(role)
         if ref is None:
@@ -241,7 +263,7 @@ class LibraryStore:
         def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
             if name in manifest["libraries"]:
                 raise AlreadyExistsError(f"library {name!r} already exists", field="library", actual=name)
-            lib = {"version": 1, "meta": meta, "next_adapter_id": 0, "created_at": _now(), "objects": {},
+            lib = {"version": 1, "meta": meta, "next_adapter_id": 0, "created_at": now(), "objects": {},
                    "adapters": {}, "changed": 1, "deleted": {}}
             manifest["libraries"][name] = lib
             for role, data in objects.items():
@@ -260,59 +282,54 @@ class LibraryStore:
         self._mutate(edit)
 
     def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict, replace: bool = False,
-                    objects: dict[str, bytes] | None = None) -> AdapterRecord:
+                    objects: dict[str, bytes] | None = None,
+                    library_objects: dict[str, bytes] | None = None) -> AdapterRecord:
         """Store a new adapter; it gets the library's next adapter id, never reused after a delete.
+        ``objects``: derived per-adapter objects (role -> bytes, e.g. its routing index),
+        committed with the files.
 
         ``replace``: store a new version of the existing adapter ``name`` instead (NotFoundError if
-        there is none): same id, ``version`` + 1, and the old version's blobs are unlinked after
-        the commit (crypto-shredded). ``objects``: library objects replaced in the same commit.
+        there is none): same id, ``version`` + 1, and the old version's blobs (files and objects)
+        are unlinked after the commit (crypto-shredded). ``library_objects``: library objects
+        replaced in the same commit.
         """
-        validate_name(name, field="adapter")
-        meta = validate_meta(meta)
-        files = validate_files(files)
-        objects = validate_objects(objects or {})
+        if not replace and not library_objects:
+            return self.put_adapters(library, [(name, files, meta, objects or {})])[0]
+        checked = (validate_name(name, field="adapter"), validate_files(files), validate_meta(meta),
+                   validate_objects(objects or {}))
+        lib_objects = validate_objects(library_objects or {})
+        return self._mutate(replace_adapter_edit(library, checked, lib_objects, self._write_blob, replace=replace))
 
-        def edit(manifest: dict[str, Any], txn: Txn) -> AdapterRecord:
-            lib = writable_library(manifest, library)
-            old = lib["adapters"].get(name)
-            if replace and old is None:
-                raise NotFoundError(f"adapter {name!r} does not exist in library {library!r}", field="adapter",
-                                    actual=name)
-            if not replace and old is not None:
-                raise AlreadyExistsError(
-                    f"adapter {name!r} already exists in library {library!r}", field="adapter", actual=name
-                )
-            adapter_id = old["adapter_id"] if replace else lib["next_adapter_id"]
-            entry = {"adapter_id": adapter_id, "created_at": _now(), "meta": meta, "files": {},
-                     "sha256": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
-                     "size_bytes": sum(len(d) for d in files.values()),
-                     "version": old.get("version", 1) + 1 if replace else 1}
-            for file_name, data in files.items():
-                context = adapter_context(manifest["store_id"], library, name, adapter_id, file_name)
-                entry["files"][file_name] = self._write_blob(txn, data, context)
-            if replace:
-                txn.obsolete.extend(ref["blob"] for ref in old["files"].values())
-            for role, data in objects.items():
-                if role in lib["objects"]:
-                    txn.obsolete.append(lib["objects"][role]["blob"])
-                lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], library, role))
-            lib["adapters"][name] = entry
-            lib["next_adapter_id"] = max(lib["next_adapter_id"], adapter_id + 1)
-            note_adapter_put(lib, name, entry)
-            return adapter_record(name, entry)
+    def put_adapters(self, library: str, items: list[tuple[str, dict[str, bytes], dict, dict[str, bytes]]]
+                     ) -> list[AdapterRecord]:
+        """Store several new adapters — (name, files, meta, objects) each — in one commit, ids in
+        order; the library version grows by one per adapter, as separate puts would."""
+        checked = []
+        for name, files, meta, objects in items:
+            name, meta = validate_name(name, field="adapter"), validate_meta(meta)
+            checked.append((name, validate_files(files), meta, validate_objects(objects)))
 
-        return self._mutate(edit)
+        return self._mutate(new_adapters_edit(library, checked, self._write_blob))
 
-    def delete_adapter(self, library: str, name: str) -> LibraryRecord:
-        """Remove an adapter and crypto-shred its files; bumps the library version."""
+    def put_adapter_objects(self, library: str, objects: dict[str, dict[str, bytes]]) -> LibraryRecord:
+        """Add or replace derived objects of existing adapters ({adapter: {role: bytes}}) in one
+        commit. Derived data (e.g. an index rebuilt from the files by a newer version) changes
+        nothing a caller sees, so the library version stays; replaced blobs are shredded."""
+        checked = {validate_name(n, field="adapter"): validate_objects(o) for n, o in objects.items()}
 
-        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
+        return self._mutate(adapter_objects_edit(library, checked, self._write_blob))
+
+    def delete_adapter(self, library: str, name: str, *, record: bool = True) -> LibraryRecord | None:
+        """Remove an adapter and crypto-shred its files and objects; bumps the library version.
+        ``record=False`` skips building the library's record (a copy of every adapter's)."""
+
+        def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord | None:
             entry = find_adapter(manifest, library, name)
             lib = writable_library(manifest, library)
-            txn.obsolete.extend(ref["blob"] for ref in entry["files"].values())
+            txn.obsolete.extend(ref["blob"] for ref in adapter_refs(entry))
             del lib["adapters"][name]
             note_adapter_deleted(lib, name)
-            return library_record(library, lib)
+            return library_record(library, lib) if record else None
 
         return self._mutate(edit)
 
@@ -429,7 +446,3 @@ class LibraryStore:
 
     def _blob_file(self, name: str) -> Path:
         return self._committer.blob_file(name)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

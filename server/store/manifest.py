@@ -19,7 +19,8 @@ Schema::
                           "adapters": {name: {"adapter_id": int, "created_at": str, "meta": {...},
                                               "sha256": {file: hex}, "size_bytes": int,
                                               "changed": int, "version": int,
-                                              "files": {file: ref}}}}}}
+                                              "files": {file: ref},
+                                              "objects": {role: ref}}}}}}
     ref = {"blob": 32 hex chars, "version": int, "key_id": str, "size": plaintext bytes}
 
 Every library edit advances ``version`` by one through one of the ``note_*`` functions, which
@@ -29,6 +30,10 @@ service derives per-caller view versions from them (a caller's view moves only w
 see). ``deleted`` is bounded: past MAX_TOMBSTONES the oldest half folds into the library-wide
 ``changed``. Libraries written before these fields existed get ``changed`` = their version at
 their next edit and count older adapters as changed no later than that.
+
+Adapter ``objects`` (e.g. the routing index derived from the files) are absent in stores written
+before they existed; readers treat a missing map as empty. Writing them changes nothing a caller
+sees, so it does not advance ``version``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ __all__ = [
     "MANIFEST_CONTEXT",
     "MANIFEST_NAME",
     "adapter_context",
+    "adapter_object_context",
     "find_adapter",
     "find_library",
     "iter_blob_refs",
@@ -165,6 +171,10 @@ def object_context(store_id: str, library: str, role: str) -> bytes:
     return blob_context(store_id, library, role=f"object:{role}")
 
 
+def adapter_object_context(store_id: str, library: str, adapter: str, adapter_id: int, role: str) -> bytes:
+    return blob_context(store_id, library, role=f"object:{role}", adapter=adapter, adapter_id=adapter_id)
+
+
 def iter_blob_refs(manifest: dict[str, Any]) -> Iterator[tuple[dict[str, Any], bytes, str]]:
     """Every blob reference with the context it is sealed for and a human description."""
     store_id = manifest["store_id"]
@@ -175,6 +185,9 @@ def iter_blob_refs(manifest: dict[str, Any]) -> Iterator[tuple[dict[str, Any], b
             for file_name, ref in ad["files"].items():
                 context = adapter_context(store_id, lib_name, ad_name, ad["adapter_id"], file_name)
                 yield ref, context, f"library {lib_name!r} adapter {ad_name!r} file {file_name!r}"
+            for role, ref in ad.get("objects", {}).items():
+                context = adapter_object_context(store_id, lib_name, ad_name, ad["adapter_id"], role)
+                yield ref, context, f"library {lib_name!r} adapter {ad_name!r} object {role!r}"
 
 
 def iter_refs(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -186,7 +199,12 @@ def iter_refs(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def library_refs(lib: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from lib["objects"].values()
     for ad in lib["adapters"].values():
-        yield from ad["files"].values()
+        yield from adapter_refs(ad)
+
+
+def adapter_refs(ad: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from ad["files"].values()
+    yield from ad.get("objects", {}).values()
 
 
 def library_blob_names(lib: dict[str, Any]) -> list[str]:

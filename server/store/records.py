@@ -26,6 +26,7 @@ class AdapterRecord:
     size_bytes: int
     changed: int = 0          # library version of its upload (0: stored before versions were kept)
     version: int = 1          # 1 at upload, +1 for every in-place replacement
+    objects: tuple[str, ...] = ()      # roles of the adapter's derived objects (e.g. "index")
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,27 @@ class LibraryRecord:
     object_sizes: Mapping[str, int] = field(default_factory=dict)   # role -> plaintext bytes
 
 
+def _copy_json(value: Any) -> Any:
+    """A deep copy of validated JSON data (dicts, lists, scalars): several times faster than
+    copy.deepcopy, which matters when a 10,000-adapter library lists its records."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
 def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
     return AdapterRecord(
         name=name,
         adapter_id=entry["adapter_id"],
         created_at=entry["created_at"],
         sha256=dict(entry["sha256"]),
-        meta=copy.deepcopy(entry["meta"]),
+        meta=_copy_json(entry["meta"]),
         size_bytes=entry["size_bytes"],
         changed=entry.get("changed", 0),
         version=entry.get("version", 1),
+        objects=tuple(sorted(entry.get("objects", {}))),
     )
 
 

@@ -1,4 +1,8 @@
-"""Random libraries for property tests: mixed shared-A and general adapters, near-ties."""
+"""Random libraries for property tests: mixed shared-A and general adapters, near-ties.
+
+The product keeps no B; the float64 reference (tests/core/reference.py) does: every adapter
+added through ``add`` is remembered here with its original factors, keyed by its index entry.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,23 @@ import numpy as np
 
 from seqr_core import (Adapter, BaseModelSignature, Calibrator, LibraryIndex, ModuleFactors,
                        ModuleInput, ModuleSpec)
+
+
+_ORIGINAL: dict[int, tuple] = {}
+
+
+def add(idx: LibraryIndex, adapter: Adapter, *, adapter_id: int, upload_dtype: str = "F32") -> LibraryIndex:
+    """``idx.add_adapter``, remembering the adapter's original factors for the reference."""
+    idx, entry = idx.add_adapter(adapter, adapter_id=adapter_id, upload_dtype=upload_dtype)
+    _ORIGINAL[id(entry)] = (entry, adapter)
+    return idx
+
+
+def original(entry) -> Adapter:
+    """The adapter (with its B) an index entry was built from (added through ``add``)."""
+    kept, adapter = _ORIGINAL[id(entry)]
+    assert kept is entry, "adapter was not added through tests.core.libraries.add"
+    return adapter
 
 
 def random_library(rng: np.random.Generator, *, n_adapters: int, n_modules: int, d: int, r: int,
@@ -44,7 +65,7 @@ def random_library(rng: np.random.Generator, *, n_adapters: int, n_modules: int,
                                                        scale=1.0)
             ad = Adapter(name=f"a{i}", factors=factors)
         made.append(ad)
-        idx, _ = idx.add_adapter(ad, adapter_id=10 + 3 * i)
+        idx = add(idx, ad, adapter_id=10 + 3 * i)
     return idx
 
 

@@ -1,18 +1,21 @@
 """An independent float64 brute-force reference for routing, written from the definitions.
 
-Shares no numeric code with seqr_core: energies are ‖s·B·A·x‖² from the adapters' own
-factors, normalisations are re-implemented from DESIGN §1 and seqr_core's docstrings.
+Shares no numeric code with seqr_core: energies are ‖s·B·A·x‖² from the adapters' ORIGINAL
+factors (kept by tests.core.libraries, never by the index), normalisations are re-implemented
+from DESIGN §1 and seqr_core's docstrings.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .libraries import original
+
 LOG_FLOOR = 1e-8
 
 
 def energies(entry, module, form, data):
-    f = entry.adapter.factors[module]
+    f = original(entry).factors[module]
     A, B, s = f.A.astype(np.float64), f.B.astype(np.float64), float(f.scale)
     dW = s * (B @ A)                                                      # (o, d)
     data = data.astype(np.float64)
@@ -48,14 +51,14 @@ def scores(index, inputs, *, kind, granularity="adapter_module", transform="e", 
     for entry in index.adapters:
         if candidates is not None and entry.name not in candidates:
             continue
-        mods = [m for m in sorted(inputs) if m in entry.adapter.factors]
+        mods = [m for m in sorted(inputs) if m in original(entry).factors]
         if not mods:
             continue
         parts = []
         for m in mods:
             form, data = inputs[m]
             e = energies(entry, m, form, data)
-            f = entry.adapter.factors[m]
+            f = original(entry).factors[m]
             frob2 = float(((float(f.scale) * f.B.astype(np.float64) @ f.A.astype(np.float64)) ** 2).sum())
             if kind == "none":
                 u = e

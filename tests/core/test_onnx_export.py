@@ -26,7 +26,7 @@ from seqr_core.normalise import combine
 from seqr_core.onnx_export import MASK, build_scorer_model, export_scorer, input_name, scorer_metadata
 
 from . import reference as ref
-from .libraries import calibrated, random_inputs, random_library
+from .libraries import add, calibrated, random_inputs, random_library
 
 NORMS = [("none", "adapter_module", "e"), ("frobenius", "adapter_module", "e"),
          ("activation", "adapter_module", "e")] + [
@@ -51,7 +51,7 @@ def run(model: bytes, inputs, mask, *, dtype=np.float32):
 
 
 def numpy_scores(idx, inputs, norm, *, per_token=False):
-    blocks = {m: E.seqr_energies(idx.modules[m], i) for m, i in inputs.items()}
+    blocks = {m: E.seqr_energies(idx, m, i) for m, i in inputs.items()}
     return combine(idx, blocks, idx.ids, norm, per_token=per_token)
 
 
@@ -210,7 +210,7 @@ def test_export_rejects_what_it_cannot_score():
         export_scorer(idx, top_k=0)
     with pytest.raises(FailedPreconditionError, match="uncalibrated"):
         export_scorer(idx, normalisation=Normalisation("activation"))
-    general = [e for e in idx.adapters if e.kind != "shared_a" and m0 in e.adapter.factors]
+    general = [e for e in idx.adapters if e.kind != "shared_a" and m0 in e.modules]
     if general:
         with pytest.raises(FailedPreconditionError, match="needs activations"):
             export_scorer(idx, form="projected", modules=[m0])
@@ -287,7 +287,7 @@ def peft_library(tmp_path_factory):
     for i, (name, kw) in enumerate(specs):
         path = make_peft_adapter(model, tmp / name, seed=10 + i, rank=4, **kw)
         parsed = parse_peft_adapter(read_dir(path), name=name, signature=sig)
-        idx, _ = idx.add_adapter(parsed.adapter, adapter_id=100 + i, upload_dtype=parsed.upload_dtype)
+        idx = add(idx, parsed.adapter, adapter_id=100 + i, upload_dtype=parsed.upload_dtype)
     acts = {}
     def keep(name):
         return lambda _m, a: acts.__setitem__(name, a[0][0].detach().numpy().copy())   # (T, d_in)
@@ -314,7 +314,7 @@ def test_peft_made_library_parity_every_form(peft_library, form):
         for mask in (np.ones(len(shared), bool), shared, np.eye(len(shared), dtype=bool)[1]):
             out, _ = run(model, inputs, mask)
             ids = idx.ids[mask & (shared | (form == "activations"))]
-            blocks = {m: E.seqr_energies(idx.modules[m], i, allowed=ids) for m, i in inputs.items()}
+            blocks = {m: E.seqr_energies(idx, m, i, allowed=ids) for m, i in inputs.items()}
             S_np, _ = combine(idx, blocks, ids, norm, per_token=False)
             S = np.full(len(shared), np.nan)
             S[idx.positions(ids)] = S_np

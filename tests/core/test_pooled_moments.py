@@ -11,7 +11,7 @@ from seqr_core import (Calibrator, ModuleInput, MomentPool, Normalisation, Route
 from seqr_core.errors import IntegrityError
 from seqr_core.moments import MomentAccumulator
 
-from .libraries import random_library
+from .libraries import original, random_library
 
 D, R = 16, 4
 
@@ -42,7 +42,7 @@ def _stream(index, seqs) -> Calibrator:
 
 def _reference_e(index, name: str, module: str, seqs) -> np.ndarray:
     """Every calibration token's e = ‖s·B·A·x‖² in float64, from the adapter's own factors."""
-    f = index.entry(name).adapter.factors[module]
+    f = original(index.entry(name)).factors[module]
     es = []
     for s in seqs:
         inp = s[module]

@@ -44,24 +44,32 @@ def served_by_onnx(be, idx, inputs, opts):
 
 
 def assert_same_decision(a, b, *, verified=True):
-    """a numpy, b onnx. Sequence: identical ranking (verify=False: fp32 rankings, equal up to
-    swaps of scores within 1e-5). Token granularity: identical exact per-token top-k and votes;
-    the vote tie-break uses fp32 mean scores, so equal votes may swap."""
+    """a numpy, b onnx. Each path's scores lie within its own proven bounds of the float64
+    scores, so the two agree within the sum of both bounds (re-checked scores are float64 on
+    both sides: equal up to float64 rounding). Sequence: identical ranking when verified.
+    Token granularity: identical exact per-token top-k and votes; unverified, the k-th best
+    score moves by at most the largest bound of its token (order statistics are 1-Lipschitz)."""
     head = (lambda d: (d.version, d.method, d.normalisation, d.fallback))
     assert head(b) == head(a)
     np.testing.assert_array_equal(b.candidate_ids, a.candidate_ids)
     if a.tokens is None:
         scale = np.nanmax(np.abs(a.scores)) if np.isfinite(a.scores).any() else 1.0
-        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5, atol=1e-5 * scale)
+        assert np.array_equal(np.isnan(a.scores), np.isnan(b.scores))
+        untracked = np.zeros(a.scores.shape)        # baselines: both sides ran the same numpy code
+        tol = (untracked if a.bounds is None else a.bounds) + (untracked if b.bounds is None else b.bounds) \
+            + 1e-12 * scale
+        assert (np.isnan(a.scores) | (np.abs(b.scores - a.scores) <= tol)).all(), \
+            np.nanmax(np.abs(b.scores - a.scores) - tol)
         if verified:
             assert [c.adapter_id for c in b.choices] == [c.adapter_id for c in a.choices]
         pos = {int(i): k for k, i in enumerate(a.candidate_ids)}
-        for ca, cb in zip(a.choices, b.choices):
-            assert abs(a.scores[pos[cb.adapter_id]] - ca.score) <= 1e-5 * scale
+        for ca, cb in zip(a.choices, b.choices):      # rank by rank, even where near-ties swap
+            assert abs(cb.score - ca.score) <= tol[pos[ca.adapter_id]] + tol[pos[cb.adapter_id]]
         return
     if not verified:                          # unverified fp32 per-token ranks: near-ties may swap
         scale = np.nanmax(np.abs(a.tokens.scores))
-        np.testing.assert_allclose(b.tokens.scores, a.tokens.scores, rtol=1e-5, atol=1e-5 * scale)
+        tol = (a.tokens.bounds + b.tokens.bounds)[:, None] + 1e-12 * scale
+        assert (np.abs(b.tokens.scores - a.tokens.scores) <= tol).all()
         return
     np.testing.assert_array_equal(b.tokens.ids, a.tokens.ids)
     np.testing.assert_array_equal(b.scores, a.scores)
@@ -154,26 +162,6 @@ def test_sessions_come_from_bytes_and_log_their_provider(monkeypatch, caplog):
     assert any("warm on" in r.getMessage() and "ExecutionProvider" in r.getMessage() for r in caplog.records)
 
 
-def test_exported_bytes_are_reused_by_prepare_and_checked(backend, caplog):
-    rng = np.random.default_rng(14)
-    idx = random_library(rng, n_adapters=4, n_modules=2, d=8, r=2)
-    raw = backend.exported_bytes(idx)
-    assert raw is backend.exported_bytes(idx)                  # cached per version
-    be = OnnxBackend()
-    try:
-        be.prepare(idx, model_bytes=raw, wait=True)
-        assert be.warm_version(idx.name) == idx.version
-        newer, _ = idx.add_adapter(Adapter(name="extra", factors={
-            m: ModuleFactors(A=idx.shared_a[m], B=np.ones((idx.signature.spec(m).d_out, 2), np.float32),
-                             scale=1.0) for m in idx.signature.names}), adapter_id=999)
-        caplog.set_level(logging.INFO, logger="seqr_server.onnx_backend")
-        be.prepare(newer, model_bytes=raw, wait=True)          # stale cache: re-exported
-        assert be.warm_version(idx.name) == newer.version
-        assert any("does not match" in r.getMessage() for r in caplog.records)
-    finally:
-        be.close()
-
-
 def _add(idx, rng, i):
     f = {m: ModuleFactors(A=idx.shared_a[m], scale=float(rng.uniform(0.5, 2)),
                           B=rng.standard_normal((idx.signature.spec(m).d_out, 4)).astype(np.float32))
@@ -181,7 +169,7 @@ def _add(idx, rng, i):
     return idx.add_adapter(Adapter(name=f"new{i}", factors=f), adapter_id=1000 + i)[0]
 
 
-def test_stale_snapshot_serves_until_warm_and_never_serves_deleted_adapters():
+def test_a_snapshot_is_never_scored_by_an_older_graph():
     rng = np.random.default_rng(15)
     idx = random_library(rng, n_adapters=4, n_modules=2, d=8, r=4, shared_only=True)
     inputs = random_inputs(rng, idx, T=3, form="activations")
@@ -191,18 +179,19 @@ def test_stale_snapshot_serves_until_warm_and_never_serves_deleted_adapters():
         gate = threading.Event()
         be._builder.submit(gate.wait)                         # hold the builder: nothing warms
         new = _add(idx, rng, 0)
+        before = be.stats().get("numpy: scorer warming", 0)
         d = be.route(new, inputs, RouteOptions(top_k=3))
-        assert d.version == idx.version                       # the old session served
-        gone, _ = idx.remove_adapter(idx.names[0])
-        gone = gone.with_version(new.version + 1)
+        assert d.version == new.version                       # numpy, on the current snapshot
+        assert be.stats()["numpy: scorer warming"] == before + 1
+        assert_same_decision(route(new, inputs, RouteOptions(top_k=3)), d)
+        gone, _ = new.remove_adapter(idx.names[0])
         d = be.route(gone, inputs, RouteOptions(top_k=4))
-        assert d.version == idx.version and idx.names[0] not in [c.name for c in d.choices]
-        assert idx.adapters[0].adapter_id not in d.candidate_ids
-        d = be.route(new, inputs, RouteOptions(candidates=("new0",)))   # not in the warm snapshot
-        assert d.version == new.version                       # numpy, on the request's snapshot
+        assert d.version == gone.version and idx.names[0] not in [c.name for c in d.choices]
         gate.set()
         be.prepare(gone, wait=True)
+        onnx_before = sum(v for k, v in be.stats().items() if k.startswith("onnx:"))
         assert be.route(gone, inputs, RouteOptions()).version == gone.version
+        assert sum(v for k, v in be.stats().items() if k.startswith("onnx:")) == onnx_before + 1
     finally:
         be.close()
 
@@ -244,19 +233,13 @@ def test_routing_continues_while_adapters_are_added_and_the_scorer_swaps():
         be.close()
     assert not errors, errors[:3]
     assert be.warm_version(idx.name) == current[0].version
-    served = {d.version for _, d in results}
-    assert len(served) >= 3 and current[0].version in served
+    assert len({v for v, _ in results}) >= 3
     expected = {}
     for req_v, d in results:
-        assert d.version <= req_v and d.version in snaps
-        req, old = snaps[req_v], snaps[d.version]
-        keep = tuple(n for n in req.names if n in old.names)
-        cands = None if len(keep) == len(old.names) else keep
-        if (req_v, d.version) not in expected:
-            expected[(req_v, d.version)] = route(old, inputs, RouteOptions(top_k=2, candidates=cands))
-        e = expected[(req_v, d.version)]
-        assert [c.adapter_id for c in d.choices] == [c.adapter_id for c in e.choices]
-        assert all(c.name in req.names for c in d.choices)
+        assert d.version == req_v                 # always the snapshot asked for, never an older one
+        if req_v not in expected:
+            expected[req_v] = route(snaps[req_v], inputs, opts)
+        assert [c.adapter_id for c in d.choices] == [c.adapter_id for c in expected[req_v].choices]
 
 
 def test_provider_selection():
@@ -299,21 +282,5 @@ def test_cuda_provider_decisions_equal_numpy():
                     opts = RouteOptions(normalisation=norm, granularity=gran, top_k=3)
                     assert_same_decision(route(idx, inputs, opts), served_by_onnx(be, idx, inputs, opts))
         assert any(k == f"onnx: {CUDA}" for k in be.stats()), be.stats()
-    finally:
-        be.close()
-
-
-def test_a_forgotten_library_recreated_at_version_1_is_served_again():
-    rng = np.random.default_rng(19)
-    old = random_library(rng, n_adapters=4, n_modules=1, d=6, r=2)
-    new = random_library(rng, n_adapters=2, n_modules=1, d=6, r=2).with_version(1)
-    assert old.name == new.name and old.version > new.version
-    inputs = random_inputs(rng, new, T=2, form="activations")
-    be = OnnxBackend()
-    try:
-        be.prepare(old, wait=True)
-        be.forget(old.name)
-        d = served_by_onnx(be, new, inputs, RouteOptions())
-        assert d.version == 1 and be.warm_version(new.name) == 1
     finally:
         be.close()
