@@ -60,6 +60,11 @@ def adapter_blob(h: ServerHandles, adapter: str, library: str = LIB) -> Path:
     return h.manager._store.blob_path(library, adapter=adapter, file="adapter_model.safetensors")
 
 
+def index_blob(h: ServerHandles, adapter: str, library: str = LIB) -> Path:
+    """The adapter's sealed routing index: what startup reads (never the PEFT files)."""
+    return h.manager._store.blob_path(library, adapter=adapter, role="index")
+
+
 def object_blob(h: ServerHandles, role: str, library: str = LIB) -> Path:
     return h.manager._store.blob_path(library, role=role)
 

@@ -62,8 +62,10 @@ def test_routing_uses_the_new_factors_at_once(world, populated, new_version):
     want = route(expected_index(world, {VICTIM: new_version}),
                  {m: ModuleInput("activations", a, a.shape[0]) for m, a in x.items()},
                  RouteOptions(top_k=5, normalisation=Normalisation("none")))
-    assert [(c.name, c.adapter_id, c.score) for c in got.choices] == \
-        [(c.name, c.adapter_id, c.score) for c in want.choices]
+    assert [(c.name, c.adapter_id) for c in got.choices] == [(c.name, c.adapter_id) for c in want.choices]
+    # float64 rounding apart: the served snapshot keeps the old version's dead slot until
+    # compaction, so its BLAS blocks differ from a library built fresh
+    np.testing.assert_allclose([c.score for c in got.choices], [c.score for c in want.choices], rtol=1e-12)
     old = route(expected_index(world, {}), {m: ModuleInput("activations", a, a.shape[0]) for m, a in x.items()},
                 RouteOptions(top_k=5, normalisation=Normalisation("none")))
     assert {c.name: c.score for c in old.choices}[VICTIM] != {c.name: c.score for c in got.choices}[VICTIM]
@@ -93,7 +95,10 @@ def test_the_old_version_is_shredded_and_the_new_one_survives_a_restart(world, s
         assert (listed[VICTIM].adapter_id, listed[VICTIM].version) == (info.adapter_id, 2)
         assert listed["shared-a0"].calibrated and "shared-a0" not in c.describe(LIB).derived_adapters
         assert listed[VICTIM].calibrated and VICTIM in c.describe(LIB).derived_adapters
-        assert c.route(LIB, activations(world), top_k=5, normalisation="none").choices == routed.choices
+        again = c.route(LIB, activations(world), top_k=5, normalisation="none").choices
+        assert [(x.name, x.adapter_id) for x in again] == [(x.name, x.adapter_id) for x in routed.choices]
+        # float64 rounding apart: before the restart the replaced version's dead slot was still there
+        np.testing.assert_allclose([x.score for x in again], [x.score for x in routed.choices], rtol=1e-12)
 
 
 def test_replacing_a_missing_adapter_is_not_found_and_stores_nothing(populated, new_version):
@@ -148,11 +153,11 @@ def test_a_restricted_admin_cannot_replace_a_hidden_adapter(world, tmp_path, new
 
 
 def test_replacing_a_quarantined_adapter_repairs_it_in_place(world, tmp_path, new_version):
-    from .tenants import Tenants, adapter_blob, flip_bit
+    from .tenants import Tenants, flip_bit, index_blob
     t = Tenants(world, tmp_path, principals={"admin": dict(roles=["admin"]),
                                              "admin-a": dict(roles=["admin"], adapters=["team-a-*"])})
     try:
-        blob = adapter_blob(t.h, HIDDEN)
+        blob = index_blob(t.h, HIDDEN)
         t.h.stop(grace=1.0)
         flip_bit(blob)
         t.restart()

@@ -8,9 +8,10 @@ import time
 import numpy as np
 
 from seqr_client import RouterClient
-from seqr_core import Calibrator, LibraryIndex, ModuleInput
+from seqr_core import Calibrator, LibraryIndex, ModuleInput, parse_peft_adapter
 
-from .conftest import LIB, _capture, activations, core_index, create_library
+from ..peft_factory import read_dir
+from .conftest import LIB, _capture, activations, create_library
 
 GENERAL = "general-g0"
 
@@ -52,9 +53,9 @@ def test_a_general_adapter_is_calibrated_from_routed_traffic(world, start_server
         r = c.route(LIB, activations(world), normalisation="zscore/adapter/log")
         assert r.fallback == "" and r.normalisation == "zscore/adapter/log"
     # exactly the statistics a Calibrate of the routed sequences gives that adapter
-    idx = core_index(world, ["shared-a0", "shared-a1", GENERAL])
+    parsed = parse_peft_adapter(read_dir(world.adapters[GENERAL]), name=GENERAL, signature=world.sig)
     only = LibraryIndex.create(name=LIB, signature=world.sig, shared_a=world.shared_a)
-    only, _ = only.add_adapters([(idx.entry(GENERAL).adapter, 2, "F32")])
+    only, _ = only.add_adapters([(parsed.adapter, 2, parsed.upload_dtype)])
     ref = Calibrator(only)
     for x in learned:
         ref.update({m: ModuleInput("activations", a, a.shape[0]) for m, a in x.items()})

@@ -1,7 +1,8 @@
 """A damaged stored adapter is quarantined: the library serves the rest, restricted callers learn
 nothing about a hidden one, admins see it as damaged, metrics say degraded, and it can be deleted.
 
-Damage is real: one bit flipped in the adapter's blob on disk, then a restart."""
+Damage is real: one bit flipped in the adapter's sealed index object on disk (what startup
+reads; the PEFT files are read only by a scrub or a re-parse), then a restart."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from seqr_client import AlreadyExistsError, IntegrityError, NotFoundError, SeqrE
 from seqr_cli.main import main
 
 from .conftest import LIB, activations
-from .tenants import HIDDEN, PRINCIPALS, TEAM_A, UPLOADS, Tenants, adapter_blob, flip_bit, metric, object_blob
+from .tenants import (HIDDEN, PRINCIPALS, TEAM_A, UPLOADS, Tenants, adapter_blob, flip_bit, index_blob, metric,
+                      object_blob)
 
 RPCS = ("route", "describe", "list_adapters", "list_libraries")
 RESTRICTED = ("team-a", "observer-a")
@@ -58,10 +60,10 @@ def tenants(world, tmp_path):
 
 @pytest.fixture(scope="module")
 def damaged(world, tmp_path_factory):
-    """Tenants before and after one bit flip in team-b-secret's blob and a restart."""
+    """Tenants before and after one bit flip in team-b-secret's index object and a restart."""
     t = Tenants(world, tmp_path_factory.mktemp("quarantine"))
     before = everything_seen(t)
-    blob = adapter_blob(t.h, HIDDEN)
+    blob = index_blob(t.h, HIDDEN)
     t.restart()
     assert everything_seen(t) == before          # a clean restart changes nothing anyone sees
     t.h.stop(grace=1.0)
@@ -130,7 +132,7 @@ def test_metrics_say_the_library_is_degraded_and_health_stays_serving(damaged):
 
 
 def test_deleting_a_damaged_adapter_crypto_shreds_it(tenants):
-    blob = adapter_blob(tenants.h, HIDDEN)
+    blob = index_blob(tenants.h, HIDDEN)
     tenants.h.stop(grace=1.0)
     flip_bit(blob)
     tenants.restart(metrics_port=0)
