@@ -231,3 +231,46 @@ def test_a_store_written_before_index_objects_migrates_without_losing_an_adapter
     assert route(mgr.get("lib", OPEN).index, req, RouteOptions(top_k=4)).choices == \
         route(want, req, RouteOptions(top_k=4)).choices
     mgr.close()
+
+
+def test_mains_v1_fixture_store_migrates_to_index_objects_and_answers_as_before(tmp_path, caplog):
+    """tests/fixtures/store_v1 (written before index objects, with calibration and general
+    adapters): every adapter loads, its index is stored, and later starts need no PEFT file."""
+    shutil.copytree(FIXTURE.parent / "store_v1", tmp_path / "v1")
+    data, key = tmp_path / "v1" / "data", tmp_path / "v1" / "dev.kek"
+    key.chmod(0o600)
+    expected = json.loads((tmp_path / "v1" / "expected.json").read_text())
+    with LibraryStore.open(data, KeyFileProvider(key), accept_unanchored=True) as store:
+        stored = {lib: [a.name for a in store.library(lib).adapters] for lib in expected}
+        assert all(a.objects == () for lib in expected for a in store.library(lib).adapters)
+
+    def answers(mgr):
+        out = {}
+        for lib, want in expected.items():
+            x = {m: np.asarray(v, dtype=np.float32) for m, v in want["inputs"].items()}
+            d = route(mgr.get(lib, OPEN).index, {m: ModuleInput("activations", a, a.shape[0]) for m, a in x.items()},
+                      RouteOptions(top_k=8, normalisation=Normalisation(want["answer"]["normalisation"])))
+            out[lib] = ([[c.name, c.adapter_id] for c in d.choices], d.version, d.normalisation)
+            assert out[lib] == (want["answer"]["choices"], want["answer"]["library_version"],
+                                want["answer"]["normalisation"]), lib
+        return out
+
+    caplog.set_level(logging.INFO, logger="seqr.manager")
+    mgr = open_manager(data, key)
+    for lib in expected:
+        state = mgr.get(lib, OPEN)
+        assert list(state.index.names) == stored[lib] and not state.damage.adapters
+    first = answers(mgr)
+    mgr.close()
+    logged = [r for r in caplog.records if r.getMessage() == "adapters re-parsed from their PEFT files"]
+    assert sorted(r.library for r in logged) == sorted(expected)
+    with LibraryStore.open(data, KeyFileProvider(key)) as store:
+        assert all(a.objects == ("index",) for lib in expected for a in store.library(lib).adapters)
+    for lib in expected:
+        damage_peft_weights(data, key, lib)
+    caplog.clear()
+    mgr = open_manager(data, key)
+    assert answers(mgr) == first
+    assert all(list(mgr.get(lib, OPEN).index.names) == stored[lib] for lib in expected)
+    mgr.close()
+    assert not [r for r in caplog.records if "re-parsed" in r.getMessage()]
