@@ -269,3 +269,21 @@ def test_one_at_a_time_equals_bulk_and_survives_compaction(seed):
         assert [c.adapter_id for c in a.choices] == [c.adapter_id for c in b.choices]
         # same numbers up to float64 rounding (BLAS blocks differ with the number of slots)
         np.testing.assert_allclose([c.score for c in a.choices], [c.score for c in b.choices], rtol=1e-12)
+
+
+def test_a_restricted_view_routes_its_adapters_as_a_library_of_them_alone():
+    rng = np.random.default_rng(11)
+    idx = calibrated(rng, random_library(rng, n_adapters=7, n_modules=2, d=8, r=2, p_copy=0))
+    keep = [idx.names[k] for k in (1, 4, 5)]
+    view = idx.restricted(keep)
+    assert view.names == tuple(keep) and all(view.entry(n) is idx.entry(n) for n in keep)
+    assert sorted(view.calibration.adapters) == sorted(n for n in keep if idx.calibration.get(n) is not None)
+    alone, _ = LibraryIndex.create(name=idx.name, signature=idx.signature, shared_a=idx.shared_a).add_adapters(
+        [(original(idx.entry(n)), idx.entry(n).adapter_id, idx.entry(n).upload_dtype) for n in keep])
+    inputs = random_inputs(rng, idx, T=3, form="activations")
+    for gran in ("sequence", "token"):
+        opts = RouteOptions(top_k=3, granularity=gran, normalisation=Normalisation("frobenius"))
+        a, b = route(view, inputs, opts), route(alone, inputs, opts)
+        assert [c.adapter_id for c in a.choices] == [c.adapter_id for c in b.choices]
+        np.testing.assert_allclose([c.score for c in a.choices], [c.score for c in b.choices], rtol=1e-12)
+    assert idx.names == tuple(sorted(idx.names, key=lambda n: idx.entry(n).adapter_id))   # untouched

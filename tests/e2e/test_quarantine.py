@@ -170,6 +170,14 @@ def test_an_adapter_damaged_while_serving_is_quarantined_by_a_scrub(tenants):
     assert set(seen(tenants.c["admin"], tenants.world, "route")[-1]) == set(TEAM_A)
 
 
+def test_a_damaged_index_object_while_serving_is_quarantined_by_a_scrub(tenants):
+    before = seen(tenants.c["team-a"], tenants.world, "route")
+    flip_bit(index_blob(tenants.h, HIDDEN))
+    assert tenants.h.manager.scrub() == {LIB: [HIDDEN]}
+    assert [a.status for a in tenants.c["admin"].list_adapters(LIB) if a.name == HIDDEN] == ["damaged"]
+    assert seen(tenants.c["team-a"], tenants.world, "route") == before
+
+
 def test_a_damaged_calibration_is_quarantined_and_pooled_moments_recalibrate_shared_a_adapters(tenants):
     admin, x = tenants.c["admin"], activations(tenants.world)
     admin.calibrate([x], library=LIB)
