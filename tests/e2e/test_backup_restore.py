@@ -58,6 +58,8 @@ def test_restored_store_routes_identically(world, start_server, backed_up, tmp_p
     assert doc["libraries"] == 1 and doc["blobs_verified"] > len(world.adapters)
     h = start_server(tmp_path / "restored", keys=KeySource(key_file=kek))
     assert _route(h, world) == answer
+    # the routing index objects came back too: the restored store starts without PEFT files
+    assert all(a.objects == ("index",) for a in h.manager._store.library(LIB).adapters)
 
 
 def test_backup_holds_key_ids_but_no_key_material(backed_up):
@@ -132,6 +134,7 @@ def test_keys_rotate_reencrypts_retires_and_keeps_routing(backed_up, world, star
     assert json.loads(kek.read_text())["primary"] == new
     h = start_server(data, keys=KeySource(key_file=kek))
     assert _route(h, world)[1] == answer[1]
+    assert all(a.objects == ("index",) for a in h.manager._store.library(LIB).adapters)
     h.stop(grace=1.0)
     # A backup from before the rotation needs the retired key: restore says which one is missing.
     rc, err = _run(capsys, "restore", backup, "--data-dir", tmp_path / "r2", "--key-file", kek)
