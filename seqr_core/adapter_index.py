@@ -1,11 +1,14 @@
 """Per-adapter index objects: all routing keeps of an uploaded adapter — never its B.
 
-For each module, from the float64 factor R of a Householder thin QR s·B = Q·R (r×r, upper
-triangular): ‖ΔW‖_F², and the Gram weights of R (shared-A modules: what routing multiplies
-with; the library's frozen A serves as A) or R and the adapter's own A (general modules). Computed once at upload (``index_adapter``),
+For each module, with s·B = Q·R a thin QR (R r×r, upper triangular, float64): ‖ΔW‖_F², and the
+Gram weights of R, i.e. the upper triangle of RᵀR = (sB)ᵀ(sB) (shared-A modules: what routing
+multiplies with; the library's frozen A serves as A; computed as that Gram, no QR needed), or
+R itself from a Householder QR and the adapter's own A (general modules). Computed once at upload (``index_adapter``),
 stored encrypted beside the PEFT files (``encode``/``decode``: safetensors bytes, no I/O), and
 loaded at startup instead of re-parsing the PEFT files. ``FORMAT`` changes whenever what is
-stored or how it is computed changes; a stored object of another format is refused with
+stored changes, or how it is computed changes beyond float64 rounding within the bound of
+seqr_core.bounds (shared-A w from the Gram of s·B instead of from a QR's R is within it: objects
+of format 1 written either way stay valid); a stored object of another format is refused with
 ``IndexFormatError`` so the service re-parses that adapter's PEFT files once.
 """
 
@@ -82,9 +85,12 @@ def gram_weights(R: np.ndarray) -> np.ndarray:
     """R (n, r, r) -> (n, K) float64 weights w with zᵀ(RᵀR)z = feat(z)·w, K = r(r+1)/2 (the
     upper triangle of RᵀR, off-diagonal entries doubled). Each matrix's arithmetic is its own:
     the result does not depend on how many are stacked."""
-    r = R.shape[-1]
-    iu, ju = np.triu_indices(r)
-    S = np.matmul(np.swapaxes(R, -1, -2), R)                               # (n, r, r) RᵀR
+    return _packed(np.matmul(np.swapaxes(R, -1, -2), R))                  # (n, r, r) RᵀR
+
+
+def _packed(S: np.ndarray) -> np.ndarray:
+    """Symmetric S (..., r, r) -> its upper triangle (..., K), off-diagonal entries doubled."""
+    iu, ju = np.triu_indices(S.shape[-1])
     return S[..., iu, ju] * np.where(iu == ju, 1.0, 2.0)
 
 
@@ -122,26 +128,38 @@ def _snap(f: ModuleFactors, shared_a: np.ndarray | None, upload_dtype: str) -> b
     return bool(rtol) and bool(np.all(np.abs(f.A - shared_a) <= rtol * np.abs(shared_a) + 1e-30))
 
 
+def _scaled_stack(adapter: Adapter, ms: list[str]) -> np.ndarray:
+    """s·B of equally shaped modules as one (n, o, r) float64 array, converted in one pass."""
+    f0 = adapter.factors[ms[0]].B
+    out = np.empty((len(ms),) + f0.shape)
+    for k, m in enumerate(ms):
+        np.multiply(adapter.factors[m].B, adapter.factors[m].scale, out=out[k], dtype=np.float64)
+    return out
+
+
 def index_adapter(adapter: Adapter, *, shared_a: Mapping[str, np.ndarray],
                   shared_gram: Mapping[str, np.ndarray], upload_dtype: str = "F32") -> AdapterIndex:
     """The index object of ``adapter`` for a library whose frozen A's are ``shared_a``
     (``shared_gram``: A·Aᵀ per module in float64, so ‖ΔW‖_F² = tr(RᵀR·AAᵀ) = feat(AAᵀ)·w costs
-    K, not r²·d). QRs of equally shaped B's run as one stacked LAPACK call."""
+    K, not r²·d).
+
+    Shared-A modules keep only w, the upper triangle of RᵀR = (sB)ᵀ(sB): it is computed as that
+    Gram directly (o·r² flops, one batched GEMM per shape; no factorisation, and within the bound
+    of seqr_core.bounds: |zᵀ(Ĝ − G)z| ≤ γ₆₄(o)·‖sB‖_F²·‖z‖²). General modules need R itself
+    (M = R·A): Householder QRs, equally shaped B's in one stacked LAPACK call."""
     mods = tuple(sorted(adapter.factors))
+    shared = {m for m in mods if _snap(adapter.factors[m], shared_a.get(m), upload_dtype)}
     by_shape: dict[tuple, list[str]] = {}
     for m in mods:
-        by_shape.setdefault(adapter.factors[m].B.shape, []).append(m)
-    Rs = {}
-    for ms in by_shape.values():
-        stack = np.stack([adapter.factors[m].B.astype(np.float64) * adapter.factors[m].scale for m in ms])
-        Rs.update(zip(ms, thin_r(stack)))
-    shared = [m for m in mods if _snap(adapter.factors[m], shared_a.get(m), upload_dtype)]
-    by_rank: dict[int, list[str]] = {}
-    for m in shared:
-        by_rank.setdefault(Rs[m].shape[0], []).append(m)
-    ws = {}
-    for ms in by_rank.values():                     # one batched Gram per rank
-        ws.update(zip(ms, gram_weights(np.stack([Rs[m] for m in ms]))))
+        by_shape.setdefault((m in shared,) + adapter.factors[m].B.shape, []).append(m)
+    ws, Rs = {}, {}
+    for (is_shared, _, r), ms in by_shape.items():
+        stack = _scaled_stack(adapter, ms)
+        if is_shared:
+            S = np.matmul(np.swapaxes(stack, -1, -2), stack)                  # (n, r, r) (sB)ᵀ(sB) = RᵀR
+            ws.update(zip(ms, _packed(S)))
+        else:
+            Rs.update(zip(ms, thin_r(stack)))
     frob2, own = np.zeros(len(mods)), {}
     for k, m in enumerate(mods):
         if m in ws:
@@ -153,8 +171,9 @@ def index_adapter(adapter: Adapter, *, shared_a: Mapping[str, np.ndarray],
             own[m] = (_frozen(Rs[m], np.float64), A)
     gram = np.concatenate([ws[m] for m in mods if m in ws]) if ws else np.zeros(0)
     return AdapterIndex(name=adapter.name, upload_dtype=upload_dtype, modules=mods,
-                        ranks=tuple(int(Rs[m].shape[0]) for m in mods), frob2=_frozen(frob2, np.float64),
-                        gram=_frozen(gram, np.float64), own=MappingProxyType(own))
+                        ranks=tuple(int(adapter.factors[m].B.shape[1]) for m in mods),
+                        frob2=_frozen(frob2, np.float64), gram=_frozen(gram, np.float64),
+                        own=MappingProxyType(own))
 
 
 def encode(ai: AdapterIndex) -> bytes:

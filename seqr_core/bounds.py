@@ -17,7 +17,9 @@ and each float64 evaluation adds its own rounding, ≤ γ₆₄(K+r+2)·‖R‖_
 r(r+1)/2) and ≤ γ₆₄(o+r+1)·‖sB‖_F²·‖z‖² (B route). So R-based and B-based float64 energies are
 interchangeable up to ε_RB = (2η + η² + γ₆₄(K+r+2) + γ₆₄(o+r+1))·‖R‖_F²·‖z‖² — about 1e-13
 relative to ‖R‖_F²‖z‖² at Llama shapes (o=4096, r=16) with the practical η, and at most
-F64_SLACK·‖R‖_F²·‖z‖² whenever o·r ≤ 2¹⁶ (and the worst-case η constant ≤ 100). Rankings of the
+F64_SLACK·‖R‖_F²·‖z‖² whenever o·r ≤ 2¹⁶ (and the worst-case η constant ≤ 100). Shared-A modules keep only w, the upper
+triangle of RᵀR = (sB)ᵀ(sB), computed as that Gram in float64 (adapter_index): then
+|feat(z)·ŵ − ‖sBz‖²| ≤ (γ₆₄(o) + γ₆₄(K+2))·‖sB‖_F²·‖z‖², inside the same ε_RB. Rankings of the
 two agree except between candidates whose float64 scores lie within ε_RB of each other, which
 is what routing's TIE_RTOL treats as a tie.
 """

@@ -287,3 +287,17 @@ def test_a_restricted_view_routes_its_adapters_as_a_library_of_them_alone():
         assert [c.adapter_id for c in a.choices] == [c.adapter_id for c in b.choices]
         np.testing.assert_allclose([c.score for c in a.choices], [c.score for c in b.choices], rtol=1e-12)
     assert idx.names == tuple(sorted(idx.names, key=lambda n: idx.entry(n).adapter_id))   # untouched
+
+
+def test_shared_a_gram_weights_equal_those_of_the_qr_factor_to_float64_rounding():
+    from seqr_core.adapter_index import gram_weights, thin_r
+    rng = np.random.default_rng(12)
+    d, r, d_out = 32, 4, 300
+    sig = BaseModelSignature("toy", (ModuleSpec("q", d, d_out),))
+    A = {"q": rng.uniform(-1, 1, (r, d)).astype(np.float32)}
+    idx = LibraryIndex.create(name="lib", signature=sig, shared_a=A)
+    B = (rng.standard_normal((d_out, r)) * 10.0 ** rng.uniform(-3, 3, r)).astype(np.float32)  # badly scaled columns
+    ai = idx.index_adapter(Adapter(name="a", factors={"q": ModuleFactors(A=A["q"], B=B, scale=1.7)}))
+    via_qr = gram_weights(thin_r((1.7 * B.astype(np.float64))[None]))[0]
+    scale = (1.7 * np.linalg.norm(B.astype(np.float64))) ** 2
+    assert np.abs(ai.gram - via_qr).max() <= 1e-13 * scale
