@@ -261,6 +261,7 @@ def grow(work: Path, target: int, *, real: int, sig, shared_a, gram, rng) -> lis
 def create(work: Path, sig) -> None:
     from seqr_core import SharedARecipe
     from seqr_server import library_objects as lo
+    from seqr_server.config import Limits
     from seqr_server.manager import LibraryManager
     from seqr_server.store import init_key_file
     shutil.rmtree(work, ignore_errors=True)
@@ -270,7 +271,8 @@ def create(work: Path, sig) -> None:
     mgr.load()
     recipe = SharedARecipe(seed=SEED)
     mgr.create_library(lo.LibrarySpec(name=LIB, signature=sig, recipe=recipe, meta={},
-                                      shared_a=lo.recipe_shared_a(sig, recipe, rank=RANK, modules=attention(sig))))
+                                      shared_a=lo.recipe_shared_a(sig, recipe, rank=RANK, modules=attention(sig),
+                                                                          limits=Limits())))
     mgr.close()
 
 

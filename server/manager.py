@@ -13,6 +13,7 @@ Damaged stored adapters are quarantined at load and whenever a later read finds 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -341,7 +342,7 @@ class LibraryManager:
             rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)}, meta={
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
                 "base_model": parsed.base_model, OWNER: principal.name})
-            lib = self._store.library(library)
+            lib = self._record_after(cur.record, put=rec)
             if rec.adapter_id == predicted:
                 new = dry.with_version(lib.version)
             else:   # cannot happen while we are the store's only writer; stay correct anyway
@@ -367,7 +368,7 @@ class LibraryManager:
                                           "user": dict(meta), "upload_dtype": parsed.upload_dtype,
                                           "kind": entry.kind, "base_model": parsed.base_model,
                                           OWNER: principal.name})
-        lib = self._store.library(cur.name)
+        lib = self._record_after(cur.record, put=rec)
         state = _state(cur.spec, dry.with_version(lib.version), lib, cur.damage.without_adapter(name), cur.pool)
         self._swap(state)
         log.info("adapter replaced", extra={"library": cur.name, "adapter": name, "adapter_id": rec.adapter_id,
@@ -385,7 +386,8 @@ class LibraryManager:
             else:
                 cur.entry(name, principal, field="name")
                 (index, _), damage = cur.index.remove_adapter(name), cur.damage
-            lib = self._store.delete_adapter(library, name)
+            self._store.delete_adapter(library, name, record=False)
+            lib = self._record_after(cur.record, gone=name)
             state = _state(cur.spec, index.with_version(lib.version), lib, damage, cur.pool)
             self._swap(state)
         if self._metrics:
@@ -454,6 +456,19 @@ class LibraryManager:
         """The store record of every library, failed ones included (they still hold data)."""
         yield from (s.record for s in self._libs.values())
         yield from (self._store.library(n) for n in self._failed)
+
+    def _record_after(self, before: LibraryRecord, *, put: AdapterRecord | None = None,
+                      gone: str | None = None) -> LibraryRecord:
+        """The library's record after this writer stored ``put`` (new or replacing its namesake)
+        or deleted ``gone``, from ``before`` and the store's record without its adapters: the
+        same record ``store.library`` builds, without copying every other adapter's entry.
+        Call with the writer lock held (no other write can come between)."""
+        drop = gone if put is None else put.name
+        adapters = [a for a in before.adapters if a.name != drop]
+        if put is not None:
+            ids = [a.adapter_id for a in adapters]
+            adapters.insert(bisect.bisect(ids, put.adapter_id), put)
+        return replace(self._store.library(before.name, adapters=False), adapters=tuple(adapters))
 
     def _quarantine(self, library: str, name: str, damage: Damage) -> bool:
         """Set a routable adapter aside after a read found its stored data damaged."""

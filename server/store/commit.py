@@ -26,7 +26,7 @@ from .anchor import AnchorFile
 from .durable_io import DurableIO
 from .envelope import parse_header, seal
 from .key_providers import KeyProvider
-from .manifest import MANIFEST_NAME, seal_manifest
+from .manifest import MANIFEST_NAME, ManifestEncoder, seal_manifest
 from .recovery import BLOB_SUFFIX, BLOBS_DIR, save_anchor
 
 __all__ = ["Committer", "Txn"]
@@ -48,6 +48,7 @@ class Committer:
         self._keys = keys
         self._io = io
         self._anchor = anchor_file
+        self._encoder = ManifestEncoder()   # reuses unchanged adapter entries' JSON across commits
 
     def blob_file(self, name: str) -> Path:
         return self.blobs_dir / f"{name}{BLOB_SUFFIX}"
@@ -66,7 +67,7 @@ class Committer:
         """Make ``manifest`` durable, then ``publish(manifest_key_id)`` it, then shred obsolete blobs."""
         if txn.written:
             self._io.fsync_dir(self.blobs_dir)
-        raw = seal_manifest(manifest, self._keys)
+        raw = seal_manifest(manifest, self._keys, encoder=self._encoder)
         self._io.write_file(self._data_dir / MANIFEST_NAME, raw)
         try:
             save_anchor(self._anchor, manifest, raw)

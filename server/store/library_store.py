@@ -165,9 +165,11 @@ class LibraryStore:
         self._check_open()
         return sorted(self._manifest["libraries"])
 
-    def library(self, name: str) -> LibraryRecord:
+    def library(self, name: str, *, adapters: bool = True) -> LibraryRecord:
+        """The library's record; ``adapters=False`` leaves its adapter records out (empty): building
+        them copies every adapter's entry, which a writer that knows what it changed can skip."""
         self._check_open()
-        return library_record(name, find_library(self._manifest, name))
+        return library_record(name, find_library(self._manifest, name), adapters=adapters)
 
     def library_head(self, name: str) -> tuple[int, int]:
         """(version, next adapter id) of a library, without building its adapter records."""

@@ -54,6 +54,7 @@ from .key_providers import KeyProvider
 __all__ = [
     "MANIFEST_CONTEXT",
     "MANIFEST_NAME",
+    "ManifestEncoder",
     "adapter_context",
     "adapter_object_context",
     "find_adapter",
@@ -124,8 +125,57 @@ def note_adapter_deleted(lib: dict[str, Any], name: str) -> None:
         lib["changed"] = max(lib["changed"], *(deleted.pop(n) for n in oldest))
 
 
-def seal_manifest(manifest: dict[str, Any], keys: KeyProvider) -> bytes:
-    plaintext = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class ManifestEncoder:
+    """``json.dumps(manifest, sort_keys=True, separators=(",", ":"))``, byte for byte, without
+    re-encoding unchanged adapter entries at every commit.
+
+    A committed manifest is never edited in place: every edit works on a successor whose changed
+    entries are new dicts (writable_library, the adapter edits; rotation deep-copies). So an
+    entry's text is cached under the entry object itself (kept alive by the cache, which makes
+    its id unambiguous) and reused while that object is in the manifest; entries no longer in
+    the last encoded manifest are dropped. A commit then costs one join over N cached strings
+    instead of re-encoding N entries (~100 ms at 10,000 adapters).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def encode(self, manifest: dict[str, Any]) -> str:
+        seen: dict[int, tuple[dict[str, Any], str]] = {}
+        out = []
+        for key, value in sorted(manifest.items()):
+            text = self._libraries(value, seen) if key == "libraries" else _dumps(value)
+            out.append(f"{_dumps(key)}:{text}")
+        self._cache = seen
+        return "{" + ",".join(out) + "}"
+
+    def _libraries(self, libraries: dict[str, Any], seen: dict) -> str:
+        out = []
+        for name, lib in sorted(libraries.items()):
+            fields = []
+            for key, value in sorted(lib.items()):
+                text = self._adapters(value, seen) if key == "adapters" else _dumps(value)
+                fields.append(f"{_dumps(key)}:{text}")
+            out.append(f"{_dumps(name)}:{{{','.join(fields)}}}")
+        return "{" + ",".join(out) + "}"
+
+    def _adapters(self, adapters: dict[str, Any], seen: dict) -> str:
+        out = []
+        for name, entry in sorted(adapters.items()):
+            hit = self._cache.get(id(entry))
+            if hit is None or hit[0] is not entry:
+                hit = (entry, _dumps(entry))
+            seen[id(entry)] = hit
+            out.append(f"{_dumps(name)}:{hit[1]}")
+        return "{" + ",".join(out) + "}"
+
+
+def seal_manifest(manifest: dict[str, Any], keys: KeyProvider, *, encoder: ManifestEncoder | None = None) -> bytes:
+    plaintext = (encoder.encode(manifest) if encoder is not None else _dumps(manifest)).encode("utf-8")
     return seal(plaintext, keys=keys, context=MANIFEST_CONTEXT, version=manifest["seq"])
 
 

@@ -73,16 +73,16 @@ def adapter_record(name: str, entry: dict[str, Any]) -> AdapterRecord:
     )
 
 
-def library_record(name: str, entry: dict[str, Any]) -> LibraryRecord:
-    adapters = sorted(
+def library_record(name: str, entry: dict[str, Any], *, adapters: bool = True) -> LibraryRecord:
+    records = sorted(
         (adapter_record(adapter, value) for adapter, value in entry["adapters"].items()), key=lambda a: a.adapter_id
-    )
+    ) if adapters else ()
     return LibraryRecord(
         name=name,
         version=entry["version"],
         meta=copy.deepcopy(entry["meta"]),
         next_adapter_id=entry["next_adapter_id"],
-        adapters=tuple(adapters),
+        adapters=tuple(records),
         objects=tuple(sorted(entry["objects"])),
         # A library stored before these were kept: everything counts as changed at its version.
         changed=entry.get("changed", entry["version"]),

@@ -274,3 +274,21 @@ def test_mains_v1_fixture_store_migrates_to_index_objects_and_answers_as_before(
     assert all(list(mgr.get(lib, OPEN).index.names) == stored[lib] for lib in expected)
     mgr.close()
     assert not [r for r in caplog.records if "re-parsed" in r.getMessage()]
+
+
+def test_the_served_record_is_the_stores_after_puts_replaces_and_deletes(populated):
+    data, key, shared = populated
+    mgr = open_manager(data, key)
+    rng = np.random.default_rng(5)
+    try:
+        steps = [lambda: mgr.put_adapter("lib", "d", peft_files(rng, shared), {"k": "v"}, OPEN),
+                 lambda: mgr.put_adapter("lib", "b", peft_files(rng, shared), {}, OPEN, replace=True),
+                 lambda: mgr.delete_adapter("lib", "a", OPEN),
+                 lambda: mgr.put_adapter("lib", "a", peft_files(rng, shared), {}, OPEN),
+                 lambda: mgr.delete_adapter("lib", "c", OPEN)]
+        for step in steps:
+            step()
+            assert mgr.get("lib", OPEN).record == mgr._store.library("lib")
+        assert [a.name for a in mgr.get("lib", OPEN).record.adapters] == ["b", "own", "d", "a"]
+    finally:
+        mgr.close()
