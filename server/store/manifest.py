@@ -142,10 +142,10 @@ class ManifestEncoder:
     """
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[dict[str, Any], str]] = {}
+        self._cache: dict[int, tuple[dict[str, Any], str, str]] = {}   # id -> (entry, name, '"name":{...}')
 
     def encode(self, manifest: dict[str, Any]) -> str:
-        seen: dict[int, tuple[dict[str, Any], str]] = {}
+        seen: dict[int, tuple[dict[str, Any], str, str]] = {}
         out = []
         for key, value in sorted(manifest.items()):
             text = self._libraries(value, seen) if key == "libraries" else _dumps(value)
@@ -167,10 +167,10 @@ class ManifestEncoder:
         out = []
         for name, entry in sorted(adapters.items()):
             hit = self._cache.get(id(entry))
-            if hit is None or hit[0] is not entry:
-                hit = (entry, _dumps(entry))
+            if hit is None or hit[0] is not entry or hit[1] != name:
+                hit = (entry, name, f"{_dumps(name)}:{_dumps(entry)}")
             seen[id(entry)] = hit
-            out.append(f"{_dumps(name)}:{hit[1]}")
+            out.append(hit[2])
         return "{" + ",".join(out) + "}"
 
 
