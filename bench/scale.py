@@ -145,7 +145,7 @@ def serve_and_route(work: Path, reps: int, req: dict) -> dict:
     """A real `seqr serve` on the store: time to SERVING, its RSS, Route p50 over gRPC."""
     from seqr_client import RouterClient
     env = {**os.environ, "SEQR_METRICS_PORT": "off"}
-    cmd = [sys.executable, "-m", "seqr_server.cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
+    cmd = [sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
            "--data-dir", str(work / "data"), "--key-file", str(work / "kek.json"), "--log-level", "info",
            "--max-message-mb", "256"]
     t0 = time.perf_counter()
