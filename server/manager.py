@@ -13,7 +13,6 @@ Damaged stored adapters are quarantined at load and whenever a later read finds 
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -23,14 +22,15 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from seqr_core import (AdapterEntry, AdapterIndex, CalibrationStats, IndexFormatError, LibraryIndex, ModuleInput,
-                       MomentPool, RouteOptions, derived_stats, merge_into, parse_peft_adapter, route)
+from seqr_core import (AdapterEntry, AdapterIndex, CalibrationStats, LibraryIndex, ModuleInput, MomentPool,
+                       RouteOptions, derived_stats, merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
 
 from . import adapter_updates as updates
 from . import library_objects as lo
+from . import stored_index as stored
 from .audit import NO_AUDIT
 from .auth import Principal
 from .metrics import Metrics
@@ -194,7 +194,7 @@ class LibraryManager:
         empty = spec.empty_index(version=rec.version)
         index, chunk, derived, why, damage = empty.reserve(len(rec.adapters)), [], {}, {}, LibraryDamage()
         for ar in rec.adapters:                      # adapter id order
-            got = guarded(lambda ar=ar: self._load_adapter(name, ar, empty), library=name,
+            got = guarded(lambda ar=ar: stored.load_index(self._store, name, ar, empty), library=name,
                           what=f"adapter {ar.name!r}")
             if isinstance(got, Damage):
                 damage = damage.with_adapter(ar.name, got)
@@ -211,7 +211,7 @@ class LibraryManager:
         if derived:
             log.info("adapters re-parsed from their PEFT files", extra={"library": name, "adapters": len(derived),
                                                                        "reasons": why})
-            self._store_derived(name, derived)
+            stored.store_derived(self._store, name, derived)
         raw = guarded(lambda: self._store.read_library_object(name, lo.CALIBRATION), library=name,
                       what=lo.CALIBRATION)
         if isinstance(raw, Damage):
@@ -228,34 +228,6 @@ class LibraryManager:
     def _read_moments(self, library: str) -> MomentPool | None:
         raw = self._store.read_library_object(library, lo.MOMENTS)
         return None if raw is None else lo.decode_moments(raw)
-
-    def _load_adapter(self, library: str, rec: AdapterRecord, empty: LibraryIndex
-                      ) -> tuple[AdapterIndex, bytes | None, str]:
-        """One adapter's index: (index object, its bytes if it had to be derived now, why).
-        Raises for this adapter alone (damaged index object or files: it is quarantined)."""
-        raw = self._store.read_adapter_object(library, rec.name, lo.INDEX) if lo.INDEX in rec.objects else None
-        reason = "no stored index (store written before index objects)"
-        if raw is not None:
-            try:
-                ai = lo.decode_index(raw, library=library, adapter=rec.name)
-                empty.layout.check(ai)
-                return ai, None, ""
-            except IndexFormatError as e:
-                reason = f"index format {e.actual} is not {e.limit}"
-                log.debug("stale index format", extra={"library": library, "adapter": rec.name})
-        parsed = parse_peft_adapter(self._store.read_adapter_files(library, rec.name), name=rec.name,
-                                    signature=empty.signature)
-        ai = empty.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)
-        return ai, lo.encode_index(ai), reason
-
-    def _store_derived(self, library: str, derived: dict) -> None:
-        """Persist re-derived index objects (one commit). Serving does not depend on it: if the
-        store refuses, the next start derives them again."""
-        try:
-            self._store.put_adapter_objects(library, derived)
-        except SeqrError as e:
-            log.warning("could not store re-derived index objects", extra={"library": library,
-                                                                          "error": str(e), "code": e.code})
 
     def warm(self) -> None:
         """Route one small synthetic request per library so first real calls pay no lazy setup."""
@@ -279,18 +251,11 @@ class LibraryManager:
         for name in ([library] if library is not None else sorted(self._libs)):
             state = self._libs.get(name)
             for e in state.index.adapters if state is not None else ():
-                got = guarded(lambda e=e: self._read_adapter(name, e.name), library=name,
+                got = guarded(lambda e=e: stored.authenticate(self._store, name, e.name), library=name,
                               what=f"adapter {e.name!r}")
                 if isinstance(got, Damage) and self._quarantine(name, e.name, got):
                     found.setdefault(name, []).append(e.name)
         return found
-
-    def _read_adapter(self, library: str, name: str) -> None:
-        """Authenticate everything stored for one adapter: its files and its index object."""
-        self._store.read_adapter_files(library, name)
-        raw = self._store.read_adapter_object(library, name, lo.INDEX)
-        if raw is not None:
-            lo.decode_index(raw, library=library, adapter=name)
 
     # ------------------------------------------------------------------ writes
     def create_library(self, spec: lo.LibrarySpec, *, principal: Principal | None = None) -> LibraryState:
@@ -342,7 +307,7 @@ class LibraryManager:
             rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)}, meta={
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
                 "base_model": parsed.base_model, OWNER: principal.name})
-            lib = self._record_after(cur.record, put=rec)
+            lib = stored.record_after(self._store, cur.record, put=rec)
             if rec.adapter_id == predicted:
                 new = dry.with_version(lib.version)
             else:   # cannot happen while we are the store's only writer; stay correct anyway
@@ -368,7 +333,7 @@ class LibraryManager:
                                           "user": dict(meta), "upload_dtype": parsed.upload_dtype,
                                           "kind": entry.kind, "base_model": parsed.base_model,
                                           OWNER: principal.name})
-        lib = self._record_after(cur.record, put=rec)
+        lib = stored.record_after(self._store, cur.record, put=rec)
         state = _state(cur.spec, dry.with_version(lib.version), lib, cur.damage.without_adapter(name), cur.pool)
         self._swap(state)
         log.info("adapter replaced", extra={"library": cur.name, "adapter": name, "adapter_id": rec.adapter_id,
@@ -387,7 +352,7 @@ class LibraryManager:
                 cur.entry(name, principal, field="name")
                 (index, _), damage = cur.index.remove_adapter(name), cur.damage
             self._store.delete_adapter(library, name, record=False)
-            lib = self._record_after(cur.record, gone=name)
+            lib = stored.record_after(self._store, cur.record, gone=name)
             state = _state(cur.spec, index.with_version(lib.version), lib, damage, cur.pool)
             self._swap(state)
         if self._metrics:
@@ -456,19 +421,6 @@ class LibraryManager:
         """The store record of every library, failed ones included (they still hold data)."""
         yield from (s.record for s in self._libs.values())
         yield from (self._store.library(n) for n in self._failed)
-
-    def _record_after(self, before: LibraryRecord, *, put: AdapterRecord | None = None,
-                      gone: str | None = None) -> LibraryRecord:
-        """The library's record after this writer stored ``put`` (new or replacing its namesake)
-        or deleted ``gone``, from ``before`` and the store's record without its adapters: the
-        same record ``store.library`` builds, without copying every other adapter's entry.
-        Call with the writer lock held (no other write can come between)."""
-        drop = gone if put is None else put.name
-        adapters = [a for a in before.adapters if a.name != drop]
-        if put is not None:
-            ids = [a.adapter_id for a in adapters]
-            adapters.insert(bisect.bisect(ids, put.adapter_id), put)
-        return replace(self._store.library(before.name, adapters=False), adapters=tuple(adapters))
 
     def _quarantine(self, library: str, name: str, damage: Damage) -> bool:
         """Set a routable adapter aside after a read found its stored data damaged."""
