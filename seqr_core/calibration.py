@@ -22,6 +22,7 @@ import numpy as np
 from .energies import ModuleInput, a64, recheck_f64
 from .errors import InvalidArgumentError
 from .moments import MomentAccumulator, MomentPool, derived_module_stats
+from .adapter_index import AdapterIndex
 from .qr_index import LibraryIndex
 
 TRANSFORMS = ("e", "sqrt", "log")
@@ -241,23 +242,38 @@ def derived_stats(index: LibraryIndex, pool: MomentPool | None) -> CalibrationSt
     for entry, slot in zip(index.adapters, index.slots):
         if entry.name in have or entry.kind != "shared_a":
             continue
-        ms = {}
-        for m in entry.modules:
-            g, j = index.layout.group_of[m]
-            got = derived_module_stats(pool, index.table(f"W{g}")[j][:, slot], m)
-            if got is None:
-                break
-            ms[m] = got
-        else:
-            nan = np.full((3, 3), np.nan)
-            added[entry.name] = AdapterStats(modules=tuple(ms), module_stats=MappingProxyType(ms),
-                                             seq_stats=nan, tok_stats=nan, derived=True)
+        got = _derived(pool, entry.modules,
+                       lambda m: index.table(f"W{index.layout.group_of[m][0]}")[index.layout.group_of[m][1]][:, slot])
+        if got is not None:
+            added[entry.name] = got
     if not added:
         return cal
     have.update(added)
     return CalibrationStats(adapters=MappingProxyType(have),
                             sequences=cal.sequences if cal is not None else int(pool.sequences),
                             calibrated_at=cal.calibrated_at if cal is not None else None)
+
+
+def derived_for(ai: AdapterIndex, pool: MomentPool | None) -> dict[str, "AdapterStats"]:
+    """{name: stats} derived from ``pool`` for one index object about to be added (what
+    ``derived_stats`` would give it once added: the same Gram weights, the same arithmetic);
+    empty when it has its own A on some module or the pool lacks one of its modules."""
+    if pool is None or not pool.modules or ai.own:
+        return {}
+    got = _derived(pool, ai.modules, lambda m, pos={m: k for k, m in enumerate(ai.modules)}: ai.gram_of([pos[m]])[0])
+    return {} if got is None else {ai.name: got}
+
+
+def _derived(pool: MomentPool, modules, weights) -> "AdapterStats | None":
+    ms = {}
+    for m in modules:
+        got = derived_module_stats(pool, np.ascontiguousarray(weights(m), np.float64), m)  # (one summation order)
+        if got is None:
+            return None
+        ms[m] = got
+    nan = np.full((3, 3), np.nan)
+    return AdapterStats(modules=tuple(ms), module_stats=MappingProxyType(ms), seq_stats=nan, tok_stats=nan,
+                        derived=True)
 
 
 def merge_into(index: LibraryIndex, fresh: CalibrationStats) -> CalibrationStats:

@@ -31,8 +31,8 @@ from .adapters import Adapter, check_adapter_name
 from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from .signature import BaseModelSignature
 from .slots import Columns
-from .tables import (Layout, GeneralBlock, adapter_columns, cal_columns, empty_cal, empty_columns,
-                     general_add, general_insert, general_remove)
+from .tables import (Layout, GeneralBlock, adapter_columns, cal_columns, cal_for, empty_columns, general_add,
+                     general_insert, general_remove)
 
 _COMPACT_MIN = 32
 
@@ -188,9 +188,12 @@ class LibraryIndex:
         return self.add_indexed([(self.index_adapter(a, upload_dtype=dt), i) for a, i, dt in items],
                                 version=version)
 
-    def add_indexed(self, items, *, version: int | None = None) -> tuple["LibraryIndex", tuple[AdapterEntry, ...]]:
+    def add_indexed(self, items, *, version: int | None = None,
+                    stats: Mapping | None = None) -> tuple["LibraryIndex", tuple[AdapterEntry, ...]]:
         """Bulk add of (AdapterIndex, adapter_id) pairs: one append of their columns. All or
-        nothing: any invalid item raises before the snapshot is built."""
+        nothing: any invalid item raises before the snapshot is built. ``stats``: calibration
+        stats of added adapters (name -> AdapterStats, e.g. derived from pooled moments), written
+        with their columns, so no ``with_calibration`` has to rebuild every adapter's."""
         by_name = self.memo("by_name", lambda: {a.name: a for a in self.adapters})
         fresh: set[str] = set()
         last = self.adapters[-1].adapter_id if self.adapters else -1
@@ -210,15 +213,31 @@ class LibraryIndex:
         entries = tuple(_entry(self.layout, ai, i) for ai, i in items)
         cols = adapter_columns(self.layout, [(ai, i) for ai, i in items])
         general = general_add(self.general, self.layout, items)
-        cal = None if self.cal_columns is None else self.cal_columns.append(empty_cal(self.layout, len(items)))
+        cal, calibration = self._cal_appended([ai.name for ai, _ in items], stats)
         # The name map carries over (a dict copy, not a rebuild from every entry).
         memo = {"by_name": {**by_name, **{e.name: e for e in entries}}}
         n = self.columns.n
         new = replace(self, adapters=self.adapters + entries, columns=self.columns.append(cols),
                       order=_frozen_slots(np.concatenate([self.order, np.arange(n, n + len(items))])),
-                      general=general, cal_columns=cal, _memo=memo,
+                      general=general, calibration=calibration, cal_columns=cal, _memo=memo,
                       version=self.version + 1 if version is None else version)
+        if stats and cal is None:        # nothing calibrated yet: build every adapter's columns
+            new = new.with_calibration(calibration, version=new.version)
         return new, entries
+
+    def _cal_appended(self, names: list[str], stats: Mapping | None):
+        """(calibration columns with ``names`` appended, calibration with their ``stats``)."""
+        stats = {n: stats[n] for n in names if n in stats} if stats else {}
+        calibration = self.calibration
+        if stats:
+            if calibration is None:
+                from .calibration import CalibrationStats    # (calibration imports this module)
+                calibration = CalibrationStats(adapters=MappingProxyType(stats))
+            else:
+                calibration = replace(calibration, adapters=MappingProxyType({**calibration.adapters, **stats}))
+        if self.cal_columns is None:
+            return None, calibration
+        return self.cal_columns.append(cal_for(self.layout, [stats.get(n) for n in names])), calibration
 
     def reserve(self, total: int) -> "LibraryIndex":
         """This snapshot with room for ``total`` adapters' columns (before a bulk load in chunks)."""
@@ -246,8 +265,8 @@ class LibraryIndex:
         return self.replace_indexed(self.index_adapter(adapter, upload_dtype=upload_dtype),
                                     adapter_id=adapter_id, version=version)
 
-    def replace_indexed(self, ai: AdapterIndex, *, adapter_id: int,
-                        version: int | None = None) -> tuple["LibraryIndex", AdapterEntry]:
+    def replace_indexed(self, ai: AdapterIndex, *, adapter_id: int, version: int | None = None,
+                        stats: Mapping | None = None) -> tuple["LibraryIndex", AdapterEntry]:
         """``replace_adapter`` from an index object. The new columns go to a fresh slot (older
         snapshots keep theirs); the old slot is left dead until compaction."""
         old = self.memo("by_name", lambda: {a.name: a for a in self.adapters}).get(ai.name)
@@ -262,12 +281,14 @@ class LibraryIndex:
         entry = _entry(base.layout, ai, adapter_id)
         k = int(np.searchsorted(base.ids, adapter_id))
         n = base.columns.n
-        cal = None if base.cal_columns is None else base.cal_columns.append(empty_cal(base.layout, 1))
+        cal, calibration = base._cal_appended([ai.name], stats)
         new = replace(base, adapters=base.adapters[:k] + (entry,) + base.adapters[k:],
                       columns=base.columns.append(adapter_columns(base.layout, [(ai, adapter_id)])),
                       order=_frozen_slots(np.insert(base.order, k, n)),
-                      general=general_insert(base.general, base.layout, ai, adapter_id), cal_columns=cal,
-                      _memo={}, version=self.version + 1 if version is None else version)
+                      general=general_insert(base.general, base.layout, ai, adapter_id), calibration=calibration,
+                      cal_columns=cal, _memo={}, version=self.version + 1 if version is None else version)
+        if stats and cal is None:
+            new = new.with_calibration(calibration, version=new.version)
         return new, entry
 
     def restricted(self, names) -> "LibraryIndex":

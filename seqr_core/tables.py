@@ -274,6 +274,31 @@ def _std(n, mean, m2):
     return np.maximum(sd, 1e-12 * np.abs(mean) + 1e-30)
 
 
+def _write_cal(cols: dict[str, np.ndarray], layout: Layout, s: int, st) -> None:
+    """Write one adapter's AdapterStats ``st`` into column ``s`` of calibration columns ``cols``."""
+    cols["calibrated"][s] = True
+    mods = [m for m in st.module_stats if m in layout.row]
+    if mods:
+        rows = np.array([layout.row[m] for m in mods])
+        arr = np.stack([np.asarray(st.module_stats[m]) for m in mods])      # (m, 3 transforms, 3 stats)
+        cols["has"][rows, s] = True
+        cols["mod_mean"][:, rows, s] = arr[:, :, 1].T
+        cols["mod_std"][:, rows, s] = _std(arr[:, :, 0], arr[:, :, 1], arr[:, :, 2]).T
+    for key, src in (("seq", st.seq_stats), ("tok", st.tok_stats)):
+        a = np.asarray(src)                                                  # (3 transforms, 3 stats)
+        cols[f"{key}_mean"][:, s] = a[:, 1]
+        cols[f"{key}_std"][:, s] = _std(a[:, 0], a[:, 1], a[:, 2])
+
+
+def cal_for(layout: Layout, stats: list) -> dict[str, np.ndarray]:
+    """Calibration columns of k added adapters: their AdapterStats, or None (uncalibrated)."""
+    cols = empty_cal(layout, len(stats))
+    for s, st in enumerate(stats):
+        if st is not None:
+            _write_cal(cols, layout, s, st)
+    return cols
+
+
 def cal_columns(index, stats) -> Columns:
     """The calibration columns of every slot of ``index`` for ``stats`` (CalibrationStats)."""
     layout, n = index.layout, index.columns.n
@@ -281,19 +306,7 @@ def cal_columns(index, stats) -> Columns:
     slot_of = {e.name: int(s) for e, s in zip(index.adapters, index.slots)}
     for name, st in stats.adapters.items():
         s = slot_of.get(name)
-        if s is None:
-            continue
-        cols["calibrated"][s] = True
-        mods = [m for m in st.module_stats if m in layout.row]
-        if mods:
-            rows = np.array([layout.row[m] for m in mods])
-            arr = np.stack([np.asarray(st.module_stats[m]) for m in mods])      # (m, 3 transforms, 3 stats)
-            cols["has"][rows, s] = True
-            cols["mod_mean"][:, rows, s] = arr[:, :, 1].T
-            cols["mod_std"][:, rows, s] = _std(arr[:, :, 0], arr[:, :, 1], arr[:, :, 2]).T
-        for key, src in (("seq", st.seq_stats), ("tok", st.tok_stats)):
-            a = np.asarray(src)                                                  # (3 transforms, 3 stats)
-            cols[f"{key}_mean"][:, s] = a[:, 1]
-            cols[f"{key}_std"][:, s] = _std(a[:, 0], a[:, 1], a[:, 2])
+        if s is not None:
+            _write_cal(cols, layout, s, st)
     empty = Columns.empty(_cal_spec(len(layout.modules)))
     return empty.append(cols) if n else empty

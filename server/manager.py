@@ -24,6 +24,7 @@ import numpy as np
 
 from seqr_core import (AdapterEntry, AdapterIndex, CalibrationStats, LibraryIndex, ModuleInput, MomentPool,
                        RouteOptions, derived_stats, merge_into, parse_peft_adapter, route)
+from seqr_core.calibration import derived_for
 from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
@@ -302,7 +303,9 @@ class LibraryManager:
                                          "delete it first)", field="adapter.name", actual=name)
             self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
             _, predicted = self._store.library_head(library)
-            dry, (entry,) = cur.index.add_indexed([(ai, predicted)])
+            # A shared-A adapter gets its statistics from the library's pooled moments with its
+            # columns (derived_for), so the snapshot need not rebuild every adapter's.
+            dry, (entry,) = cur.index.add_indexed([(ai, predicted)], stats=derived_for(ai, cur.pool))
             lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
             rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)}, meta={
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
@@ -311,7 +314,8 @@ class LibraryManager:
             if rec.adapter_id == predicted:
                 new = dry.with_version(lib.version)
             else:   # cannot happen while we are the store's only writer; stay correct anyway
-                new, _ = cur.index.add_indexed([(ai, rec.adapter_id)], version=lib.version)
+                new, _ = cur.index.add_indexed([(ai, rec.adapter_id)], version=lib.version,
+                                               stats=derived_for(ai, cur.pool))
             state = _state(cur.spec, new, lib, cur.damage, cur.pool)
             self._swap(state)
         entry = state.index.entry(name)
@@ -325,7 +329,7 @@ class LibraryManager:
         name = parsed.adapter.name
         old = updates.replaced_record(cur, name, principal)
         self._check_quota(principal, updates.replacement_usage(old, principal, sum(len(d) for d in files.values())))
-        dry, entry = cur.index.replace_indexed(ai, adapter_id=old.adapter_id)
+        dry, entry = cur.index.replace_indexed(ai, adapter_id=old.adapter_id, stats=derived_for(ai, cur.pool))
         lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
         rec = self._store.put_adapter(cur.name, name, files=files, replace=True,
                                       objects={lo.INDEX: lo.encode_index(ai)},

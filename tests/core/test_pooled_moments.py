@@ -148,3 +148,29 @@ def test_damaged_moments_are_integrity_errors(raw):
     with pytest.raises(IntegrityError) as e:
         MomentPool.from_bytes(raw)
     assert e.value.field == "moments"
+
+
+def test_an_adapter_added_with_derived_statistics_equals_deriving_them_after_the_add():
+    from seqr_core.calibration import derived_for
+    index, rng = _library(6)
+    seqs = _sequences(rng, index, 20)
+    late = index.adapters[-1]
+    before, _ = index.remove_adapter(late.name)
+    cal = _stream(before, seqs)
+    pool = cal.pool()
+    base = before.with_calibration(cal.finish())
+    ai = base.index_adapter(original(late))
+    stats = derived_for(ai, pool)
+    assert set(stats) == {late.name} and stats[late.name].derived
+    added, _ = base.add_indexed([(ai, late.adapter_id)], stats=stats)
+    plain, _ = base.add_indexed([(ai, late.adapter_id)])
+    rebuilt = plain.with_calibration(derived_stats(plain, pool))
+    # written with its columns: the other adapters' calibration columns are not rebuilt
+    assert np.shares_memory(added.cal_table("mod_mean"), base.cal_table("mod_mean"))
+    for key in ("has", "mod_mean", "mod_std", "seq_mean", "seq_std", "calibrated"):
+        np.testing.assert_array_equal(added.cal_table(key)[..., added.slots], rebuilt.cal_table(key)[..., rebuilt.slots],
+                                      err_msg=key)
+    x = _sequences(rng, index, 1)[0]
+    for norm in (Normalisation("activation"), Normalisation("zscore", "adapter_module", "e")):
+        a, b = route(added, x, RouteOptions(normalisation=norm, top_k=6)), route(rebuilt, x, RouteOptions(normalisation=norm, top_k=6))
+        assert not a.fallback and a.choices == b.choices
