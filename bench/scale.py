@@ -17,7 +17,8 @@ shapes is 54.5 MB, so 10,000 of them would be 545 GB):
   never reads. Store size is reported as measured, and with the stubs replaced by the
   measured size of a real upload (``store with full PEFT``, computed, not measured).
 
-Puts and deletes at N are real uploads through the manager (then deleted again).
+Puts and deletes at N are real uploads through the manager (then deleted again); so are the
+one-module puts (0.4 MB) that show what a put costs besides the bytes and QRs of the adapter.
 
     .venv/bin/python bench/scale.py [--ns 100,1000,10000] [--work /tmp/seqr-scale] [--out bench/results/scale.md]
 """
@@ -61,11 +62,14 @@ def pct(xs, q) -> float:
 
 
 # ------------------------------------------------------------------ adapters
-def real_files(rng, sig, shared_a) -> dict[str, bytes]:
-    """A PEFT upload as a trainer would write it (fp32): the library's A, random B."""
+def real_files(rng, sig, shared_a, *, modules=None) -> dict[str, bytes]:
+    """A PEFT upload as a trainer would write it (fp32): the library's A, random B (every
+    shared-A module, or only ``modules``)."""
     from seqr_core import write_safetensors
     t = {}
     for m, A in shared_a.items():
+        if modules is not None and m not in modules:
+            continue
         t[f"base_model.model.{m}.lora_A.weight"] = A
         t[f"base_model.model.{m}.lora_B.weight"] = (rng.standard_normal((sig.spec(m).d_out, RANK)) * 0.02
                                                     ).astype(np.float32)
@@ -197,13 +201,23 @@ def put_delete(work: Path, n: int, sig, shared_a, rng) -> dict:
         t = time.perf_counter()
         mgr.put_adapter(LIB, f"probe-{k}", files, {}, OPEN)
         puts.append(time.perf_counter() - t)
+    # The same at N with a one-module upload (0.4 MB): what a put costs besides the adapter's
+    # own bytes (hash, seal, write) and QRs — the part that could grow with N.
+    small = []
+    for k in range(n):
+        files = real_files(rng, sig, shared_a, modules=list(shared_a)[:1])
+        t = time.perf_counter()
+        mgr.put_adapter(LIB, f"small-{k}", files, {}, OPEN)
+        small.append(time.perf_counter() - t)
     for k in range(n):
         t = time.perf_counter()
         mgr.delete_adapter(LIB, f"probe-{k}", OPEN)
         dels.append(time.perf_counter() - t)
+        mgr.delete_adapter(LIB, f"small-{k}", OPEN)
     mgr.close()
     rest = [w - a - b for w, a, b in zip(puts, parts["parse"], parts["index"])]
-    return {"put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99), "delete_p50_ms": pct(dels, 50),
+    return {"put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99), "small_put_p50_ms": pct(small, 50),
+            "small_put_p99_ms": pct(small, 99), "delete_p50_ms": pct(dels, 50),
             "delete_p99_ms": pct(dels, 99), "store_p50_ms": pct(rest, 50),
             **{f"{k}_p50_ms": pct(v, 50) for k, v in parts.items()}}
 
@@ -279,7 +293,8 @@ def create(work: Path, sig) -> None:
 def report(rows: list[dict], fills: list[float], sig) -> str:
     spectr_per = sum(RANK * sig.spec(m).d_in * 4 for m in attention(sig))       # fp32 S·Vᵀ rows
     out = ["Llama-3-8B attention shapes: 32 layers × q, k, v, o, d_in 4096, d_out 4096/1024, r 16 "
-           "(128 modules), one shared-A library, T = 128; one BLAS thread; 2-core shared machine.", "",
+           f"(128 modules), one shared-A library, T = 128; one BLAS thread; 2-core shared machine "
+           f"(load average {os.getloadavg()[0]:.1f} at the end of the run).", "",
            "| N | real / synthetic | index (used) | SpectR N·r·d | RSS − base | (RSS − base) / index | base RSS "
            "| store on disk | index objects | store with full PEFT (computed) | cold start (load) | `seqr serve` to SERVING "
            "| server RSS | put p50 / p99 | delete p50 / p99 |",
@@ -294,13 +309,15 @@ def report(rows: list[dict], fills: list[float], sig) -> str:
                    f"{w['startup_s']:.1f} s | {w['serving_s']:.1f} s | {gb(w['server_rss_mb'])} | "
                    f"{w['put_p50_ms']:.0f} / {w['put_p99_ms']:.0f} ms | {w['delete_p50_ms']:.0f} / {w['delete_p99_ms']:.0f} ms |")
     out += ["", "| N | Route in-process moments, 128 modules | projected, 128 | moments, 1 layer (4) | projected, 1 layer "
-            "| Route over gRPC moments, 128 | projected, 128 | put p50: parse / QR index / seal + commit + swap |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| Route over gRPC moments, 128 | projected, 128 | put p50: parse / QR index / seal + commit + swap "
+            "| put p50 / p99, 1-module upload (0.4 MB) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for w in rows:
         out.append(f"| {w['adapters']} | {w['route_moments_all_ms']:.1f} ms | {w['route_projected_all_ms']:.1f} ms | "
                    f"{w['route_moments_layer_ms']:.2f} ms | {w['route_projected_layer_ms']:.2f} ms | "
                    f"{w['grpc_moments_ms']:.1f} ms | {w['grpc_projected_ms']:.1f} ms | "
-                   f"{w['parse_p50_ms']:.0f} / {w['index_p50_ms']:.0f} / {w['store_p50_ms']:.0f} ms |")
+                   f"{w['parse_p50_ms']:.0f} / {w['index_p50_ms']:.0f} / {w['store_p50_ms']:.0f} ms | "
+                   f"{w['small_put_p50_ms']:.0f} / {w['small_put_p99_ms']:.0f} ms |")
     if fills:
         out += ["", f"Filling 0..{len(fills)} with real uploads: put p50 {pct(fills, 50):.0f} ms, p99 {pct(fills, 99):.0f} ms."]
     return "\n".join(out)
