@@ -146,32 +146,39 @@ class ManifestEncoder:
 
     def encode(self, manifest: dict[str, Any]) -> str:
         seen: dict[int, tuple[dict[str, Any], str, str]] = {}
-        out = []
-        for key, value in sorted(manifest.items()):
-            text = self._libraries(value, seen) if key == "libraries" else _dumps(value)
-            out.append(f"{_dumps(key)}:{text}")
+        parts: list[str] = []          # one join at the end: the adapters' text is copied once
+        self._object(manifest, parts, lambda key, value: self._libraries(value, parts, seen)
+                     if key == "libraries" else parts.append(_dumps(value)))
         self._cache = seen
-        return "{" + ",".join(out) + "}"
+        return "".join(parts)
 
-    def _libraries(self, libraries: dict[str, Any], seen: dict) -> str:
-        out = []
-        for name, lib in sorted(libraries.items()):
-            fields = []
-            for key, value in sorted(lib.items()):
-                text = self._adapters(value, seen) if key == "adapters" else _dumps(value)
-                fields.append(f"{_dumps(key)}:{text}")
-            out.append(f"{_dumps(name)}:{{{','.join(fields)}}}")
-        return "{" + ",".join(out) + "}"
+    @staticmethod
+    def _object(obj: dict[str, Any], parts: list[str], emit) -> None:
+        """A JSON object with sorted keys; ``emit(key, value)`` appends each value's text."""
+        parts.append("{")
+        for k, (key, value) in enumerate(sorted(obj.items())):
+            parts.append(f"{',' if k else ''}{_dumps(key)}:")
+            emit(key, value)
+        parts.append("}")
 
-    def _adapters(self, adapters: dict[str, Any], seen: dict) -> str:
-        out = []
-        for name, entry in sorted(adapters.items()):
-            hit = self._cache.get(id(entry))
+    def _libraries(self, libraries: dict[str, Any], parts: list[str], seen: dict) -> None:
+        def library(_, lib):
+            self._object(lib, parts, lambda key, value: self._adapters(value, parts, seen)
+                         if key == "adapters" else parts.append(_dumps(value)))
+        self._object(libraries, parts, library)
+
+    def _adapters(self, adapters: dict[str, Any], parts: list[str], seen: dict) -> None:
+        parts.append("{")
+        cache = self._cache
+        for k, (name, entry) in enumerate(sorted(adapters.items())):
+            hit = cache.get(id(entry))
             if hit is None or hit[0] is not entry or hit[1] != name:
                 hit = (entry, name, f"{_dumps(name)}:{_dumps(entry)}")
             seen[id(entry)] = hit
-            out.append(hit[2])
-        return "{" + ",".join(out) + "}"
+            if k:
+                parts.append(",")
+            parts.append(hit[2])
+        parts.append("}")
 
 
 def seal_manifest(manifest: dict[str, Any], keys: KeyProvider, *, encoder: ManifestEncoder | None = None) -> bytes:
