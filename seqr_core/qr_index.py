@@ -11,7 +11,10 @@ Layout (``Columns``, seqr_core.slots): one slot per adapter, in id order. Per mo
 the signature: present / shared / ‖ΔW‖_F² / ‖R‖_F² / ‖w‖; per group of shared-A modules of
 one rank: W (modules, K, slots) float64 — the stacked table the batched paths multiply with,
 and its fp32 copy for the fp32 kernel, built on first use. Adding an adapter writes its
-columns (work ∝ that adapter); removing one masks its slot (compaction when half are dead).
+columns (work ∝ that adapter); removing one masks its slot (compaction when half are dead);
+replacing one (same id, same place in library order) writes the new version to a fresh slot and
+masks the old. ``order`` maps library order to slots (ascending except after a replace, until
+compaction writes slots in library order again).
 Calibration constants live in a second set of columns, rebuilt only by ``with_calibration``.
 
 Snapshots are immutable: every mutation returns a new LibraryIndex; a reader holding an old
