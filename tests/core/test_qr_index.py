@@ -212,6 +212,9 @@ def test_no_b_array_is_reachable_from_a_snapshot():
     idx = calibrated(rng, idx)
     route(idx, random_inputs(rng, idx, T=3, form="activations"), RouteOptions(granularity="token"))
     idx = idx.remove_adapter("a1")[0]
+    f = {m: ModuleFactors(A=A[m], B=rng.standard_normal((d_out, r)).astype(np.float32), scale=2.0) for m in ("q", "v")}
+    Bs += [x.B for x in f.values()]
+    idx = idx.replace_adapter(Adapter(name="a2", factors=f), adapter_id=2)[0]    # a new version
     arrays = [o for o in _reachable(idx) if isinstance(o, np.ndarray)]
     assert arrays
     assert not [a.shape for a in arrays if d_out in a.shape]
