@@ -73,7 +73,6 @@ from .manifest import (
     iter_refs,
     library_blob_names,
     note_adapter_deleted,
-    note_adapter_put,
     note_library_change,
     object_context,
     successor,
