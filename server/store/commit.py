@@ -61,7 +61,7 @@ class Committer:
         txn.write.commit(raw, seq=manifest["seq"])
         self.anchor(manifest, raw)
         publish(raw)
-        self._medium.shred(txn.obsolete)
+        txn.write.shred(txn.obsolete)
 
     def anchor(self, manifest: dict[str, Any], raw: bytes) -> None:
         try:

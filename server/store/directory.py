@@ -120,13 +120,6 @@ class DirectoryMedium:
             if fd is not None:
                 os.close(fd)
 
-    def shred(self, names: Iterable[str]) -> None:
-        names = list(names)
-        for name in names:
-            self._io.unlink(self.blob_file(name))
-        if names:
-            self._io.fsync_dir(self.blobs_dir)
-
     def close(self) -> None:
         self._closed.set()
         if self._lock_fd is not None:
@@ -154,6 +147,13 @@ class _DirectoryWrite:
             self._io.fsync_dir(self._m.blobs_dir)
         self._io.write_file(self._m.data_dir / MANIFEST_NAME, raw)
         self._committed = True
+
+    def shred(self, names: Iterable[str]) -> None:
+        names = list(names)
+        for name in names:
+            self._io.unlink(self._m.blob_file(name))
+        if names:
+            self._io.fsync_dir(self._m.blobs_dir)
 
     def discard(self) -> None:
         """Remove this write's blobs. After a fail-stop, hands off: the manifest may already

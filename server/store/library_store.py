@@ -245,9 +245,9 @@ class LibraryStore:
         with self._rw.read():  # the manifest and its key id are published together
             return {ref["key_id"] for ref in iter_refs(self._manifest)} | {self._manifest_key_id}
 
-    def blob_path(self, library: str, *, adapter: str | None = None, file: str | None = None,
-                  role: str | None = None) -> Path:
-        """Where an object's blob lives on disk (for diagnostics and tamper tests)."""
+    def blob_name(self, library: str, *, adapter: str | None = None, file: str | None = None,
+                  role: str | None = None) -> str:
+        """The random name of an object's blob in the medium (for diagnostics and tamper tests)."""
         self._check_open()
         if adapter is not None:
             ref = find_adapter(self._manifest, library, adapter)["files"].get(file)
@@ -255,9 +255,15 @@ class LibraryStore:
             ref = find_library(self._manifest, library)["objects"].get(role)
         if ref is None:
             raise NotFoundError("no such file or role", field="file" if adapter else "role", actual=file or role)
+        return ref["blob"]
+
+    def blob_path(self, library: str, *, adapter: str | None = None, file: str | None = None,
+                  role: str | None = None) -> Path:
+        """Where an object's blob lives on disk (directory stores; diagnostics and tamper tests)."""
+        name = self.blob_name(library, adapter=adapter, file=file, role=role)
         if not isinstance(self._medium, DirectoryMedium):
             raise FailedPreconditionError(f"a {self._medium.kind} store keeps no blob files", field="store")
-        return self._medium.blob_file(ref["blob"])
+        return self._medium.blob_file(name)
 
     def verify(self) -> dict[str, Any]:
         """Read and authenticate every blob; returns counts and a list of (object, error) failures."""

@@ -46,6 +46,10 @@ class MediumWrite(Protocol):
     def commit(self, raw: bytes, *, seq: int) -> None:
         """Atomically publish manifest ``raw`` (commit number ``seq``) with the staged blobs."""
 
+    def shred(self, names: Iterable[str]) -> None:
+        """After commit: destroy blobs no committed manifest references any more (their wrapped
+        data keys). The commit stands whatever happens here."""
+
     def prepare_empty(self) -> None:
         """Before the first manifest: refuse to initialise over stray data."""
 
@@ -67,9 +71,6 @@ class Medium(Protocol):
 
     def head(self) -> Hashable:
         """A cheap token that changes whenever a commit lands."""
-
-    def shred(self, names: Iterable[str]) -> None:
-        """Destroy blobs no committed manifest references any more (their wrapped data keys)."""
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` s; True when a commit was signalled."""
