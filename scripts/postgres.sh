@@ -64,5 +64,5 @@ case "$cmd" in
     dir=$(realpath -m "$1"); B=$(bindir)
     as_pg "$B/pg_ctl" -D "$dir/data" status >/dev/null
     ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == help ]] ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == help ]] ;;
 esac
