@@ -44,7 +44,7 @@ class AdminService:
         h, principal = first.header, call.principal
         if not principal.may_use_adapter(h.name):
             raise PermissionDeniedError("adapter name outside the caller's ACL", field="header.name")
-        self.manager.get(h.library, principal, field="header.library")   # fail before the bytes
+        self.manager.get_for_write(h.library, principal, field="header.library")   # fail before the bytes
         total = _check_announced(h, self.limits)
         buf = bytearray()
         async for req in requests:

@@ -43,9 +43,10 @@ from .config import KeySource, ServerConfig
 from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
+from .replica import Follower, follower_for, open_store
 from .router_service import RouterService
 from .rpc import Admission, Dispatcher
-from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, LibraryStore, dev_key_file
+from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, dev_key_file
 
 log = logging.getLogger("seqr.server")
 
@@ -85,8 +86,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", ka.max_connection_age_grace_ms),
             # One connection cannot open unbounded streams (each costs memory, not a thread).
             ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
-            # Two servers must never silently share a port.
-            ("grpc.so_reuseport", 0)]
+            # Two servers must never silently share a port - unless they are one `--processes` group.
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -137,6 +138,7 @@ class ServerHandles:
     pool: ThreadPoolExecutor
     loop: _LoopThread
     metrics_port: int | None = None
+    follower: Follower | None = None          # replicas: follows other processes' commits
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
     _stopped: bool = False
@@ -177,6 +179,8 @@ class ServerHandles:
             return
         if not self._stopped:
             self.set_health(health_pb2.HealthCheckResponse.SERVING)
+            if self.follower is not None:
+                self.follower.start(self.set_health)
             self.ready.set()
             log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 3)})
 
@@ -196,6 +200,8 @@ class ServerHandles:
         if self._stopped:
             return
         self._stopped = True
+        if self.follower is not None:
+            self.follower.stop()
         grace = self.config.grace_s if grace is None else grace
         log.info("shutting down", extra={"drain_s": self.config.drain_s, "grace_s": grace})
         self.loop.call(self.health.enter_graceful_shutdown(), timeout=5)
@@ -244,7 +250,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
     backend = load_backend(config.backend)
     auth = _auth(config)
     creds = _credentials(config)           # fail on bad TLS files before the store is locked
-    store = LibraryStore.open(config.data_dir, key_provider(config.keys, config.data_dir), create=True)
+    store = open_store(config, key_provider(config.keys, config.data_dir))
     demo_wanted = config.demo if config.demo is not None else config.keys.is_dev
     config = replace(config, demo=demo_wanted)
     manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare)
@@ -263,7 +269,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
         raise UnavailableError(f"cannot listen on {config.listen}: {e}", field="listen",
                                actual=config.listen) from None
     return server, ServerHandles(server=server, port=port, config=config, manager=manager, health=hs,
-                                 metrics=metrics, backend=backend, pool=pool, loop=loop)
+                                 metrics=metrics, backend=backend, pool=pool, loop=loop,
+                                 follower=follower_for(config, store, manager, metrics))
 
 
 def serve(config: ServerConfig) -> int:

@@ -66,12 +66,32 @@ class KeySource:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the libraries live, and how a replica follows other processes' commits.
+
+    ``dsn`` None: the data directory (``ServerConfig.data_dir``), exclusive to this process
+    unless ``shared`` (a ``--processes`` group). A PostgreSQL ``dsn``: any number of replicas."""
+
+    dsn: str | None = None                  # libpq connection string / URI (may hold a password)
+    shared: bool = False                    # directory shared by a process group
+    anchor_dir: Path | None = None          # rollback anchor; default beside the key file
+    poll_s: float = 1.0                     # followers check the store's head this often
+    max_staleness_s: float | None = 300.0   # past this without the store: NOT_SERVING; None: never
+
+    @property
+    def follows(self) -> bool:
+        return self.dsn is not None or self.shared
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     data_dir: Path = Path("data")
     metrics_port: int | None = 9464         # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"
     keys: KeySource = field(default_factory=KeySource)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    reuse_port: bool = False                # share the port with sibling processes (--processes)
     tokens_file: Path | None = None         # None: open server (a loud warning is logged)
     tls: TLSConfig | None = None
     backend: str = "numpy"                  # "numpy" | "onnx"

@@ -24,6 +24,7 @@ from seqr_core.adapters import check_adapter_name
 from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
 
 from . import library_objects as lo
+from .store import ConflictError, MissingBlobError
 from .auth import Principal
 from .metrics import Metrics
 
@@ -80,6 +81,9 @@ class LibraryManager:
         self._write = threading.Lock()
         self._loaded = threading.Event()
         self._closed = False
+        self._stamps: dict[str, object] = {}   # library -> store stamp its state was built from
+        self._stale: str | None = None         # why this replica refuses reads (follower sets it)
+        self._sync_errors: dict[str, tuple[object, str]] = {}
 
     # ------------------------------------------------------------------ reads (lock-free)
     @property
@@ -89,6 +93,8 @@ class LibraryManager:
     def get(self, name: str, principal: Principal, *, field: str = "library") -> LibraryState:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")
+        if self._stale is not None:
+            raise UnavailableError(self._stale, field="store")
         libs = self._libs
         if name in libs and principal.may_see_library(name):
             return libs[name]
@@ -103,12 +109,15 @@ class LibraryManager:
     def list(self, principal: Principal) -> list[LibraryState]:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")
+        if self._stale is not None:
+            raise UnavailableError(self._stale, field="store")
         return [s for n, s in sorted(self._libs.items()) if principal.may_see_library(n)]
 
     # ------------------------------------------------------------------ startup
     def load(self) -> None:
         """Rebuild every library's index from the store (adapters, calibration, version)."""
         libs, failed = {}, {}
+        self._stamps = self._store.library_stamps()
         for name in self._store.list_libraries():
             try:
                 libs[name] = self._rebuild(name)
@@ -171,7 +180,7 @@ class LibraryManager:
     def put_adapter(self, library: str, name: str, files: dict[str, bytes], meta: Mapping[str, str],
                     principal: Principal) -> tuple[LibraryState, AdapterEntry]:
         check_adapter_name(name, field="header.name")
-        sig = self.get(library, principal, field="header.library").index.signature
+        sig = self.get_for_write(library, principal, field="header.library").index.signature
         parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
         with self._write:
             self._check_open()
@@ -183,25 +192,26 @@ class LibraryManager:
                 "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
                 "base_model": parsed.base_model})
             lib = self._store.library(library)
-            if rec.adapter_id == predicted:
-                new = dry.with_version(lib.version)
-            else:   # cannot happen while we are the store's only writer; stay correct anyway
-                new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
-                                                   upload_dtype=parsed.upload_dtype, version=lib.version)
-            state = _state(cur.spec, new, lib.adapters)
+            if rec.adapter_id == predicted and lib.version == cur.version + 1:
+                state = _state(cur.spec, dry.with_version(lib.version), lib.adapters)
+            else:   # another process committed to this library meanwhile: build what was committed
+                state = self._rebuild(library)
+            entry = state.index.entry(name)
             self._swap(state)
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
         return state, state.index.entry(name)
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterEntry]:
+        self.get_for_write(library, principal, adapter=name)
         with self._write:
             self._check_open()
             cur = self.get(library, principal)
             entry = cur.entry(name, principal, field="name")
             dry, _ = cur.index.remove_adapter(name)
             lib = self._store.delete_adapter(library, name)
-            state = _state(cur.spec, dry.with_version(lib.version), lib.adapters)
+            state = (_state(cur.spec, dry.with_version(lib.version), lib.adapters)
+                     if lib.version == cur.version + 1 else self._rebuild(library))
             self._swap(state)
         if self._metrics:
             self._metrics.adapter_deleted(library, name)
@@ -212,6 +222,15 @@ class LibraryManager:
     def store_calibration(self, library: str, basis: LibraryIndex, fresh: CalibrationStats,
                           principal: Principal) -> tuple[LibraryState, list[str]]:
         """Store stats fitted on snapshot ``basis``; adapters replaced since then are dropped."""
+        for _ in range(3):
+            try:
+                return self._store_calibration(library, basis, fresh, principal)
+            except ConflictError:       # another process changed the library: merge into its state
+                self.refresh()
+        return self._store_calibration(library, basis, fresh, principal)
+
+    def _store_calibration(self, library: str, basis: LibraryIndex, fresh: CalibrationStats,
+                           principal: Principal) -> tuple[LibraryState, list[str]]:
         with self._write:
             self._check_open()
             cur = self.get(library, principal)
@@ -221,8 +240,10 @@ class LibraryManager:
                 if now_ids.get(n) != then_ids.get(n):
                     fresh = fresh.without(n)
             merged = merge_into(cur.index, fresh)
-            lib = self._store.put_library_object(library, lo.CALIBRATION,
-                                                 lo.encode_calibration(merged, now_ids))
+            # Stats merge into what this snapshot holds: refused if another process changed the
+            # library since (the caller retries on the refreshed snapshot) - never a lost update.
+            lib = self._store.put_library_object(library, lo.CALIBRATION, lo.encode_calibration(merged, now_ids),
+                                                 if_version=cur.version)
             state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib.adapters)
             self._swap(state)
         names = sorted(fresh.adapters)
@@ -246,6 +267,7 @@ class LibraryManager:
         libs = dict(self._libs)
         libs[state.name] = state
         self._libs = MappingProxyType(libs)     # one reference assignment: readers see old or new
+        self._stamps[state.name] = self._store.library_stamps().get(state.name)
         self._changed(state)
 
     def _changed(self, s: LibraryState) -> None:
@@ -254,3 +276,77 @@ class LibraryManager:
         if self._on_change is not None and s.index.adapters:    # nothing to score without adapters
             self._on_change(s.index)
 
+
+    # ------------------------------------------------------------------ following (replicas)
+    def refresh(self) -> list[str]:
+        """Adopt commits other processes made: rebuild every library whose stored state differs
+        from the one served and swap them in together. Returns the libraries that changed.
+
+        A library that cannot be rebuilt (damaged, or its blobs raced away and the store has not
+        moved) keeps serving its last good snapshot; one that never loaded answers its error."""
+        with self._write:
+            self._check_open()
+            self._store.refresh()
+            return self._sync()
+
+    def get_for_write(self, name: str, principal: Principal, *, field: str = "library",
+                      adapter: str | None = None) -> LibraryState:
+        """get(), but a library (or adapter) this replica has not seen yet is first looked up in a
+        shared store: a client may have created it through another replica a moment ago."""
+        try:
+            state = self.get(name, principal, field=field)
+            if adapter is not None:
+                state.entry(adapter, principal, field="name")
+            return state
+        except NotFoundError:
+            if not self._store.shared:
+                raise
+        self.refresh()
+        return self.get(name, principal, field=field)
+
+    def set_stale(self, reason: str | None) -> None:
+        """Refuse reads with UNAVAILABLE ``reason`` (a replica past its staleness budget), or stop."""
+        self._stale = reason
+
+    def _sync(self) -> list[str]:
+        stamps = self._store.library_stamps()
+        libs, failed = dict(self._libs), dict(self._failed)
+        changed = []
+        for name in [n for n in libs if n not in stamps] + [n for n in failed if n not in stamps]:
+            libs.pop(name, None)
+            failed.pop(name, None)
+            changed.append(name)
+        for name, stamp in stamps.items():
+            if self._stamps.get(name) == stamp and (name in libs or name in failed):
+                continue
+            try:
+                libs[name] = self._rebuild_latest(name)
+                failed.pop(name, None)
+                self._stamps[name] = self._store.library_stamps().get(name)
+                self._sync_errors.pop(name, None)
+                changed.append(name)
+            except SeqrError as e:
+                if self._sync_errors.get(name) != (stamp, str(e)):
+                    self._sync_errors[name] = (stamp, str(e))
+                    log.error("library could not follow the store; serving its last good snapshot",
+                              extra={"library": name, "error": str(e), "code": e.code, "has_snapshot": name in libs})
+                if name not in libs:
+                    failed[name] = e
+        if changed:
+            self._libs, self._failed = MappingProxyType(libs), MappingProxyType(failed)
+            for name in changed:
+                if name in libs:
+                    self._changed(libs[name])
+                elif self._metrics:
+                    self._metrics.library_removed(name)
+        return changed
+
+    def _rebuild_latest(self, name: str) -> LibraryState:
+        """_rebuild, retried while a blob went missing because the store moved on meanwhile."""
+        for _ in range(5):
+            try:
+                return self._rebuild(name)
+            except MissingBlobError:
+                if not self._store.refresh():
+                    raise
+        return self._rebuild(name)

@@ -51,6 +51,13 @@ class Metrics:
         self.library_version.labels(library).set(version)
         self.adapters.labels(library).set(adapters)
 
+    def library_removed(self, library: str) -> None:
+        for gauge in (self.library_version, self.adapters):
+            try:
+                gauge.remove(library)
+            except KeyError:
+                pass
+
     def adapter_deleted(self, library: str, adapter: str) -> None:
         # A deleted adapter's series would otherwise be exported forever.
         try:

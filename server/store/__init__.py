@@ -17,6 +17,7 @@ from .command_provider import CommandKeyProvider
 from .durable_io import FailPointHit, FailPoints
 from .errors import (
     BlobFormatError,
+    ConflictError,
     FailStopError,
     MissingBlobError,
     RollbackError,
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterRecord",
     "BlobFormatError",
     "CommandKeyProvider",
+    "ConflictError",
     "EnvKeyProvider",
     "FailPointHit",
     "FailPoints",

@@ -68,7 +68,7 @@ from .commit import Committer, Txn
 from .directory import DirectoryMedium
 from .durable_io import DurableIO, FailPoints
 from .envelope import open_sealed, parse_header
-from .errors import RollbackError, TamperedBlobError
+from .errors import ConflictError, RollbackError, TamperedBlobError
 from .key_providers import KeyProvider
 from .manifest import (
     adapter_context,
@@ -202,6 +202,11 @@ class LibraryStore:
     def list_libraries(self) -> list[str]:
         self._check_open()
         return sorted(self._manifest["libraries"])
+
+    def library_stamps(self) -> dict[str, tuple[str, int]]:
+        """(created_at, version) of every library: changes whenever the library does."""
+        self._check_open()
+        return {name: (lib["created_at"], lib["version"]) for name, lib in self._manifest["libraries"].items()}
 
     def library(self, name: str) -> LibraryRecord:
         self._check_open()
@@ -346,14 +351,21 @@ class LibraryStore:
 
         return self._mutate(edit)
 
-    def put_library_object(self, library: str, role: str, data: bytes) -> LibraryRecord:
-        """Store (or replace) the library's object for ``role``; bumps the library version."""
+    def put_library_object(self, library: str, role: str, data: bytes, *,
+                           if_version: int | None = None) -> LibraryRecord:
+        """Store (or replace) the library's object for ``role``; bumps the library version.
+
+        With ``if_version``, only if the library is still at that version (ConflictError
+        otherwise): for objects derived from the library's state, such as merged statistics."""
         validate_role(role)
         require_bytes(data, field=role)
         data = bytes(data)
 
         def edit(manifest: dict[str, Any], txn: Txn) -> LibraryRecord:
             lib = writable_library(manifest, library)
+            if if_version is not None and lib["version"] != if_version:
+                raise ConflictError(f"library {library!r} changed since it was read; retry on its current state",
+                                    field="library", limit=if_version, actual=lib["version"])
             old = lib["objects"].get(role)
             if old is not None:
                 txn.obsolete.append(old["blob"])

@@ -150,7 +150,9 @@ class PostgresMedium:
         self._pending_shred: set[str] = set()
         with self._writer.use("the store cannot be opened") as conn:
             conn.execute(_LOCK)
-            conn.execute(_SCHEMA)
+            if conn.execute("SELECT to_regclass('seqr_blobs') IS NULL OR to_regclass('seqr_manifest') IS NULL"
+                            ).fetchone()[0]:
+                conn.execute(_SCHEMA)      # once: ALTER TABLE would wait for every reader
             schema = conn.execute("SELECT current_schema()").fetchone()[0]
             conn.commit()
         self.schema = schema
@@ -205,8 +207,7 @@ class PostgresMedium:
                 if not w.committed:
                     _rollback_quietly(conn)     # also releases the advisory lock
                 raise
-            if not w.committed:
-                conn.commit()      # open-time sweeps; a no-op otherwise
+            conn.commit()      # open-time sweeps after the commit; a no-op otherwise
 
     def close(self) -> None:
         self._closed.set()
