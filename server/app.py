@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -273,8 +274,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
                                  follower=follower_for(config, store, manager, metrics))
 
 
-def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+def serve(config: ServerConfig, *, on_ready: Callable[[ServerHandles], object] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code. ``on_ready`` is called once serving."""
     # Process-wide, so only here (not in create_server, which tests embed in their process).
     threadpool_limits(limits=config.blas_threads, user_api="blas")
     _, handles = create_server(config)
@@ -282,6 +283,8 @@ def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     handles.start()
+    if on_ready is not None:     # e.g. a `--processes` child telling its parent
+        threading.Thread(target=lambda: handles.wait_ready() and on_ready(handles), daemon=True).start()
     stop.wait()
     # Shutdown always finishes: if something still holds on past drain + grace, exit anyway.
     watchdog = threading.Timer(config.drain_s + config.grace_s + 15, lambda: os._exit(3))

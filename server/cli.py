@@ -15,7 +15,7 @@ from seqr_core.errors import SeqrError
 
 from . import cli_client
 from .cli_client import env
-from .config import KeySource, Limits, ServerConfig, TLSConfig
+from .config import KeySource, Limits, ServerConfig, StoreConfig, TLSConfig
 from .export_cli import add_export_parser
 
 EPILOG = """quick start:
@@ -83,6 +83,25 @@ def _add_serve(sub) -> None:
                    default=int(env("MAX_CONCURRENT_RPCS", lim.max_concurrent_rpcs)), help="[SEQR_MAX_CONCURRENT_RPCS]")
     p.add_argument("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", lim.max_upload_bytes >> 20)),
                    help="largest adapter upload [SEQR_MAX_UPLOAD_MB]")
+    r = StoreConfig()
+    p.add_argument("--processes", type=int, default=int(env("PROCESSES", "1")),
+                   help="server processes on the one port (SO_REUSEPORT), each a replica of the store: use a "
+                        "host's cores (Python serves one core per process) [SEQR_PROCESSES]")
+    dsn = p.add_mutually_exclusive_group()
+    dsn.add_argument("--store-dsn", default=env("STORE_DSN"),
+                     help="keep the libraries in PostgreSQL (libpq DSN or URI) instead of --data-dir; any number "
+                          "of replicas may share it. Prefer --store-dsn-file for passwords [SEQR_STORE_DSN]")
+    dsn.add_argument("--store-dsn-file", type=Path, default=env("STORE_DSN_FILE"),
+                     help="file holding the PostgreSQL DSN (e.g. a mounted Secret) [SEQR_STORE_DSN_FILE]")
+    p.add_argument("--anchor-dir", type=Path, default=env("ANCHOR_DIR"),
+                   help="rollback anchor directory (default: beside the key file, else <data-dir>.anchor) "
+                        "[SEQR_ANCHOR_DIR]")
+    p.add_argument("--poll-interval", type=float, default=float(env("POLL_INTERVAL", r.poll_s)),
+                   help="replicas check the store for newer commits this often, seconds (PostgreSQL also "
+                        "notifies at once) [SEQR_POLL_INTERVAL]")
+    p.add_argument("--max-staleness", default=env("MAX_STALENESS", f"{r.max_staleness_s:g}"),
+                   help="seconds a replica may go without reaching its store before it reports NOT_SERVING "
+                        "and refuses reads; 'off' never [SEQR_MAX_STALENESS]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("json", "text"), default=env("LOG_FORMAT", "json"), help="[SEQR_LOG_FORMAT]")
     p.set_defaults(func=cmd_serve)
@@ -95,7 +114,7 @@ def config_from_args(a) -> ServerConfig:
             raise SystemExit("seqr serve: --tls-cert and --tls-key go together")
         tls = TLSConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
     metrics = None if str(a.metrics_port).lower() in ("off", "none", "-1") else int(a.metrics_port)
-    return ServerConfig(
+    return ServerConfig(store=store_config(a),
         listen=a.listen, data_dir=a.data_dir, metrics_port=metrics, metrics_host=a.metrics_host,
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
                        key_command=a.key_command),
@@ -106,10 +125,25 @@ def config_from_args(a) -> ServerConfig:
                       max_concurrent_rpcs=a.max_concurrent_rpcs, max_upload_bytes=a.max_upload_mb << 20))
 
 
+def store_config(a) -> StoreConfig:
+    dsn = a.store_dsn
+    if a.store_dsn_file is not None:
+        try:
+            dsn = a.store_dsn_file.read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"seqr serve: cannot read --store-dsn-file {a.store_dsn_file}: {e.strerror}")
+    budget = None if str(a.max_staleness).lower() in ("off", "none") else float(a.max_staleness)
+    return StoreConfig(dsn=dsn or None, anchor_dir=a.anchor_dir, poll_s=a.poll_interval, max_staleness_s=budget)
+
+
 def cmd_serve(a) -> int:
     from . import logs
+    json_logs = a.log_format == "json"
+    logs.setup(a.log_level, json_format=json_logs)
+    if a.processes > 1:
+        from .processes import serve_group
+        return serve_group(config_from_args(a), processes=a.processes, log_level=a.log_level, json_logs=json_logs)
     from .app import serve
-    logs.setup(a.log_level, json_format=a.log_format == "json")
     return serve(config_from_args(a))
 
 
