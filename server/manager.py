@@ -320,7 +320,7 @@ class LibraryManager:
             if self._stamps.get(name) == stamp and (name in libs or name in failed):
                 continue
             try:
-                libs[name] = self._rebuild_latest(name)
+                libs[name] = self._rebuild_latest(name, libs.get(name))
                 failed.pop(name, None)
                 self._stamps[name] = self._store.library_stamps().get(name)
                 self._sync_errors.pop(name, None)
@@ -341,12 +341,45 @@ class LibraryManager:
                     self._metrics.library_removed(name)
         return changed
 
-    def _rebuild_latest(self, name: str) -> LibraryState:
-        """_rebuild, retried while a blob went missing because the store moved on meanwhile."""
+    def _rebuild_latest(self, name: str, cur: LibraryState | None) -> LibraryState:
+        """The library as stored now; retried while a blob went missing because the store moved on."""
         for _ in range(5):
             try:
-                return self._rebuild(name)
+                return self._catch_up(name, cur)
             except MissingBlobError:
                 if not self._store.refresh():
                     raise
-        return self._rebuild(name)
+        return self._catch_up(name, cur)
+
+    def _catch_up(self, name: str, cur: LibraryState | None) -> LibraryState:
+        """Like _rebuild, but reusing ``cur``'s parsed adapters: a stored adapter never changes (ids
+        are never reused), so a follower parses only the added ones - catching up costs the
+        change, not the library."""
+        built = self._stamps.get(name)
+        stamp = self._store.library_stamps().get(name)
+        if cur is None or built is None or stamp is None or built[0] != stamp[0]:   # new or re-created
+            return self._rebuild(name)
+        rec = self._store.library(name)
+        stored = {(a.name, a.adapter_id) for a in rec.adapters}
+        index = cur.index
+        for e in cur.index.adapters:
+            if (e.name, e.adapter_id) not in stored:
+                index, _ = index.remove_adapter(e.name)
+                if self._metrics:
+                    self._metrics.adapter_deleted(name, e.name)
+        have = {e.name for e in index.adapters}
+        items = []
+        for ar in rec.adapters:                      # adapter id order, as _rebuild
+            if ar.name not in have:
+                parsed = parse_peft_adapter(self._store.read_adapter_files(name, ar.name), name=ar.name,
+                                            signature=cur.spec.signature)
+                items.append((parsed.adapter, ar.adapter_id, parsed.upload_dtype))
+        if items:
+            index, _ = index.add_adapters(items, version=rec.version)
+        raw = self._store.read_library_object(name, lo.CALIBRATION)
+        if raw is not None:
+            ids = {e.name: e.adapter_id for e in index.adapters}
+            index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
+        elif index.calibration is not None:
+            return self._rebuild(name)
+        return _state(cur.spec, index.with_version(rec.version), rec.adapters)

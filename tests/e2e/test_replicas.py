@@ -9,8 +9,10 @@ bench/replicas.py, never asserted here.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from seqr_client import IntegrityError, RouterClient, SeqrError, UnavailableError
@@ -19,7 +21,7 @@ from seqr_server.store import init_key_file
 
 from ..peft_factory import read_dir
 from ..postgres import Proxy, cluster
-from .conftest import LIB, activations, create_library
+from .conftest import LIB, activations, create_library, moments
 
 
 def until(predicate, timeout: float = 60.0, step: float = 0.05) -> bool:
@@ -91,6 +93,30 @@ def test_a_write_on_one_replica_is_served_by_the_others(world, replicas):
     assert clients[0].describe(LIB).adapters == ()
     for c in clients:
         c.close()
+
+
+def test_a_follower_serves_exactly_what_the_writer_serves(world, replicas):
+    r1, r2 = replicas(2)
+    writer, follower = RouterClient(r1.target, timeout=60), RouterClient(r2.target, timeout=60)
+    create_library(writer, world)
+    for name in world.adapters:
+        writer.put_adapter(world.adapters[name], name=name, library=LIB)
+    writer.delete_adapter("shared-a1", library=LIB)
+    writer.put_adapter(world.adapters["shared-a1"], name="shared-a1-again", library=LIB)
+    rng = np.random.default_rng(5)
+    writer.calibrate([activations(world, {k: rng.standard_normal(h.shape).astype(np.float32)
+                                          for k, h in world.hidden.items()}) for _ in range(6)], library=LIB)
+    v = writer.describe(LIB).version
+    assert until(lambda: _version(follower) == v)
+    assert follower.describe(LIB) == writer.describe(LIB)
+    shared = ["shared-a0", "shared-f16", "shared-a1-again"]
+    for form in ({"inputs": activations(world)}, {"moments": moments(world), "tokens": 12, "candidates": shared}):
+        a = writer.route(LIB, **form, top_k=3, include_scores=True, normalisation="activation")
+        b = follower.route(LIB, **form, top_k=3, include_scores=True, normalisation="activation")
+        assert replace(a, timings=None) == replace(b, timings=None) and a.library_version == v
+        assert a.normalisation == "activation" and a.fallback == ""
+    writer.close()
+    follower.close()
 
 
 def test_concurrent_writes_through_two_replicas_are_serialised_and_ids_never_reused(world, replicas):
