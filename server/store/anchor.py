@@ -47,8 +47,10 @@ class Anchor:
 class AnchorFile:
     """Reads and durably writes the anchor of one data directory."""
 
-    def __init__(self, anchor_dir: Path, location: str, io: DurableIO):
+    def __init__(self, anchor_dir: Path, location: str | os.PathLike[str], io: DurableIO):
         self._dir = anchor_dir
+        # A path names a data directory (resolved); a string any other store (a database).
+        location = location if isinstance(location, str) else str(Path(location).resolve())
         self._location = location
         digest = hashlib.sha256(location.encode("utf-8")).hexdigest()[:24]
         self.path = anchor_dir / f"{digest}.anchor"

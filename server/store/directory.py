@@ -64,7 +64,7 @@ class DirectoryMedium:
         self.data_dir = data_dir
         self.blobs_dir = data_dir / BLOBS_DIR
         self.shared = shared
-        self.location = str(data_dir.resolve())
+        self.location = str(data_dir.resolve())      # AnchorFile names a directory this way too
         self._io = io
         how = "exclusively by another store instance" if shared else "by another store instance"
         self._lock_fd: int | None = _flock(

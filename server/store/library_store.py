@@ -15,33 +15,8 @@ medium's writer lock (so ids are never reused and no update is lost), and :meth:
 adopts newer commits - each verified exactly like a manifest at open, and never older than one
 this store has already seen.
 
-Threat model (what the encryption and the anchor do and do not protect):
-
-* An attacker who can read the data directory or the database (a stolen disk, a backup, a shared
-  volume, a DBA) learns only the number and sizes of blobs (which hint at adapter shapes), the
-  commit counter, key ids, and when writes happened.
-  Names, metadata and weights are sealed; data keys exist on disk only wrapped by the KEK, which
-  lives elsewhere.
-* An attacker who can also *write* the data directory can destroy data (we cannot prevent that)
-  but cannot make the store serve anything it did not write for that object: bit flips,
-  truncations, appends, header edits, blobs swapped between objects or versions, and blobs moved
-  from another store all fail with an ``IntegrityError``. Replaying an older manifest, deleting it,
-  or restoring an old copy of the whole directory is caught by the rollback anchor - *provided*
-  the anchor directory (default: ``<key file>.anchors/``; for other providers ``<data_dir>.anchor/``
-  next to the data directory, or ``anchor_dir=``) is not writable by that attacker. Someone who
-  can rewind both the data directory and the anchor (e.g. restore a snapshot of the whole host)
-  can roll the store back to an earlier *genuine* state; only an external monotonic counter
-  (a KMS/TPM) closes that gap, and is not implemented here.
-* An attacker with the KEK and the data directory has everything; the KEK must be protected.
-* Crypto-shredding removes the only copies of a deleted object's wrapped data keys from the live
-  directory. Copies in backups, filesystem journals or SSD spare blocks remain decryptable while
-  the KEK that wrapped them exists: rotate the KEK and retire the old key to finish the job.
-* Plaintext (weights, keys) lives only in process memory (Python cannot wipe it reliably).
-* Crash safety assumes a local POSIX file system that honours fsync and atomic rename (ext4, xfs);
-  network file systems need their own verification. PostgreSQL brings its own (WAL, fsync).
-* With PostgreSQL every host keeps its own anchor: a replica refuses any manifest older than one
-  it has seen. A host with no anchor yet (a new pod) adopts the database's current state on first
-  contact (``accept_unanchored``) - keep anchors on a persistent volume to close that window.
+The threat model (what the encryption and the anchor do and do not protect) is in the
+package docstring (``seqr_server.store``).
 """
 
 from __future__ import annotations
@@ -63,12 +38,12 @@ from seqr_core.errors import (
     UnavailableError,
 )
 
-from .anchor import AnchorFile, check_manifest_against_anchor, resolve_anchor_dir
+from .anchor import AnchorFile, resolve_anchor_dir
 from .commit import Committer, Txn
 from .directory import DirectoryMedium
 from .durable_io import DurableIO, FailPoints
 from .envelope import open_sealed, parse_header
-from .errors import ConflictError, RollbackError, TamperedBlobError
+from .errors import ConflictError, TamperedBlobError
 from .key_providers import KeyProvider
 from .manifest import (
     adapter_context,
@@ -78,13 +53,12 @@ from .manifest import (
     iter_refs,
     library_blob_names,
     object_context,
-    open_manifest,
     successor,
     writable_library,
 )
 from .medium import Medium
 from .records import AdapterRecord, LibraryRecord, adapter_record, library_record
-from .recovery import recover
+from .recovery import recover, verify_newer
 from .rotation import reseal_all, select_primary
 from .rwlock import ReadWriteLock
 from .validation import require_bytes, validate_files, validate_meta, validate_name, validate_objects, validate_role
@@ -424,8 +398,6 @@ class LibraryStore:
         if head == self._head:
             return False
         raw = self._medium.read_manifest()
-        if raw is None:
-            raise RollbackError(f"the {self._medium.kind} store's manifest has disappeared", field="manifest")
         with self._write_lock:
             changed = self._adopt(raw)
             self._head = head
@@ -471,24 +443,10 @@ class LibraryStore:
 
     def _adopt(self, raw: bytes | None) -> bool:
         """Verify a committed manifest read from the medium and publish it if it is newer."""
-        if raw is None:
-            raise RollbackError(f"the {self._medium.kind} store's manifest has disappeared", field="manifest")
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest == self._manifest_sha256:
+        manifest = verify_newer(raw, keys=self._keys, anchor_file=self._anchor_file, current=self._manifest,
+                                current_sha256=self._manifest_sha256, medium=self._medium.kind)
+        if manifest is None:
             return False
-        anchor = self._anchor_file.load()
-        manifest = open_manifest(raw, self._keys, anchor=anchor)
-        seq, current = manifest["seq"], self._manifest["seq"]
-        if manifest["store_id"] != self.store_id:
-            raise RollbackError("the manifest now belongs to a different store", field="store_id",
-                                limit=self.store_id, actual=manifest["store_id"])
-        if seq <= current:
-            raise (RollbackError("manifest is older than one this store already used (an old manifest was "
-                                 "put back)", field="manifest.seq", limit=current, actual=seq) if seq < current
-                   else TamperedBlobError("manifest has the current sequence number but different contents",
-                                          field="manifest.seq", actual=seq))
-        check_manifest_against_anchor(anchor=anchor, store_id=manifest["store_id"], seq=seq, manifest_sha256=digest,
-                                      anchor_path=self._anchor_file.path, accept_unanchored=True)
         self._committer.anchor(manifest, raw)
         self._publish(manifest, raw)
         return True

@@ -20,12 +20,12 @@ from seqr_core.errors import FailedPreconditionError
 
 from .anchor import Anchor, AnchorFile, check_manifest_against_anchor
 from .envelope import parse_header
-from .errors import RollbackError
+from .errors import RollbackError, TamperedBlobError
 from .key_providers import KeyProvider
 from .manifest import iter_refs, new_manifest, open_manifest, seal_manifest
 from .medium import Medium, MediumWrite
 
-__all__ = ["Recovered", "recover", "save_anchor"]
+__all__ = ["Recovered", "recover", "save_anchor", "verify_newer"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,32 @@ def recover(
         log.info("store recovery removed %d temp file(s) and %d unreferenced blob(s)", temps, orphans)
     key_id = parse_header(raw, what="MANIFEST")[0].key_id
     return Recovered(manifest, key_id, hashlib.sha256(raw).hexdigest(), temps, orphans)
+
+
+def verify_newer(raw: bytes | None, *, keys: KeyProvider, anchor_file: AnchorFile, current: dict[str, Any],
+                 current_sha256: str, medium: str) -> dict[str, Any] | None:
+    """A manifest another process committed, verified as at open and newer than ``current``; None
+    when it is ``current`` itself. Older, altered, foreign or missing raise IntegrityError."""
+    if raw is None:
+        raise RollbackError(f"the {medium} store's manifest has disappeared", field="manifest")
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest == current_sha256:
+        return None
+    anchor = anchor_file.load()
+    manifest = open_manifest(raw, keys, anchor=anchor)
+    seq, have = manifest["seq"], current["seq"]
+    if manifest["store_id"] != current["store_id"]:
+        raise RollbackError("the manifest now belongs to a different store", field="store_id",
+                            limit=current["store_id"], actual=manifest["store_id"])
+    if seq < have:
+        raise RollbackError("manifest is older than one this store already used (an old manifest was put back)",
+                            field="manifest.seq", limit=have, actual=seq)
+    if seq == have:
+        raise TamperedBlobError("manifest has the current sequence number but different contents",
+                                field="manifest.seq", actual=seq)
+    check_manifest_against_anchor(anchor=anchor, store_id=manifest["store_id"], seq=seq, manifest_sha256=digest,
+                                  anchor_path=anchor_file.path, accept_unanchored=True)
+    return manifest
 
 
 def save_anchor(anchor_file: AnchorFile, manifest: dict[str, Any], raw: bytes) -> None:
