@@ -11,6 +11,8 @@ untouched arrays) plus what changed, so a reader holding an old snapshot keeps i
 
 from __future__ import annotations
 
+import functools
+
 import threading
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -27,8 +29,13 @@ from .signature import BaseModelSignature
 _SNAP_RTOL = {"F32": 0.0, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 
 
+@functools.lru_cache(maxsize=64)
 def triu_pairs(r: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.triu_indices(r)
+    """Upper-triangle index pairs of an r×r matrix (cached: read-only, shared by every caller)."""
+    iu, ju = np.triu_indices(r)
+    iu.setflags(write=False)
+    ju.setflags(write=False)
+    return iu, ju
 
 
 def gram_weights(R: np.ndarray) -> np.ndarray:

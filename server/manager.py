@@ -21,6 +21,7 @@ import numpy as np
 from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, RouteOptions,
                        merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
+from seqr_core.stacked import stacked
 from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
 
 from . import library_objects as lo
@@ -382,4 +383,6 @@ class LibraryManager:
             index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
         elif index.calibration is not None:
             return self._rebuild(name)
-        return _state(cur.spec, index.with_version(rec.version), rec.adapters)
+        index = index.with_version(rec.version)
+        stacked(index)        # build routing's tables here, not in the first request after the swap
+        return _state(cur.spec, index, rec.adapters)

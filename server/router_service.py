@@ -16,7 +16,7 @@ from .config import Limits
 from .info import library_info
 from .manager import LibraryManager, LibraryState
 from .metrics import Metrics
-from .rpc import Call
+from .rpc import Call, inline
 
 RouteFn = Callable[[LibraryIndex, dict, RouteOptions], Decision]
 
@@ -26,6 +26,7 @@ class RouterService:
         self.manager, self.limits, self.metrics = manager, limits, metrics
         self.route_fn = route_fn
 
+    @inline
     def Route(self, request, call: Call):
         return self._route(request, call.principal)
 
