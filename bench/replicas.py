@@ -54,12 +54,19 @@ class Replica:
                "--anchor-dir", str(home / "anchors"), "--store-dsn", self.dsn, "--poll-interval", "1",
                "--max-staleness", str(self.budget), "--log-level", "info"]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=self.root)
+        self.followed: list[dict] = []     # the replica's "followed the store" lines (ms, cpu_ms)
         for line in self.proc.stderr:
             doc = json.loads(line) if line.startswith("{") else {}
             if doc.get("msg") == "listening":
                 self.port = doc["port"]
                 break
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                doc = json.loads(line) if line.startswith("{") else {}
+                if doc.get("msg") == "followed the store":
+                    self.followed.append(doc)
+        threading.Thread(target=drain, daemon=True).start()
         with RouterClient(self.target, timeout=60) as c:
             until(lambda: c.health() == "SERVING", 120)
         return self
@@ -191,8 +198,11 @@ def main(argv=None) -> int:
                 for k in (1, 2):
                     lat[k].append(max(0.0, seen.get(k, float("inf")) - acked))
             allv = lat[1] + lat[2]
+            work = [d for r in reps[1:] for d in r.followed[-a.writes:]]
             out["propagation"] = {"writes": a.writes, "p50_ms": pct(allv, 50), "p99_ms": pct(allv, 99),
                                   "max_ms": max(allv) * 1e3,
+                                  "catch_up_ms_p50": float(np.median([d["ms"] for d in work])) if work else None,
+                                  "catch_up_cpu_ms_p50": float(np.median([d["cpu_ms"] for d in work])) if work else None,
                                   **{f"replica{k + 1}": {"p50_ms": pct(x, 50), "p99_ms": pct(x, 99)}
                                      for k, x in lat.items()}}
             print(json.dumps(out["propagation"]), file=sys.stderr)
@@ -279,11 +289,13 @@ def main(argv=None) -> int:
             subprocess.run([str(SCRIPT), "stop", str(pg_dir), "immediate"], capture_output=True)
             shutil.rmtree(pg_dir, ignore_errors=True)
     p, r_, c_, k = out["propagation"], out["postgres_restart"], out["cut_off"], out["kill9"]
-    text = f"""Replicas on PostgreSQL ({subprocess.run([str(SCRIPT), 'bindir'], capture_output=True, text=True).stdout.strip()}): 3 `seqr serve` processes, N={a.adapters} shared-A adapters on 60 modules, {os.cpu_count()} CPUs shared by PostgreSQL, the replicas and the client.
+    load = os.getloadavg()[0]
+    text = f"""Replicas on PostgreSQL ({subprocess.run([str(SCRIPT), 'bindir'], capture_output=True, text=True).stdout.strip()}): 3 `seqr serve` processes, N={a.adapters} shared-A adapters on 60 modules, {os.cpu_count()} CPUs shared by PostgreSQL, the replicas and the client (load average {load:.1f} at the end of the run).
 
 | measurement | value |
 |---|---|
 | propagation, PUT on replica 1 -> replicas 2 and 3 route on it ({p['writes']} writes) | p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, max {p['max_ms']:.1f} ms |
+| a follower's catch-up per write (refresh, verify, parse, rebuild, swap): wall / CPU, median | {p['catch_up_ms_p50']:.1f} / {p['catch_up_cpu_ms_p50']:.1f} ms |
 | propagation to replica 2 / replica 3 | p50 {p['replica2']['p50_ms']:.1f} / {p['replica3']['p50_ms']:.1f} ms, p99 {p['replica2']['p99_ms']:.1f} / {p['replica3']['p99_ms']:.1f} ms |
 | kill -9 of a replica under load: failed Route calls | {k['failed_routes']} of {k['routes']} ({k['routes_after_kill']} after the kill) |
 | PostgreSQL restarted under load: failed Route calls | {r_['failed_routes']} of {r_['routes']} ({r_['routes_while_down']} while it was down, {r_['down_s']} s) |

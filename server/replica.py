@@ -115,6 +115,7 @@ class Follower:
             self._store.wait_for_commit(self.poll_s)
 
     def sync_once(self) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             changed = self._manager.refresh()
         except (UnavailableError, IntegrityError) as e:
@@ -129,7 +130,9 @@ class Follower:
         self._error = None
         self._g_commit.set(self._store.manifest_seq)
         if changed:
-            log.info("followed the store", extra={"commit": self._store.manifest_seq, "libraries": changed})
+            log.info("followed the store", extra={"commit": self._store.manifest_seq, "libraries": changed,
+                                                  "ms": round((time.perf_counter() - t0) * 1e3, 1),
+                                                  "cpu_ms": round((time.thread_time() - c0) * 1e3, 1)})
 
     def _watch(self) -> None:
         """Turns staleness into health, apart from the follow thread (which may be stuck in I/O)."""

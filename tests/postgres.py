@@ -37,12 +37,13 @@ class Cluster:
     dir: Path
     port: int
 
-    def dsn(self, schema: str | None = None, *, port: int | None = None, **params: str) -> str:
+    def dsn(self, schema: str | None = None, *, host: str = "127.0.0.1", port: int | None = None,
+            **params: str) -> str:
         """Connection string; with ``schema``, a store in that schema of the tests' database."""
         if schema is not None:
             params = {"options": f"-csearch_path={schema}", **params}
         extra = "".join(f" {k}={v}" for k, v in params.items())
-        return f"host=127.0.0.1 port={port or self.port} user=postgres dbname={DATABASE}{extra}"
+        return f"host={host} port={port or self.port} user=postgres dbname={DATABASE}{extra}"
 
     def sql(self, statement: str, *args, schema: str | None = None):
         import psycopg
@@ -113,9 +114,9 @@ class Proxy:
     accepted and held the same way. ``down()`` closes every connection and refuses new ones (the
     database went away). ``heal()`` closes what is held and forwards again."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, *, bind: str = "127.0.0.1"):
         self._target = target_port
-        self._srv = socket.create_server(("127.0.0.1", 0))
+        self._srv = socket.create_server((bind, 0))
         self.port = self._srv.getsockname()[1]
         self._cut = threading.Event()
         self._down = threading.Event()

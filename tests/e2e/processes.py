@@ -15,6 +15,7 @@ from pathlib import Path
 @dataclass
 class ServeProcess:
     proc: subprocess.Popen
+    host: str
     port: int
     pids: list[int]                                  # the serving processes (children of a group)
     metrics_port: int | None = None
@@ -22,7 +23,7 @@ class ServeProcess:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def logged(self, msg: str) -> list[dict]:
         return [d for d in list(self.lines) if d.get("msg") == msg]
@@ -30,7 +31,7 @@ class ServeProcess:
     def routes_served(self) -> float:
         """Route calls this (single) process answered OK, from its /metrics."""
         import urllib.request
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        text = urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith('seqr_rpcs_total{') and 'Router/Route"' in line and 'code="OK"' in line)
 
@@ -47,13 +48,15 @@ class ServeProcess:
                 self.proc.wait()
 
 
-def serve(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 120) -> ServeProcess:
-    """Start `seqr serve ARGS` (JSON logs) and wait for it - or its whole group - to serve."""
-    cmd = [sys.executable, "-m", "seqr_server.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-port", "off",
-           "--log-level", "info", *args]
+def serve(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 120, host: str = "127.0.0.1",
+          wrap=lambda argv: argv) -> ServeProcess:
+    """Start `seqr serve ARGS` (JSON logs) on ``host`` and wait for it - or its whole group - to
+    serve. ``wrap`` turns the command line into one that runs elsewhere (a network namespace)."""
+    cmd = wrap([sys.executable, "-m", "seqr_server.cli", "serve", "--listen", f"{host}:0", "--metrics-port", "off",
+                "--metrics-host", host, "--log-level", "info", *args])
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
     group = "--processes" in args
-    sp = ServeProcess(proc, 0, [])
+    sp = ServeProcess(proc, host, 0, [])
     ready = threading.Event()
 
     def read() -> None:

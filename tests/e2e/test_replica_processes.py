@@ -9,7 +9,8 @@ import pytest
 from seqr_client import RouterClient, SeqrError
 from seqr_server.store import init_key_file
 
-from ..postgres import cluster
+from ..netns import Hosts
+from ..postgres import Proxy, cluster
 from .conftest import LIB, activations, create_library
 from .processes import serve
 from .test_replicas import put, until
@@ -31,16 +32,34 @@ def _load(client: RouterClient, x, stop: threading.Event, done: list, failed: li
             failed.append(e)
 
 
-def test_kill_9_of_a_replica_under_load_fails_no_route(world, tmp_path, key):
+@pytest.fixture
+def hosts():
+    """Three separate test hosts (network namespaces) where this machine can make them, else None."""
+    if not Hosts.available():
+        yield None
+        return
+    h = Hosts()
+    yield h
+    h.close()
+
+
+def test_kill_9_of_a_replica_under_load_fails_no_route(world, tmp_path, key, hosts):
     c = cluster()
     schema = c.new_schema()
-    started = []
+    started, proxies = [], []
     try:
         for i in range(3):
-            started.append(serve(["--store-dsn", c.dsn(schema), "--key-file", str(key), "--no-demo",
+            where: dict = {}
+            dsn = c.dsn(schema)
+            if hosts is not None:          # its own network stack, reaching the database over a veth
+                h = hosts.add()
+                proxies.append(Proxy(c.port, bind=h.gateway))
+                dsn = c.dsn(schema, host=h.gateway, port=proxies[-1].port)
+                where = {"host": h.address, "wrap": h.command}
+            started.append(serve(["--store-dsn", dsn, "--key-file", str(key), "--no-demo",
                                   "--anchor-dir", str(tmp_path / f"host{i}" / "anchors"), "--poll-interval", "0.3",
                                   "--metrics-port", "0",
-                                  "--data-dir", str(tmp_path / f"host{i}" / "data")], cwd=tmp_path))
+                                  "--data-dir", str(tmp_path / f"host{i}" / "data")], cwd=tmp_path, **where))
         with RouterClient(started[0].target, timeout=30) as admin:
             create_library(admin, world)
             v = put(admin, world, "shared-a0")
@@ -66,6 +85,8 @@ def test_kill_9_of_a_replica_under_load_fails_no_route(world, tmp_path, key):
     finally:
         for s in started:
             s.stop()
+        for p in proxies:
+            p.close()
         c.drop_schema(schema)
 
 
