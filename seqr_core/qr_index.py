@@ -42,7 +42,7 @@ def gram_weights(R: np.ndarray) -> np.ndarray:
     """R (n, r, r) -> (K, n) weights w with zᵀ(RᵀR)z = feat(z)·w, K = r(r+1)/2."""
     r = R.shape[-1]
     iu, ju = triu_pairs(r)
-    S = np.einsum("nar,nas->nrs", R, R)                   # (n, r, r) RᵀR
+    S = np.matmul(R.transpose(0, 2, 1), R)                # (n, r, r) RᵀR (3x einsum's speed: snapshots redo this)
     w = S[:, iu, ju] * np.where(iu == ju, 1.0, 2.0)       # (n, K)
     return np.ascontiguousarray(w.T)                       # (K, n)
 

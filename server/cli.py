@@ -88,7 +88,7 @@ def _add_serve(sub) -> None:
                    help="server processes on the one port (SO_REUSEPORT), each a replica of the store: use a "
                         "host's cores (Python serves one core per process) [SEQR_PROCESSES]")
     dsn = p.add_mutually_exclusive_group()
-    dsn.add_argument("--store-dsn", default=env("STORE_DSN"),
+    dsn.add_argument("--store-dsn", default=None,    # read in store_config: --help must not print a password
                      help="keep the libraries in PostgreSQL (libpq DSN or URI) instead of --data-dir; any number "
                           "of replicas may share it. Prefer --store-dsn-file for passwords [SEQR_STORE_DSN]")
     dsn.add_argument("--store-dsn-file", type=Path, default=env("STORE_DSN_FILE"),
@@ -126,7 +126,7 @@ def config_from_args(a) -> ServerConfig:
 
 
 def store_config(a) -> StoreConfig:
-    dsn = a.store_dsn
+    dsn = a.store_dsn or (env("STORE_DSN") if a.store_dsn_file is None else None)
     if a.store_dsn_file is not None:
         try:
             dsn = a.store_dsn_file.read_text().strip()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from seqr_client import IntegrityError, RouterClient, SeqrError, UnavailableError
+from seqr_core.errors import FailedPreconditionError
 from seqr_server.config import KeySource, StoreConfig
 from seqr_server.store import init_key_file
 
@@ -259,5 +260,5 @@ def test_a_process_groups_shared_directory_follows_every_member(world, tmp_path,
 
 def test_an_exclusive_directory_still_refuses_a_second_server(tmp_path, start_server):
     start_server(tmp_path / "data")
-    with pytest.raises(Exception, match="already open"):
+    with pytest.raises(FailedPreconditionError, match="already open"):
         start_server(tmp_path / "data", store=StoreConfig(shared=True))
