@@ -41,7 +41,11 @@ case "$cmd" in
   start)
     dir=$(realpath -m "$1"); port=${2:-55432}; B=$(bindir)
     mkdir -p "$dir"; chmod 700 "$dir"
-    [[ $(id -u) == 0 ]] && chown postgres: "$dir"
+    if [[ $(id -u) == 0 ]]; then
+      chown postgres: "$dir"
+      runuser -u postgres -- test -w "$dir" \
+        || { echo "the postgres user cannot reach $dir (a parent directory is private); use e.g. mktemp -d" >&2; exit 1; }
+    fi
     if [[ ! -f $dir/data/PG_VERSION ]]; then
       as_pg "$B/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }
