@@ -119,6 +119,23 @@ def test_a_follower_serves_exactly_what_the_writer_serves(world, replicas):
     follower.close()
 
 
+def test_a_write_through_a_replica_behind_the_store_serves_what_was_committed(world, replicas):
+    r1, r2 = replicas(2)
+    c1, c2 = RouterClient(r1.target, timeout=30), RouterClient(r2.target, timeout=30)
+    create_library(c1, world)
+    put(c1, world, "shared-a0")
+    assert until(lambda: _version(c2) == 2)
+    r1.follower.stop()                       # r1 no longer follows: it only learns through its writes
+    put(c2, world, "shared-a1")
+    added = c1.put_adapter(world.adapters["shared-f16"], name="shared-f16", library=LIB)
+    assert added.adapter_id == 2             # the store's next id, not the one r1's old view predicted
+    info = c1.describe(LIB)
+    assert [(a.name, a.adapter_id) for a in info.adapters] == [("shared-a0", 0), ("shared-a1", 1), ("shared-f16", 2)]
+    assert info.version == 4 and c1.route(LIB, activations(world)).library_version == 4
+    c1.close()
+    c2.close()
+
+
 def test_concurrent_writes_through_two_replicas_are_serialised_and_ids_never_reused(world, replicas):
     r1, r2, r3 = replicas(3)
     with RouterClient(r1.target, timeout=60) as c1:
