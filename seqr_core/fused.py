@@ -14,7 +14,7 @@ import numpy as np
 from .energies import _F64_SLACK, ModuleInput, _gamma64, module_moment
 from .normalise import Normalisation
 from .qr_index import LibraryIndex, triu_pairs
-from .stacked import stacked
+from .stacked import stacked, subset
 
 
 def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np.ndarray,
@@ -22,16 +22,31 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     """(S (n,), bounds (n,)) for candidates ``ids``, or None when the request doesn't qualify
     (a supplied module without shared A, a candidate with its own A there, mixed ranks)."""
     st = stacked(index)
-    mods = sorted(inputs, key=st.row.__getitem__)  # signature order: all modules -> no W copy
-    rows = np.array([st.row[m] for m in mods])
-    if any(st.W[k] is None for k in rows) or len({st.W[k].shape[0] for k in rows}) != 1:
-        return None
+    mods = sorted(inputs, key=st.row.__getitem__)  # signature order
     pos = index.positions(ids)
-    full = pos.size == st.ids.size and rows.size == len(st.modules)   # rows are in signature order
-    sel = (slice(None), slice(None)) if full else np.ix_(rows, pos)
-    present = st.present[sel]                                              # (Mr, n)
-    if (present & ~st.shared[sel]).any():
-        return None
+    if pos.size == st.ids.size:      # all adapters: this module set's tables, sliced once per snapshot
+        sub = subset(st, tuple(mods))
+        if not sub.fused:
+            return None
+        rows, present, W = sub.rows, sub.present, sub.W
+        Wnorm, rf2, frob2 = sub.Wnorm, sub.rf2, sub.frob2
+
+        def take(a: np.ndarray) -> np.ndarray:
+            return a[rows]
+    else:
+        rows = np.array([st.row[m] for m in mods])
+        if any(st.W[k] is None for k in rows) or len({st.W[k].shape[0] for k in rows}) != 1:
+            return None
+        sel = np.ix_(rows, pos)
+        present = st.present[sel]                                          # (Mr, n)
+        if (present & ~st.shared[sel]).any():
+            return None
+        W = st.W3[st.w3_row[rows]] if st.W3 is not None else np.stack([st.W[k] for k in rows])  # (Mr, K, N)
+        W = W[:, :, pos]
+        Wnorm, rf2, frob2 = st.Wnorm[sel], st.rf2[sel], st.frob2[sel]
+
+        def take(a: np.ndarray) -> np.ndarray:
+            return a[sel]
     r = index.modules[mods[0]].shared_a.shape[0]
     iu, ju = triu_pairs(r)
     Gs, gerr = np.empty((len(mods), r, r)), np.empty(len(mods))
@@ -46,24 +61,19 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
             groups.setdefault(id(inp.data), []).append(j)
         else:
             Gs[j], gerr[j] = module_moment(index.modules[m], inp)
-    if given:   # already ZᵀZ/T: exact inputs, no error to carry
+    if len(given) == len(mods):     # all moments (the usual request): one conversion
+        Gs, gerr = np.array(given_data, dtype=np.float64), np.zeros(len(mods))
+    elif given:   # already ZᵀZ/T: exact inputs, no error to carry
         Gs[given] = np.stack(given_data)
         gerr[given] = 0.0
     for js in groups.values():
         Gs[js], gerr[js] = _group_moments(index, [mods[j] for j in js], inputs[mods[js[0]]].data)
     F = (0.5 * (Gs + Gs.transpose(0, 2, 1)))[:, iu, ju]                    # (Mr, K)
-    if st.W3 is not None:
-        wr = st.w3_row[rows]
-        W = st.W3 if np.array_equal(wr, np.arange(st.W3.shape[0])) else st.W3[wr]  # (Mr, K, N)
-    else:
-        W = np.stack([st.W[k] for k in rows])                              # (Mr, K, N)
-    if pos.size != st.ids.size:
-        W = W[:, :, pos]
     E = np.matmul(F[:, None, :], W)[:, 0, :]                               # (Mr, 1, K)·(Mr, K, n) -> (Mr, n)
     fn = np.linalg.norm(F, axis=1)                                         # (Mr,)
     K = F.shape[1]
-    Bm = ((_gamma64(K + 2) * fn + gerr)[:, None] * st.Wnorm[sel]
-          + _F64_SLACK * fn[:, None] * st.rf2[sel])          # (Mr, n)
+    Bm = ((_gamma64(K + 2) * fn + gerr)[:, None] * Wnorm
+          + _F64_SLACK * fn[:, None] * rf2)                  # (Mr, n)
     cnt = present.sum(axis=0)
     if norm.kind == "zscore" and norm.granularity == "adapter":
         v, bv = (E * present).sum(0), (Bm * present).sum(0)
@@ -71,11 +81,11 @@ def fused_scores(index: LibraryIndex, inputs: Mapping[str, ModuleInput], ids: np
     else:
         mu, c = 0.0, 1.0
         if norm.kind == "frobenius":
-            c = np.maximum(st.frob2[sel], 1e-30)
+            c = np.maximum(frob2, 1e-30)
         elif norm.kind == "activation":
-            c = np.maximum(st.cal.mod_mean[0][sel], 1e-30)
+            c = np.maximum(take(st.cal.mod_mean[0]), 1e-30)
         elif norm.kind == "zscore":
-            mu, c = st.cal.mod_mean[0][sel], st.cal.mod_std[0][sel]
+            mu, c = take(st.cal.mod_mean[0]), take(st.cal.mod_std[0])
         with np.errstate(invalid="ignore", divide="ignore"):
             S = (((E - mu) / c) * present).sum(0) / cnt
             B = ((Bm / c) * present).sum(0) / cnt

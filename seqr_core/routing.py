@@ -17,7 +17,7 @@ from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from .normalise import Normalisation, check_adapter_level_modules, combine, uncalibrated
 from .fused import fused_scores
 from .qr_index import LibraryIndex
-from .stacked import stacked
+from .stacked import stacked, subset
 
 METHODS = ("seqr", "exact", "spectr", "arrow", "lag")
 GRANULARITY = ("sequence", "token")
@@ -217,8 +217,7 @@ def route(index: LibraryIndex, inputs: Mapping[str, E.ModuleInput],
     ids = candidate_ids(index, options.candidates)
     norm, fallback = options.normalisation, ""
     st = stacked(index)
-    rows = [st.row[m] for m in inputs]
-    hit = st.present[rows].any(axis=0)                                     # (N,) targets a supplied module
+    hit = subset(st, tuple(sorted(inputs, key=st.row.__getitem__))).hit   # (N,) targets a supplied module
     targeted = ids[hit if ids.size == st.ids.size else hit[index.positions(ids)]]
     if not targeted.size:
         raise InvalidArgumentError("no candidate adapter targets any supplied module",

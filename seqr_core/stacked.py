@@ -9,7 +9,7 @@ Built once per LibraryIndex snapshot (lazily, cached on it):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +44,47 @@ class Stacked:
     Wnorm: np.ndarray          # (M, N) ‖W[m][:, i]‖
     rf2: np.ndarray            # (M, N) ‖R‖_F²
     cal: CalTable | None
+    subsets: dict = field(default_factory=dict, compare=False, repr=False)   # see subset()
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The tables restricted to one set of supplied modules (rows in signature order), all
+    adapters: a model host sends the same modules on every request, so routing slices once."""
+
+    rows: np.ndarray           # (Mr,)
+    present: np.ndarray        # (Mr, N)
+    hit: np.ndarray            # (N,) the adapter targets one of the modules
+    fused: bool                # every row has a shared A of one rank and only shared adapters
+    W: np.ndarray | None       # (Mr, K, N) when fused
+    Wnorm: np.ndarray          # (Mr, N)
+    rf2: np.ndarray            # (Mr, N)
+    frob2: np.ndarray          # (Mr, N)
+
+
+_MAX_SUBSETS = 32
+
+
+def subset(st: Stacked, modules: tuple[str, ...]) -> Subset:
+    """``st`` restricted to ``modules`` (given in signature order); cached per snapshot."""
+    sub = st.subsets.get(modules)
+    if sub is None:
+        rows = np.array([st.row[m] for m in modules], dtype=np.intp)
+        present = st.present[rows]
+        has_w = all(st.W[k] is not None for k in rows.tolist())
+        fused = (has_w and len({st.W[k].shape[0] for k in rows.tolist()}) == 1
+                 and not (present & ~st.shared[rows]).any())
+        W = None
+        if fused:
+            W = (st.W3[st.w3_row[rows]] if st.W3 is not None else np.stack([st.W[k] for k in rows.tolist()]))
+        sub = Subset(rows=rows, present=present, hit=present.any(axis=0), fused=fused, W=W,
+                     Wnorm=st.Wnorm[rows], rf2=st.rf2[rows], frob2=st.frob2[rows])
+        for a in (sub.present, sub.hit, sub.Wnorm, sub.rf2, sub.frob2, *([W] if W is not None else [])):
+            a.setflags(write=False)
+        if len(st.subsets) >= _MAX_SUBSETS:      # an unusual mix of module sets: start over
+            st.subsets.clear()
+        st.subsets[modules] = sub
+    return sub
 
 
 def _std(n, m2):

@@ -9,6 +9,12 @@ nothing is half applied and the index version always equals the store's library 
 
 Damaged stored adapters are quarantined at load and whenever a later read finds them damaged
 (quarantine.py): the library keeps serving the rest. Callers are told view versions (views.py).
+
+On a shared store (replicas: a process group's directory, or PostgreSQL) other processes
+commit too. Every write then first brings the snapshots to the store's head and commits only
+if the store is still there (compare-and-swap on the commit number), retrying on the new head
+otherwise - so names, ids, quotas and merged statistics are always checked against the latest
+state and no update is lost. Following the store between writes is following.py's.
 """
 
 from __future__ import annotations
@@ -16,109 +22,38 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
 from seqr_core import (AdapterEntry, CalibrationStats, LibraryIndex, ModuleInput, MomentPool, RouteOptions,
-                       derived_stats, merge_into, parse_peft_adapter, route)
+                       merge_into, parse_peft_adapter, route)
 from seqr_core.adapters import check_adapter_name
-from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
+from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
 
 from . import adapter_updates as updates
 from . import library_objects as lo
 from .audit import NO_AUDIT
 from .auth import Principal
+from .following import Following
+from .library_state import LibraryState, library_state as _state, same_factors as _same_factors
 from .metrics import Metrics
 from .quarantine import Damage, LibraryDamage, guarded
 from .quotas import OWNER, Usage, usage_of
-from .store import AdapterRecord, LibraryRecord
-from .views import ChangeLog, view_version
+from .store import AdapterRecord, ConflictError, LibraryRecord
+
+__all__ = ["LibraryManager", "LibraryState"]
 
 log = logging.getLogger("seqr.manager")
 
-
-@dataclass(frozen=True)
-class LibraryState:
-    """One library as routing sees it: the index snapshot and the store record it came from.
-
-    ``index`` holds the routable adapters; ``damage`` the quarantined ones (still in the store,
-    never routed) and quarantined library objects.
-    """
-
-    spec: lo.LibrarySpec
-    index: LibraryIndex
-    record: LibraryRecord
-    damage: LibraryDamage = LibraryDamage()
-    records: Mapping[str, AdapterRecord] = field(default_factory=dict)   # every stored adapter
-    names_by_id: Mapping[int, str] = field(default_factory=dict)
-    changes: ChangeLog = ChangeLog(library=0, adapters=MappingProxyType({}))
-    pool: MomentPool | None = None       # pooled moments of the last (unrestricted) Calibrate
-    _views: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def version(self) -> int:
-        return self.index.version
-
-    def visible_entries(self, principal: Principal) -> list[AdapterEntry]:
-        return [e for e in self.index.adapters if principal.may_use_adapter(e.name)]
-
-    def visible_damage(self, principal: Principal) -> list[tuple[AdapterRecord, Damage]]:
-        """Quarantined adapters the caller may see, in id order."""
-        return sorted(((self.records[n], d) for n, d in self.damage.adapters.items()
-                       if principal.may_use_adapter(n)), key=lambda rd: rd[0].adapter_id)
-
-    def degraded_for(self, principal: Principal) -> bool:
-        """Damage the caller may know of: a quarantined library object, or an adapter it can see."""
-        return bool(self.damage.objects) or bool(self.visible_damage(principal))
-
-    def view_version(self, principal: Principal) -> int:
-        """The version this caller is told: moves only with changes it can see (views.py)."""
-        return view_version(self.changes, principal, version=self.version, cache=self._views)
-
-    def entry(self, name: str, principal: Principal, *, field: str = "adapter") -> AdapterEntry:
-        # Hidden adapters raise the very error an absent one does (same type, text and field).
-        if not principal.may_use_adapter(name):
-            return self.without_adapters().entry(name, field=field)
-        damage = self.damage.adapters.get(name)
-        if damage is not None:
-            raise IntegrityError(f"adapter {name!r} is quarantined: its stored data is damaged "
-                                 f"({damage.code}); delete it and upload it again", field=field, actual=name)
-        return self.index.entry(name, field=field)
-
-    def without_adapters(self) -> LibraryIndex:
-        """This library as it would be with no adapters: what a caller who may see none gets."""
-        idx = self.index
-        return LibraryIndex.create(name=idx.name, signature=idx.signature, shared_a=idx.shared_a,
-                                   version=idx.version)
+_R = TypeVar("_R")
+_WRITE_ATTEMPTS = 5     # commits by other replicas a write retries past before it gives up
 
 
-def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
-           damage: LibraryDamage = LibraryDamage(), pool: MomentPool | None = None) -> LibraryState:
-    """The state for ``index``; shared-A adapters without statistics get them from ``pool``."""
-    recs = {r.name: r for r in record.adapters}
-    cal = derived_stats(index, pool)
-    if cal is not index.calibration:
-        index = index.with_calibration(cal, version=index.version)
-    return LibraryState(spec=spec, index=index, record=record, damage=damage, records=MappingProxyType(recs),
-                        names_by_id=MappingProxyType({e.adapter_id: e.name for e in index.adapters}),
-                        changes=ChangeLog.of(record), pool=pool)
-
-
-def _same_factors(a: AdapterEntry | None, b: AdapterEntry | None) -> bool:
-    return (a is not None and b is not None and a.adapter_id == b.adapter_id
-            and a.adapter.factors.keys() == b.adapter.factors.keys()
-            and all(a.adapter.factors[m] is b.adapter.factors[m] for m in a.adapter.factors))
-
-
-class LibraryManager:
+class LibraryManager(Following):
     def __init__(self, store, *, metrics: Metrics | None = None,
                  on_change: Callable[[LibraryIndex], object] | None = None, audit=None):
         self._store = store
@@ -130,6 +65,9 @@ class LibraryManager:
         self._write = threading.Lock()
         self._loaded = threading.Event()
         self._closed = False
+        self._stamps: dict[str, object] = {}   # library -> store stamp its state was built from
+        self._stale: str | None = None         # why this replica refuses reads (follower sets it)
+        self._sync_errors: dict[str, tuple[object, str]] = {}
 
     # ------------------------------------------------------------------ reads (lock-free)
     @property
@@ -144,6 +82,8 @@ class LibraryManager:
     def get(self, name: str, principal: Principal, *, field: str = "library") -> LibraryState:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")
+        if self._stale is not None:
+            raise UnavailableError(self._stale, field="store")
         libs = self._libs
         if name in libs and principal.may_see_library(name):
             return libs[name]
@@ -158,12 +98,15 @@ class LibraryManager:
     def list(self, principal: Principal) -> list[LibraryState]:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")
+        if self._stale is not None:
+            raise UnavailableError(self._stale, field="store")
         return [s for n, s in sorted(self._libs.items()) if principal.may_see_library(n)]
 
     # ------------------------------------------------------------------ startup
     def load(self) -> None:
         """Rebuild every library's index from the store (adapters, calibration, version)."""
         libs, failed = {}, {}
+        self._stamps = self._store.library_stamps()
         for name in self._store.list_libraries():
             try:
                 libs[name] = self._rebuild(name)
@@ -184,25 +127,27 @@ class LibraryManager:
                                             "adapters": sum(len(s.index.adapters) for s in libs.values()),
                                             "quarantined": sum(len(s.damage.adapters) for s in libs.values())})
 
-    def _rebuild(self, name: str) -> LibraryState:
+    def _rebuild(self, name: str, *, transient: tuple[type[Exception], ...] = ()) -> LibraryState:
+        """The library as stored, parsed whole; damaged parts quarantined (errors of the
+        ``transient`` types propagate instead: a follower retries them at the store's new head)."""
         rec = self._store.library(name)
         spec = lo.spec_from_store(name, rec.meta, self._store.read_library_object(name, lo.SHARED_A))
         items, damage = [], LibraryDamage()
         for ar in rec.adapters:                      # adapter id order
-            got = self._load_adapter(name, ar, spec)
+            got = self._load_adapter(name, ar, spec, transient=transient)
             if isinstance(got, Damage):
                 damage = damage.with_adapter(ar.name, got)
             else:
                 items.append((got.adapter, ar.adapter_id, got.upload_dtype))
         index, _ = spec.empty_index(version=rec.version).add_adapters(items, version=rec.version)
         raw = guarded(lambda: self._store.read_library_object(name, lo.CALIBRATION), library=name,
-                      what=lo.CALIBRATION)
+                      what=lo.CALIBRATION, transient=transient)
         if isinstance(raw, Damage):
             damage = LibraryDamage(damage.adapters, MappingProxyType({lo.CALIBRATION: raw}))
         elif raw is not None:
             ids = {e.name: e.adapter_id for e in index.adapters}
             index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
-        pool = guarded(lambda: self._read_moments(name), library=name, what=lo.MOMENTS)
+        pool = guarded(lambda: self._read_moments(name), library=name, what=lo.MOMENTS, transient=transient)
         if isinstance(pool, Damage):
             damage = LibraryDamage(damage.adapters, MappingProxyType({**damage.objects, lo.MOMENTS: pool}))
             pool = None
@@ -212,11 +157,12 @@ class LibraryManager:
         raw = self._store.read_library_object(library, lo.MOMENTS)
         return None if raw is None else lo.decode_moments(raw)
 
-    def _load_adapter(self, library: str, ar: AdapterRecord, spec: lo.LibrarySpec) -> ParsedAdapter | Damage:
+    def _load_adapter(self, library: str, ar: AdapterRecord, spec: lo.LibrarySpec, *,
+                      transient: tuple[type[Exception], ...] = ()) -> ParsedAdapter | Damage:
         """One stored adapter, parsed; or the Damage that quarantines it (the library loads on)."""
         return guarded(lambda: parse_peft_adapter(self._store.read_adapter_files(library, ar.name), name=ar.name,
                                                   signature=spec.signature),
-                       library=library, what=f"adapter {ar.name!r}")
+                       library=library, what=f"adapter {ar.name!r}", transient=transient)
 
     def warm(self) -> None:
         """Route one small synthetic request per library so first real calls pay no lazy setup."""
@@ -253,15 +199,19 @@ class LibraryManager:
         spec.empty_index(version=1)                  # validates shared A against the signature
         objects = spec.objects()
         meta = spec.store_meta() if principal is None else {**spec.store_meta(), OWNER: principal.name}
-        with self.audit.mutation(principal=principal, action="CreateLibrary", library=spec.name), self._write:
-            self._check_open()
+
+        def create(head: int | None) -> LibraryState:
             if spec.name in self._libs or spec.name in self._failed:
                 raise AlreadyExistsError(f"library {spec.name!r} already exists", field="name",
                                          actual=spec.name)
             self._check_quota(principal, Usage(libraries=1, bytes=len(objects.get(lo.SHARED_A, b""))))
-            rec = self._store.create_library(spec.name, meta=meta, objects=objects)
+            rec = self._store.create_library(spec.name, meta=meta, objects=objects, if_seq=head)
             state = _state(spec, spec.empty_index(version=rec.version), rec)
             self._swap(state)
+            return state
+
+        with self.audit.mutation(principal=principal, action="CreateLibrary", library=spec.name):
+            state = self._commit(create)
         log.info("library created", extra={"library": spec.name, "version": state.version,
                                            "modules": len(spec.signature.modules),
                                            "shared_a_modules": len(spec.shared_a)})
@@ -276,40 +226,50 @@ class LibraryManager:
                     replace: bool = False) -> tuple[LibraryState, AdapterEntry]:
         """Store a new adapter, or with ``replace`` a new version of a visible one (adapter_updates.py)."""
         check_adapter_name(name, field="header.name")
-        sig = self.get(library, principal, field="header.library").index.signature
+        sig = self.get_for_write(library, principal, field="header.library").index.signature
         parsed = parse_peft_adapter(files, name=name, signature=sig)   # CPU-heavy: outside the lock
         with self.audit.mutation(principal=principal, action="ReplaceAdapter" if replace else "PutAdapter",
-                                 library=library, adapter=name), self._write:
-            self._check_open()
-            cur = self.get(library, principal, field="header.library")
+                                 library=library, adapter=name):
             if replace:
-                state = self._replace(cur, parsed, files, meta, principal, allow_general=allow_general)
+                state = self._commit(lambda head: self._replace(
+                    self.get(library, principal, field="header.library"), parsed, files, meta, principal,
+                    allow_general=allow_general, head=head))
                 return state, state.index.entry(name)
-            if name in cur.damage.adapters:   # the index no longer holds it; the store still does
-                raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
-                                         "delete it first)", field="adapter.name", actual=name)
-            self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
-            predicted = self._store.library(library).next_adapter_id
-            dry, entry = cur.index.add_adapter(parsed.adapter, adapter_id=predicted,
-                                               upload_dtype=parsed.upload_dtype)
-            lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
-            rec = self._store.put_adapter(library, name, files=files, meta={
-                "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
-                "base_model": parsed.base_model, OWNER: principal.name})
-            lib = self._store.library(library)
-            if rec.adapter_id == predicted:
-                new = dry.with_version(lib.version)
-            else:   # cannot happen while we are the store's only writer; stay correct anyway
-                new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
-                                                   upload_dtype=parsed.upload_dtype, version=lib.version)
-            state = _state(cur.spec, new, lib, cur.damage, cur.pool)
-            self._swap(state)
+            state, rec, entry = self._commit(lambda head: self._put_new(
+                self.get(library, principal, field="header.library"), parsed, files, meta, principal,
+                allow_general=allow_general, head=head))
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
         return state, state.index.entry(name)
 
+    def _put_new(self, cur: LibraryState, parsed: ParsedAdapter, files: dict[str, bytes], meta: Mapping[str, str],
+                 principal: Principal, *, allow_general: bool, head: int | None):
+        """Store a new adapter; with the writer lock held."""
+        name, library = parsed.adapter.name, cur.name
+        if name in cur.damage.adapters:   # the index no longer holds it; the store still does
+            raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
+                                     "delete it first)", field="adapter.name", actual=name)
+        self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
+        predicted = self._store.library(library).next_adapter_id
+        dry, entry = cur.index.add_adapter(parsed.adapter, adapter_id=predicted,
+                                           upload_dtype=parsed.upload_dtype)
+        lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
+        rec = self._store.put_adapter(library, name, files=files, if_seq=head, meta={
+            "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
+            "base_model": parsed.base_model, OWNER: principal.name})
+        lib = self._store.library(library)
+        if rec.adapter_id == predicted:
+            new = dry.with_version(lib.version)
+        else:   # cannot happen: the commit is conditional on the head this snapshot is at
+            new, entry = cur.index.add_adapter(parsed.adapter, adapter_id=rec.adapter_id,
+                                               upload_dtype=parsed.upload_dtype, version=lib.version)
+        state = _state(cur.spec, new, lib, cur.damage, cur.pool)
+        self._swap(state)
+        return state, rec, entry
+
     def _replace(self, cur: LibraryState, parsed: ParsedAdapter, files: dict[str, bytes],
-                 meta: Mapping[str, str], principal: Principal, *, allow_general: bool) -> LibraryState:
+                 meta: Mapping[str, str], principal: Principal, *, allow_general: bool,
+                 head: int | None) -> LibraryState:
         """Swap in a new version under the old id; with the writer lock held."""
         name = parsed.adapter.name
         old = updates.replaced_record(cur, name, principal)
@@ -317,7 +277,7 @@ class LibraryManager:
         dry, entry = cur.index.replace_adapter(parsed.adapter, adapter_id=old.adapter_id,
                                                upload_dtype=parsed.upload_dtype)
         lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
-        rec = self._store.put_adapter(cur.name, name, files=files, replace=True,
+        rec = self._store.put_adapter(cur.name, name, files=files, replace=True, if_seq=head,
                                       objects=updates.calibration_objects(cur, name), meta={
                                           "user": dict(meta), "upload_dtype": parsed.upload_dtype,
                                           "kind": entry.kind, "base_model": parsed.base_model,
@@ -331,18 +291,20 @@ class LibraryManager:
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterRecord]:
         """Delete (crypto-shred) an adapter, quarantined ones included; returns its store record."""
-        with self.audit.mutation(principal=principal, action="DeleteAdapter", library=library, adapter=name), \
-                self._write:
-            self._check_open()
+        def delete(head: int | None) -> tuple[LibraryState, LibraryState]:
             cur = self.get(library, principal)
             if name in cur.damage.adapters and principal.may_use_adapter(name):
                 index, damage = cur.index, cur.damage.without_adapter(name)
             else:
                 cur.entry(name, principal, field="name")
                 (index, _), damage = cur.index.remove_adapter(name), cur.damage
-            lib = self._store.delete_adapter(library, name)
+            lib = self._store.delete_adapter(library, name, if_seq=head)
             state = _state(cur.spec, index.with_version(lib.version), lib, damage, cur.pool)
             self._swap(state)
+            return cur, state
+
+        with self.audit.mutation(principal=principal, action="DeleteAdapter", library=library, adapter=name):
+            cur, state = self._commit(delete)
         if self._metrics:
             self._metrics.adapter_deleted(library, name)
         gone = cur.records[name]
@@ -356,35 +318,40 @@ class LibraryManager:
 
         ``pool`` (the stream's pooled moments) replaces the library's on the modules it covers,
         in the same commit; shared-A adapters without streamed stats are derived from the result."""
-        with self.audit.mutation(principal=principal, action="Calibrate", library=library), self._write:
-            self._check_open()
-            cur = self.get(library, principal)
-            now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
-            # Parsed factors are shared between snapshots (and the traffic learner's own basis)
-            # until their adapter is deleted or replaced (a replace keeps the id), so their
-            # identity says "the same adapter the stats came from".
-            now, then = {e.name: e for e in cur.index.adapters}, {e.name: e for e in basis.adapters}
-            for n in list(fresh.adapters):
-                if not _same_factors(now.get(n), then.get(n)):
-                    fresh = fresh.without(n)
-            old = cur.index.calibration
-            base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)
-            merged = merge_into(base, replace(fresh, calibrated_at=time.time()))
-            objects = {lo.CALIBRATION: lo.encode_calibration(merged, now_ids)}
-            new_pool, damage = cur.pool, cur.damage.without_object(lo.CALIBRATION)
-            if pool is not None and pool.modules:
-                new_pool = pool if cur.pool is None else cur.pool.replacing(pool)
-                objects[lo.MOMENTS] = lo.encode_moments(new_pool)
-                damage = damage.without_object(lo.MOMENTS)
-            lib = self._store.put_library_objects(library, objects)
-            # A quarantined calibration (or moments) object is replaced by this one.
-            state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib,
-                           damage, new_pool)
-            self._swap(state)
+        with self.audit.mutation(principal=principal, action="Calibrate", library=library):
+            state, fresh = self._commit(lambda head: self._calibrate(library, basis, fresh, principal, pool, head))
         names = sorted(fresh.adapters)
         log.info("calibration stored", extra={"library": library, "sequences": fresh.sequences,
                                               "adapters": len(names), "version": state.version})
         return state, names
+
+    def _calibrate(self, library: str, basis: LibraryIndex, fresh: CalibrationStats, principal: Principal,
+                   pool: MomentPool | None, head: int | None) -> tuple[LibraryState, CalibrationStats]:
+        """Merge ``fresh`` into the current statistics and store them; with the writer lock held."""
+        cur = self.get(library, principal)
+        now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
+        # Parsed factors are shared between snapshots (and the traffic learner's own basis)
+        # until their adapter is deleted or replaced (a replace keeps the id), so their
+        # identity says "the same adapter the stats came from".
+        now, then = {e.name: e for e in cur.index.adapters}, {e.name: e for e in basis.adapters}
+        for n in list(fresh.adapters):
+            if not _same_factors(now.get(n), then.get(n)):
+                fresh = fresh.without(n)
+        old = cur.index.calibration
+        base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)
+        merged = merge_into(base, replace(fresh, calibrated_at=time.time()))
+        objects = {lo.CALIBRATION: lo.encode_calibration(merged, now_ids)}
+        new_pool, damage = cur.pool, cur.damage.without_object(lo.CALIBRATION)
+        if pool is not None and pool.modules:
+            new_pool = pool if cur.pool is None else cur.pool.replacing(pool)
+            objects[lo.MOMENTS] = lo.encode_moments(new_pool)
+            damage = damage.without_object(lo.MOMENTS)
+        lib = self._store.put_library_objects(library, objects, if_seq=head)
+        # A quarantined calibration (or moments) object is replaced by this one.
+        state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib,
+                       damage, new_pool)
+        self._swap(state)
+        return state, fresh
 
     def close(self) -> None:
         """Wait for any in-flight write, then close the store. Later writes are UNAVAILABLE."""
@@ -394,6 +361,26 @@ class LibraryManager:
                 self._store.close()
 
     # ------------------------------------------------------------------ internals
+    def _commit(self, write: Callable[[int | None], _R]) -> _R:
+        """Run ``write(head)`` under the writer lock. On a shared store the snapshots are first
+        brought to the store's head and ``head`` is that commit: the write's store call commits
+        only if the store is still there (ConflictError otherwise, and ``write`` runs again on
+        the new head). On a store this process owns alone, ``head`` is None (no condition)."""
+        for attempt in range(_WRITE_ATTEMPTS):
+            with self._write:
+                self._check_open()
+                head = None
+                if self._store.shared:
+                    self._follow_locked()
+                    head = self._store.manifest_seq
+                try:
+                    return write(head)
+                except ConflictError:
+                    if attempt == _WRITE_ATTEMPTS - 1:
+                        raise
+                    log.info("another replica committed first; retrying on its commit", extra={"commit": head})
+        raise AssertionError("unreachable")
+
     def _check_open(self) -> None:
         if self._closed:
             raise UnavailableError("the service is shutting down")
@@ -417,13 +404,18 @@ class LibraryManager:
             if cur is None or name not in cur.index.names:
                 return False                          # deleted (or already quarantined) meanwhile
             index, _ = cur.index.remove_adapter(name, version=cur.version)
-            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage), cur.pool))
+            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage), cur.pool),
+                       committed=False)
             return True
 
-    def _swap(self, state: LibraryState) -> None:
+    def _swap(self, state: LibraryState, *, committed: bool = True) -> None:
+        """Publish ``state``; ``committed``: it is the store's state of the library right now
+        (a write just made it), so a follower's next sync need not rebuild it."""
         libs = dict(self._libs)
         libs[state.name] = state
         self._libs = MappingProxyType(libs)     # one reference assignment: readers see old or new
+        if committed:
+            self._stamps[state.name] = self._store.library_stamps().get(state.name)
         self._changed(state)
 
     def _changed(self, s: LibraryState) -> None:
