@@ -371,7 +371,10 @@ class LibraryManager(Following):
                 self._check_open()
                 head = None
                 if self._store.shared:
-                    self._follow_locked()
+                    try:
+                        self._follow_locked()
+                    except UnavailableError as e:     # the store is out of reach: say what it means here
+                        raise UnavailableError(f"{e.message}; the write was not applied", field=e.field) from None
                     head = self._store.manifest_seq
                 try:
                     return write(head)

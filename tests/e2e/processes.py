@@ -71,7 +71,7 @@ def serve(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float
         ready.set()
 
     threading.Thread(target=read, daemon=True).start()   # keeps draining: a full pipe blocks the server
-    if not ready.wait(timeout) or proc.poll() is not None:
+    if not ready.wait(timeout) or not sp.pids or proc.poll() is not None:
         sp.stop()
         raise RuntimeError(f"seqr serve did not start: {sp.lines[-5:]}")
     return sp

@@ -50,16 +50,18 @@ def test_kill_9_of_a_replica_under_load_fails_no_route(world, tmp_path, key, hos
     try:
         for i in range(3):
             where: dict = {}
+            open_: list[str] = []
             dsn = c.dsn(schema)
             if hosts is not None:          # its own network stack, reaching the database over a veth
                 h = hosts.add()
                 proxies.append(Proxy(c.port, bind=h.gateway))
                 dsn = c.dsn(schema, host=h.gateway, port=proxies[-1].port)
                 where = {"host": h.address, "wrap": h.command}
+                open_ = ["--insecure-open"]    # off loopback, but on a private test network
             started.append(serve(["--store-dsn", dsn, "--key-file", str(key), "--no-demo",
                                   "--anchor-dir", str(tmp_path / f"host{i}" / "anchors"), "--poll-interval", "0.3",
                                   "--metrics-port", "0",
-                                  "--data-dir", str(tmp_path / f"host{i}" / "data")], cwd=tmp_path, **where))
+                                  "--data-dir", str(tmp_path / f"host{i}" / "data"), *open_], cwd=tmp_path, **where))
         with RouterClient(started[0].target, timeout=30) as admin:
             create_library(admin, world)
             v = put(admin, world, "shared-a0")

@@ -100,16 +100,21 @@ def test_a_follower_serves_exactly_what_the_writer_serves(world, replicas):
     writer, follower = RouterClient(r1.target, timeout=60), RouterClient(r2.target, timeout=60)
     create_library(writer, world)
     for name in world.adapters:
-        writer.put_adapter(world.adapters[name], name=name, library=LIB)
+        writer.put_adapter(world.adapters[name], name=name, library=LIB, allow_general=name.startswith("general"))
     writer.delete_adapter("shared-a1", library=LIB)
     writer.put_adapter(world.adapters["shared-a1"], name="shared-a1-again", library=LIB)
     rng = np.random.default_rng(5)
     writer.calibrate([activations(world, {k: rng.standard_normal(h.shape).astype(np.float32)
                                           for k, h in world.hidden.items()}) for _ in range(6)], library=LIB)
+    # After the Calibrate: a shared-A adapter calibrated from the pooled moments alone, and an
+    # in-place replace (same id, new factors: its old statistics must not survive on the follower).
+    writer.put_adapter(world.adapters["shared-a0"], name="late", library=LIB)
+    writer.put_adapter(world.adapters["shared-a1"], name="shared-f16", library=LIB, replace=True)
     v = writer.describe(LIB).version
     assert until(lambda: _version(follower) == v)
     assert follower.describe(LIB) == writer.describe(LIB)
-    shared = ["shared-a0", "shared-f16", "shared-a1-again"]
+    assert follower.list_adapters(LIB) == writer.list_adapters(LIB)
+    shared = ["shared-a0", "shared-f16", "shared-a1-again", "late"]
     for form in ({"inputs": activations(world)}, {"moments": moments(world), "tokens": 12, "candidates": shared}):
         a = writer.route(LIB, **form, top_k=3, include_scores=True, normalisation="activation")
         b = follower.route(LIB, **form, top_k=3, include_scores=True, normalisation="activation")
@@ -265,7 +270,8 @@ def test_a_process_groups_shared_directory_follows_every_member(world, tmp_path,
     key = tmp_path / "kek.json"
     init_key_file(key)
     shared = StoreConfig(shared=True, poll_s=0.2)
-    a, b = (start_server(tmp_path / "data", keys=KeySource(key_file=key), store=shared) for _ in range(2))
+    a, b = (start_server(tmp_path / "data", keys=KeySource(key_file=key), store=shared,
+                         audit_log=tmp_path / f"audit{i}.log") for i in range(2))     # one writer per log
     with RouterClient(a.target, timeout=30) as ca, RouterClient(b.target, timeout=30) as cb:
         create_library(ca, world)
         v = put(cb, world, "shared-a0")
@@ -278,4 +284,4 @@ def test_a_process_groups_shared_directory_follows_every_member(world, tmp_path,
 def test_an_exclusive_directory_still_refuses_a_second_server(tmp_path, start_server):
     start_server(tmp_path / "data")
     with pytest.raises(FailedPreconditionError, match="already open"):
-        start_server(tmp_path / "data", store=StoreConfig(shared=True))
+        start_server(tmp_path / "data", store=StoreConfig(shared=True), audit_log=tmp_path / "other.audit.log")
