@@ -139,12 +139,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--processes", type=positive, default=env("PROCESSES", 1),
                    help="server processes on the one port (SO_REUSEPORT), each a replica of the store: use a "
                         "host's cores (Python serves one core per process) [SEQR_PROCESSES]")
-    dsn = p.add_mutually_exclusive_group()
-    dsn.add_argument("--store-dsn", default=None,    # read in store_config: --help must not print a password
-                     help="keep the libraries in PostgreSQL (libpq DSN or URI) instead of --data-dir; any number "
-                          "of replicas may share it. Prefer --store-dsn-file for passwords [SEQR_STORE_DSN]")
-    dsn.add_argument("--store-dsn-file", type=Path, default=env("STORE_DSN_FILE"),
-                     help="file holding the PostgreSQL DSN (e.g. a mounted Secret) [SEQR_STORE_DSN_FILE]")
+    add_dsn_flags(p)
     p.add_argument("--poll-interval", type=seconds, default=env("POLL_INTERVAL", r.poll_s),
                    help="replicas check the store for newer commits this often, seconds (PostgreSQL also "
                         "notifies at once) [SEQR_POLL_INTERVAL]")
@@ -186,15 +181,8 @@ def config_from_args(a) -> ServerConfig:
 
 
 def store_config(a) -> StoreConfig:
-    """Where the libraries live. The DSN is read here, never shown by --help (it may hold a password)."""
-    dsn = a.store_dsn or (env("STORE_DSN") if a.store_dsn_file is None else None)
-    if a.store_dsn_file is not None:
-        try:
-            dsn = Path(a.store_dsn_file).read_text().strip()
-        except OSError as e:
-            raise InvalidArgumentError(f"cannot read --store-dsn-file {a.store_dsn_file}: {e.strerror}",
-                                       field="store_dsn_file") from None
-    return StoreConfig(dsn=str(dsn) if dsn else None, poll_s=a.poll_interval, max_staleness_s=a.max_staleness)
+    """Where the libraries live (see add_dsn_flags)."""
+    return StoreConfig(dsn=ops_cli.dsn_from_args(a), poll_s=a.poll_interval, max_staleness_s=a.max_staleness)
 
 
 def cmd_serve(a) -> int:
@@ -335,6 +323,19 @@ def add_store_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     p.add_argument("--key-file", type=Path, default=env("KEY_FILE"), help="[SEQR_KEY_FILE]")
     p.add_argument("--key-env", default=env("KEY_ENV"), help="[SEQR_KEY_ENV]")
     p.add_argument("--key-command", default=env("KEY_COMMAND"), help="[SEQR_KEY_COMMAND]")
+    add_dsn_flags(p)
+
+
+def add_dsn_flags(p: argparse.ArgumentParser) -> None:
+    """--store-dsn / --store-dsn-file (PostgreSQL instead of --data-dir); the DSN is never a default
+    (--help must not print a password): it is read from SEQR_STORE_DSN when the flag is absent."""
+    dsn = p.add_mutually_exclusive_group()
+    dsn.add_argument("--store-dsn", default=None,
+                     help="the libraries are in PostgreSQL (libpq DSN or URI) instead of --data-dir; prefer "
+                          "--store-dsn-file for passwords [SEQR_STORE_DSN]")
+    dsn.add_argument("--store-dsn-file", type=Path, default=env("STORE_DSN_FILE"),
+                     help="file holding the PostgreSQL DSN (e.g. a mounted Secret) [SEQR_STORE_DSN_FILE]")
+    p.set_defaults(store_dsn_env=env("STORE_DSN"))
 
 
 def key_source(a) -> KeySource:
@@ -343,13 +344,12 @@ def key_source(a) -> KeySource:
 
 
 def load_library_offline(a):
-    """A library's index straight from the store (for `seqr export`, with the server stopped)."""
+    """A library's index straight from the store (for `seqr export`; a data directory's server must be
+    stopped, a PostgreSQL store is read beside its replicas)."""
     from .app import key_provider
     from .auth import OPEN
     from .manager import LibraryManager
-    from .store import LibraryStore
-    store = LibraryStore.open(a.data_dir, key_provider(key_source(a), a.data_dir), create=False,
-                              anchor_dir=a.anchor_dir)
+    store = ops_cli.open_offline(a, key_provider(key_source(a), a.data_dir))
     try:
         manager = LibraryManager(store)
         manager.load()
