@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
+from seqr_cli.main import main
 from seqr_client import RouterClient, SeqrError
 from seqr_server.store import init_key_file
 
@@ -121,3 +123,9 @@ def test_a_process_group_serves_one_port_follows_its_writes_and_restarts_a_kille
     finally:
         group.stop()
     assert group.proc.returncode == 0 and group.logged("stopped")
+    # One hash chain per member (one writer per file); the writes are in the members' logs.
+    logs = sorted(tmp_path.glob("data.audit.*"))
+    assert [p.name for p in logs] == ["data.audit.p0.log", "data.audit.p1.log"]
+    assert all(main(["audit", "verify", str(p)]) == 0 for p in logs)
+    actions = [json.loads(line).get("action") for p in logs for line in p.read_text().splitlines()]
+    assert actions.count("CreateLibrary") == 2 and actions.count("PutAdapter") == 4   # intent + result each

@@ -8,6 +8,7 @@ bench/replicas.py, never asserted here.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 
@@ -285,3 +286,29 @@ def test_an_exclusive_directory_still_refuses_a_second_server(tmp_path, start_se
     start_server(tmp_path / "data")
     with pytest.raises(FailedPreconditionError, match="already open"):
         start_server(tmp_path / "data", store=StoreConfig(shared=True), audit_log=tmp_path / "other.audit.log")
+
+
+def test_keys_rotate_runs_beside_the_replicas_and_backup_names_the_database(world, replicas, tmp_path, capsys):
+    from seqr_cli.main import main
+    from seqr_server.store import KeyFileProvider
+
+    new_key = KeyFileProvider(tmp_path / "kek.json").add_key()     # step 1: every replica holds the new KEK
+    r1, r2 = replicas(2)
+    c1, c2 = RouterClient(r1.target, timeout=30), RouterClient(r2.target, timeout=30)
+    create_library(c1, world)
+    put(c1, world, "shared-a0")
+    dsn = replicas.cluster.dsn(replicas.schema)
+    ops = ["--store-dsn", dsn, "--key-file", str(tmp_path / "kek.json"), "--anchor-dir", str(tmp_path / "ops")]
+    assert main(["keys", "rotate", "--to", new_key, *ops]) == 0          # step 2: while they serve
+    assert json.loads(capsys.readouterr().out)["key_ids_in_use"] == [new_key]
+    v = put(c2, world, "shared-a1")                                      # both follow and write on
+    assert until(lambda: _version(c1) == v)
+    assert {c.name for c in c1.route(LIB, activations(world), top_k=2).choices} == {"shared-a0", "shared-a1"}
+    for command in (["backup", str(tmp_path / "b.tar")], ["restore", str(tmp_path / "b.tar")]):
+        assert main([*command, *ops]) == 1
+        err = json.loads(capsys.readouterr().err)
+        assert err["error"] == "FAILED_PRECONDITION" and err["field"] == "store_dsn"
+        assert "--store-dsn" in err["message"] and "pg_dump" in err["message"]
+    assert not (tmp_path / "b.tar").exists()
+    c1.close()
+    c2.close()
