@@ -13,7 +13,7 @@ bench can cut). The library is the load bench's: N synthetic shared-A adapters o
 * replica 3 cut off: how long until it reports out of sync (health seqr.replica), routes it
   serves stale and with which version, NOT_SERVING past --max-staleness, catch-up after heal.
 
-    .venv/bin/python bench/replicas.py                # -> bench/results/replicas.md
+    .venv/bin/python bench/replicas.py                # -> bench/out/replicas.md (+ .json); --out to refresh results/
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--writes", type=int, default=40, help="propagation samples")
     ap.add_argument("--budget", type=float, default=8.0, help="--max-staleness of replica 3 (cut off), seconds")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "replicas.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "replicas.md",
+                    help="where to write the table and its .json (bench/results/replicas.md refreshes the committed one)")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     sig = L.signature()
