@@ -8,12 +8,16 @@
 #   scripts/postgres.sh status DIR         exit 0 while it runs
 #   scripts/postgres.sh psql DIR [ARGS]    psql into it (over its socket)
 # As root the server runs as the `postgres` user (initdb refuses root). SEQR_POSTGRES_BIN
-# overrides the binary directory.
+# overrides the binary directory (one without initdb counts as "not installed": SEQR_POSTGRES_BIN=none
+# runs the tests as on a machine without PostgreSQL).
 set -euo pipefail
 
 bindir() {
   local d
-  if [[ -n ${SEQR_POSTGRES_BIN:-} ]]; then echo "$SEQR_POSTGRES_BIN"; return; fi
+  if [[ -n ${SEQR_POSTGRES_BIN:-} ]]; then   # as told, or not at all (SEQR_POSTGRES_BIN=none: "not installed")
+    [[ -x $SEQR_POSTGRES_BIN/initdb && -x $SEQR_POSTGRES_BIN/pg_ctl ]] || return 1
+    echo "$SEQR_POSTGRES_BIN"; return
+  fi
   if command -v pg_config >/dev/null 2>&1; then
     d=$(pg_config --bindir 2>/dev/null || true)
     if [[ -n $d && -x $d/initdb && -x $d/pg_ctl ]]; then echo "$d"; return; fi
@@ -68,5 +72,5 @@ case "$cmd" in
     dir=$(realpath -m "$1"); B=$(bindir)
     as_pg "$B/pg_ctl" -D "$dir/data" status >/dev/null
     ;;
-  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == help ]] ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == help ]] ;;
 esac
