@@ -77,7 +77,7 @@ def run(args) -> str:
     sig = signature_from_hf_config(model.config.to_dict(), base_model=args.model)
     qv = [m.name for m in sig.modules if m.name.endswith(("q_proj", "v_proj"))]
     dirs = make_adapters(model, tmp / "adapters", args.adapters)
-    proc, port = start_server(tmp / "data", "seqr")
+    proc, port, _ = start_server(tmp / "data", "seqr")
     target = f"127.0.0.1:{port}"
     try:
         with RouterClient(target, timeout=60) as c:

@@ -10,6 +10,11 @@ to the in-process seqr_core.route time of the same request (what the wire and se
     .venv/bin/python bench/load.py                      # table to stdout + bench/out/load.md
     .venv/bin/python bench/load.py --server seqr,sync   # `seqr serve` (grpc.aio) beside the old
                                                         # synchronous transport (bench/sync_server.py)
+    .venv/bin/python bench/load.py --forms moments --processes 1,2   # `seqr serve --processes N`
+
+Server CPU per request is measured from /proc/<pid>/stat (utime + stime) of every server process
+(a group's parent and members) over each cell. The client spreads its calls over one
+connection per worker (at least 8), so a process group's members all get work.
 
 The server runs in its own process (as in production); client and server share this machine.
 """
@@ -92,49 +97,62 @@ def make_request(target: int, dirs: dict, shared_a: dict, rng) -> dict[str, dict
 
 
 # ------------------------------------------------------------------------- server process
-def start_server(data_dir: Path, kind: str, *, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
-    """`seqr serve` (kind "seqr", with ``extra`` flags) or the old sync transport, in its own process."""
+def start_server(data_dir: Path, kind: str, *, processes: int = 1,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int, list[int]]:
+    """`seqr serve` (kind "seqr", with ``extra`` flags) or the old sync transport, in its own process;
+    returns it, its port and the pids of all its processes (a group's parent and members)."""
     env = {**os.environ, "SEQR_METRICS_PORT": "off", "SEQR_LOG_LEVEL": "warning"}
     if kind == "seqr":
         cmd = [sys.executable, "-m", "seqr_cli", "serve", "--listen", "127.0.0.1:0", "--no-demo",
-               "--data-dir", str(data_dir), "--log-level", "info", *extra]
+               "--data-dir", str(data_dir), "--log-level", "info", "--processes", str(processes), *extra]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "sync_server.py"), "--data-dir", str(data_dir)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=data_dir.parent)
-    port = None
+    port, pids = None, [proc.pid]
     for line in proc.stderr:
         doc = json.loads(line) if line.startswith("{") else {}
-        port = doc.get("port", port)
-        if doc.get("msg") == "serving":
+        port = port or doc.get("port")
+        if doc.get("msg") == "serving" and (processes == 1 or doc.get("logger") == "seqr.group"):
+            pids += doc.get("pids", [])
             break
     # Keep draining its log: a full pipe would block the server's writes (and its event loop).
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     if port is None:
         proc.kill()
         raise SystemExit("server did not start")
-    return proc, port
+    return proc, port, pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (what it costs, whatever else the machine runs)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` (live processes only), from /proc."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])        # utime, stime (fields 14, 15 of stat)
+    return total / tick
 
 
 # ------------------------------------------------------------------------- load
 async def run_cell(target: str, payloads: list[bytes], *, concurrency: int, seconds: float,
-                   min_requests: int) -> dict:
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as ch:
+                   min_requests: int, server_pids: list[int]) -> dict:
+    # One connection per worker (at least 8): a process group's members each get connections.
+    opts = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(8, concurrency))]
+    try:
         # Pre-serialised requests: the client spends its CPU on the wire, not on protobuf.
-        call = ch.unary_unary("/seqr_router.v1.Router/Route", request_serializer=None,
-                              response_deserializer=router_pb2.RouteResponse.FromString)
-        await call(payloads[0], timeout=120)                     # warm the connection
+        calls = [ch.unary_unary("/seqr_router.v1.Router/Route", request_serializer=None,
+                                response_deserializer=router_pb2.RouteResponse.FromString) for ch in channels]
+        for call in calls:
+            await call(payloads[0], timeout=120)                 # warm the connections
         lat, errors, done = [], 0, 0
         t_end = time.perf_counter() + seconds
 
         async def worker(w: int):
             nonlocal errors, done
-            i = w
+            i, call = w, calls[w % len(calls)]
             while time.perf_counter() < t_end or done < min_requests:
                 t0 = time.perf_counter()
                 try:
@@ -145,11 +163,16 @@ async def run_cell(target: str, payloads: list[bytes], *, concurrency: int, seco
                 done += 1
                 i += concurrency
 
-        t0 = time.perf_counter()
+        t0, cpu0, own0 = time.perf_counter(), cpu_seconds(server_pids), time.process_time()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
+        cpu, own = cpu_seconds(server_pids) - cpu0, time.process_time() - own0
+    finally:
+        for ch in channels:
+            await ch.close()
     ms = np.array(lat) * 1e3
     return {"requests": done, "errors": errors, "rps": len(lat) / wall,
+            "server_cpu_ms": cpu / max(done, 1) * 1e3, "client_cpu_ms": own / max(done, 1) * 1e3,
             "p50": float(np.percentile(ms, 50)) if lat else float("nan"),
             "p99": float(np.percentile(ms, 99)) if lat else float("nan")}
 
@@ -175,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", default="seqr",
                     help="comma list of transports, run one after the other on the same store: "
                          "seqr (`seqr serve`, grpc.aio) and/or sync (the old transport, bench/sync_server.py)")
+    ap.add_argument("--processes", default="1",
+                    help="comma list: run `seqr serve --processes N` for each N, one after the other")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "load.md",
                     help="where to write the table (bench/results/load.md refreshes the committed one)")
     a = ap.parse_args(argv)
@@ -192,10 +217,10 @@ def main(argv=None) -> int:
         [(parse_peft_adapter(f, name=n, signature=sig).adapter, i, "F32") for i, (n, f) in enumerate(adapters)])[0]
 
     rows = []
-    kinds = a.server.split(",")
+    kinds = [(k, int(n)) for k in a.server.split(",") for n in (a.processes.split(",") if k == "seqr" else ["1"])]
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        proc, port = start_server(data_dir, "seqr")          # populate through the real API
+        proc, port, _ = start_server(data_dir, "seqr")       # populate through the real API
         t0 = time.perf_counter()
         with RouterClient(f"127.0.0.1:{port}", timeout=120) as c:
             c.create_library(LIB, signature=sig, shared_a_seed=SEED, shared_a_rank=RANK,
@@ -205,8 +230,8 @@ def main(argv=None) -> int:
         print(f"uploaded {len(adapters)} adapters in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         proc.terminate()
         proc.wait()
-        for kind in kinds:
-            proc, port = start_server(data_dir, kind)
+        for kind, nproc in kinds:
+            proc, port, pids = start_server(data_dir, kind, processes=nproc)
             target = f"127.0.0.1:{port}"
             try:
                 for form in a.forms.split(","):
@@ -217,26 +242,25 @@ def main(argv=None) -> int:
                         payloads.append(req.SerializeToString())
                     ct = core_time(index, templates[0][form], form, repeats=3 if form == "activations" else 20)
                     for conc in (int(x) for x in a.concurrency.split(",")):
-                        cpu0 = cpu_seconds(proc.pid)
                         r = asyncio.run(run_cell(target, payloads, concurrency=conc, seconds=a.seconds,
-                                                 min_requests=a.min_requests))
-                        cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1e3 / max(r["requests"], 1)
-                        row = {"server": kind, "form": form, "kb": len(payloads[0]) / 1024, "concurrency": conc,
-                               **r, "core_ms": ct, "ratio": r["p50"] / ct, "cpu_ms": cpu_ms}
+                                                 min_requests=a.min_requests, server_pids=pids))
+                        row = {"server": kind, "processes": nproc, "form": form, "kb": len(payloads[0]) / 1024, "concurrency": conc,
+                               **r, "core_ms": ct, "ratio": r["p50"] / ct}
                         rows.append(row)
-                        print(f"{kind:5s} {form:11s} c={conc:<3d} {r['rps']:8.1f} rps  p50 {r['p50']:8.2f} ms  "
+                        print(f"{kind:5s} x{nproc} {form:11s} c={conc:<3d} {r['rps']:8.1f} rps  p50 {r['p50']:8.2f} ms  "
                               f"p99 {r['p99']:8.2f} ms  errors {r['errors']}  core {ct:.2f} ms  "
-                              f"server CPU {cpu_ms:.2f} ms/req", file=sys.stderr)
+                              f"server cpu {r['server_cpu_ms']:.2f} ms/req  client cpu {r['client_cpu_ms']:.2f} ms/req",
+                              file=sys.stderr)
             finally:
                 proc.terminate()
                 proc.wait()
-    table = ["| server | form | request | concurrency | requests | errors | RPS | p50 ms | p99 ms | core ms | p50/core "
-             "| server CPU ms/req |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| server | processes | form | request | concurrency | requests | errors | RPS | p50 ms | p99 ms | core ms "
+             "| p50/core | server CPU ms/req | client CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['server']} | {r['form']} | {r['kb']:.0f} KB | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-                     f"{r['rps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['core_ms']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['cpu_ms']:.2f} |")
+        table.append(f"| {r['server']} | {r['processes']} | {r['form']} | {r['kb']:.0f} KB | {r['concurrency']} | "
+                     f"{r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                     f"{r['core_ms']:.2f} | {r['ratio']:.2f} | {r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |")
     head = (f"server: {a.server}; N={a.adapters} shared-A adapters, 60 modules, d=576, r=8, T={T}; "
             f"{os.cpu_count()} CPUs; client and server on the same machine")
     text = head + "\n\n" + "\n".join(table) + "\n"

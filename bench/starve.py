@@ -39,7 +39,7 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 
 def start(data_dir: Path, tokens: Path) -> tuple[subprocess.Popen, str]:
-    proc, port = start_server(data_dir, "seqr", extra=("--tokens-file", str(tokens), "--max-message-mb", "64"))
+    proc, port, _ = start_server(data_dir, "seqr", extra=("--tokens-file", str(tokens), "--max-message-mb", "64"))
     return proc, f"127.0.0.1:{port}"
 
 

@@ -94,6 +94,11 @@ def port_or_off(text: str):
     return None if text.strip().lower() in ("off", "none", "-1") else _port_number(text)
 
 
+def seconds_or_off(text: str):
+    """A duration in seconds, or None for 'off'."""
+    return None if text.strip().lower() in ("off", "none") else seconds(text)
+
+
 def flag(value) -> bool:
     """A store_true option whose default may come from the environment (parsed here, lazily)."""
     return boolean(value) if isinstance(value, str) else bool(value)

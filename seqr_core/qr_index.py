@@ -23,6 +23,7 @@ snapshot keeps its answers. ``memo`` caches derived per-snapshot values.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -40,8 +41,13 @@ from .tables import (Layout, GeneralBlock, adapter_columns, cal_columns, cal_for
 _COMPACT_MIN = 32
 
 
+@functools.lru_cache(maxsize=64)
 def triu_pairs(r: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.triu_indices(r)
+    """Upper-triangle index pairs of an r×r matrix (cached: read-only, shared by every caller)."""
+    iu, ju = np.triu_indices(r)
+    iu.setflags(write=False)
+    ju.setflags(write=False)
+    return iu, ju
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:       # manager imports this module
 
 def upload_precheck(manager: "LibraryManager", header, principal: Principal) -> None:
     """Refuse an upload from its header alone: unknown library, ACL, replace target, quota."""
-    state = manager.get(header.library, principal, field="header.library")
+    state = manager.get_for_write(header.library, principal, field="header.library")
     nbytes = sum(f.size for f in header.files)
     if header.replace:
         old = replaced_record(state, header.name, principal)

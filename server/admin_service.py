@@ -41,7 +41,8 @@ class AdminService:
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgumentError("the first message must be the header", field="header")
         h, principal = first.header, call.principal
-        upload_precheck(self.manager, h, principal)      # fail before the bytes
+        # Fail before the bytes; in the pool, as a replica may look the library up in its store.
+        await call.run(upload_precheck, self.manager, h, principal)
         total = _check_announced(h, self.limits)
         buf = bytearray()
         async for req in requests:

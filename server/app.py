@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,11 +47,12 @@ from .decision_log import open_decision_log
 from .export import Backend, load_backend
 from .manager import LibraryManager
 from .metrics import Metrics
+from .replica import Follower, follower_for, open_store
 from .router_service import RouterService
 from .traffic import TrafficLearner
 from .request_bounds import check_request
 from .rpc import Admission, Dispatcher
-from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, LibraryStore, dev_key_file
+from .store import CommandKeyProvider, EnvKeyProvider, KeyFileProvider, dev_key_file
 
 log = logging.getLogger("seqr.server")
 
@@ -90,8 +92,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", ka.max_connection_age_grace_ms),
             # One connection cannot open unbounded streams (each costs memory, not a thread).
             ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
-            # Two servers must never silently share a port.
-            ("grpc.so_reuseport", 0)]
+            # Two servers must never silently share a port - unless they are one `--processes` group.
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -145,6 +147,7 @@ class ServerHandles:
     audit: AuditLog | NullAudit = NO_AUDIT
     auth: Authenticator | None = None
     learner: TrafficLearner | None = None
+    follower: Follower | None = None          # replicas: follows other processes' commits
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
     _stopped: bool = False
@@ -185,6 +188,8 @@ class ServerHandles:
             return
         if not self._stopped:
             self.set_health(health_pb2.HealthCheckResponse.SERVING)
+            if self.follower is not None:
+                self.follower.start(self.set_health)
             self.ready.set()
             log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 3)})
 
@@ -204,6 +209,8 @@ class ServerHandles:
         if self._stopped:
             return
         self._stopped = True
+        if self.follower is not None:
+            self.follower.stop()
         grace = self.config.grace_s if grace is None else grace
         log.info("shutting down", extra={"drain_s": self.config.drain_s, "grace_s": grace})
         self.loop.call(self.health.enter_graceful_shutdown(), timeout=5)
@@ -254,8 +261,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
     audit = open_audit(config)             # a server that cannot audit does not start
     auth = _auth(config, audit)
     creds = _credentials(config)           # fail on bad TLS files before the store is locked
-    store = LibraryStore.open(config.data_dir, key_provider(config.keys, config.data_dir), create=True,
-                              anchor_dir=config.anchor_dir)
+    store = open_store(config, key_provider(config.keys, config.data_dir))
     demo_wanted = config.demo if config.demo is not None else config.keys.is_dev
     config = replace(config, demo=demo_wanted)
     manager = LibraryManager(store, metrics=metrics, on_change=backend.prepare, audit=audit)
@@ -281,11 +287,11 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, ServerHandles]
                                actual=config.listen) from None
     return server, ServerHandles(server=server, port=port, config=config, manager=manager, health=hs,
                                  metrics=metrics, backend=backend, pool=pool, loop=loop, audit=audit, auth=auth,
-                                 learner=learner)
+                                 learner=learner, follower=follower_for(config, store, manager, metrics))
 
 
-def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+def serve(config: ServerConfig, *, on_ready: Callable[[ServerHandles], object] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code. ``on_ready`` is called once serving."""
     # Process-wide, so only here (not in create_server, which tests embed in their process).
     threadpool_limits(limits=config.blas_threads, user_api="blas")
     _, handles = create_server(config)
@@ -294,6 +300,8 @@ def serve(config: ServerConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: handles.auth.reload(trigger="SIGHUP"))
     handles.start()
+    if on_ready is not None:     # e.g. a `--processes` child telling its parent
+        threading.Thread(target=lambda: handles.wait_ready() and on_ready(handles), daemon=True).start()
     stop.wait()
     # Shutdown always finishes: if something still holds on past drain + grace, exit anyway.
     watchdog = threading.Timer(config.drain_s + config.grace_s + 15, lambda: os._exit(3))

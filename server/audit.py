@@ -275,6 +275,10 @@ def open_audit(config) -> AuditLog | NullAudit:
         log.warning("AUDIT LOG OFF: admin changes, exports and refused calls are not recorded "
                     "(--audit-log off). Do not run like this in production.")
         return NO_AUDIT
-    audit = AuditLog(config.audit_log or default_path(config.data_dir))
+    path = config.audit_log
+    if path is None:     # beside the data directory, which a database store never creates
+        path = default_path(config.data_dir)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    audit = AuditLog(path)
     log.info("audit log open", extra={"audit_log": str(audit.path), "seq": audit.head.seq})
     return audit

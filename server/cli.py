@@ -11,11 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from seqr_core.config_values import ConfigError, env_default, flag, port_or_off, positive, seconds
+from seqr_core.config_values import ConfigError, env_default, flag, port_or_off, positive, seconds, seconds_or_off
 from seqr_core.errors import InvalidArgumentError, SeqrError
 
 from . import ops_cli
-from .config import KeySource, Limits, ServerConfig, TLSConfig
+from .config import KeySource, Limits, ServerConfig, StoreConfig, TLSConfig
 from .export_cli import add_export_parser
 
 
@@ -135,6 +135,17 @@ def _add_serve(sub) -> None:
                    help="half-life of the traffic moments, in sequences [SEQR_LEARN_HALF_LIFE]")
     p.add_argument("--learn-min-sequences", type=positive, default=env("LEARN_MIN_SEQUENCES", 256),
                    help="routed sequences before learned statistics are stored [SEQR_LEARN_MIN_SEQUENCES]")
+    r = StoreConfig()
+    p.add_argument("--processes", type=positive, default=env("PROCESSES", 1),
+                   help="server processes on the one port (SO_REUSEPORT), each a replica of the store: use a "
+                        "host's cores (Python serves one core per process) [SEQR_PROCESSES]")
+    add_dsn_flags(p)
+    p.add_argument("--poll-interval", type=seconds, default=env("POLL_INTERVAL", r.poll_s),
+                   help="replicas check the store for newer commits this often, seconds (PostgreSQL also "
+                        "notifies at once) [SEQR_POLL_INTERVAL]")
+    p.add_argument("--max-staleness", type=seconds_or_off, default=env("MAX_STALENESS", r.max_staleness_s),
+                   help="seconds a replica may go without reaching its store before it reports NOT_SERVING "
+                        "and refuses reads; 'off' never [SEQR_MAX_STALENESS]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"), help="[SEQR_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("json", "text"), default=env("LOG_FORMAT", "json"), help="[SEQR_LOG_FORMAT]")
     p.set_defaults(func=cmd_serve)
@@ -145,7 +156,7 @@ def config_from_args(a) -> ServerConfig:
     tls = None
     if a.tls_cert or a.tls_key or a.tls_client_ca:     # TLSConfig refuses any of them alone
         tls = TLSConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
-    return ServerConfig(
+    return ServerConfig(store=store_config(a),
         listen=a.listen, data_dir=a.data_dir, anchor_dir=Path(a.anchor_dir) if a.anchor_dir else None,
         metrics_port=a.metrics_port, metrics_host=a.metrics_host,
         keys=KeySource(key_file=Path(a.key_file) if a.key_file else None, key_env=a.key_env,
@@ -169,6 +180,11 @@ def config_from_args(a) -> ServerConfig:
                       max_rank=a.max_rank, max_shared_a_bytes=a.max_shared_a_mb << 20))
 
 
+def store_config(a) -> StoreConfig:
+    """Where the libraries live (see add_dsn_flags)."""
+    return StoreConfig(dsn=ops_cli.dsn_from_args(a), poll_s=a.poll_interval, max_staleness_s=a.max_staleness)
+
+
 def cmd_serve(a) -> int:
     try:
         config = config_from_args(a)
@@ -178,8 +194,12 @@ def cmd_serve(a) -> int:
         print(f"seqr serve: refusing to start: {e.message}", file=sys.stderr)
         return 2
     from . import logs
+    json_logs = a.log_format == "json"
+    logs.setup(a.log_level, json_format=json_logs)
+    if a.processes > 1:
+        from .processes import serve_group
+        return serve_group(config, processes=a.processes, log_level=a.log_level, json_logs=json_logs)
     from .app import serve
-    logs.setup(a.log_level, json_format=a.log_format == "json")
     return serve(config)
 
 
@@ -303,6 +323,19 @@ def add_store_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     p.add_argument("--key-file", type=Path, default=env("KEY_FILE"), help="[SEQR_KEY_FILE]")
     p.add_argument("--key-env", default=env("KEY_ENV"), help="[SEQR_KEY_ENV]")
     p.add_argument("--key-command", default=env("KEY_COMMAND"), help="[SEQR_KEY_COMMAND]")
+    add_dsn_flags(p)
+
+
+def add_dsn_flags(p: argparse.ArgumentParser) -> None:
+    """--store-dsn / --store-dsn-file (PostgreSQL instead of --data-dir); the DSN is never a default
+    (--help must not print a password): it is read from SEQR_STORE_DSN when the flag is absent."""
+    dsn = p.add_mutually_exclusive_group()
+    dsn.add_argument("--store-dsn", default=None,
+                     help="the libraries are in PostgreSQL (libpq DSN or URI) instead of --data-dir; prefer "
+                          "--store-dsn-file for passwords [SEQR_STORE_DSN]")
+    dsn.add_argument("--store-dsn-file", type=Path, default=env("STORE_DSN_FILE"),
+                     help="file holding the PostgreSQL DSN (e.g. a mounted Secret) [SEQR_STORE_DSN_FILE]")
+    p.set_defaults(store_dsn_env=env("STORE_DSN"))
 
 
 def key_source(a) -> KeySource:
@@ -311,13 +344,12 @@ def key_source(a) -> KeySource:
 
 
 def load_library_offline(a):
-    """A library's index straight from the store (for `seqr export`, with the server stopped)."""
+    """A library's index straight from the store (for `seqr export`; a data directory's server must be
+    stopped, a PostgreSQL store is read beside its replicas)."""
     from .app import key_provider
     from .auth import OPEN
     from .manager import LibraryManager
-    from .store import LibraryStore
-    store = LibraryStore.open(a.data_dir, key_provider(key_source(a), a.data_dir), create=False,
-                              anchor_dir=a.anchor_dir)
+    store = ops_cli.open_offline(a, key_provider(key_source(a), a.data_dir))
     try:
         manager = LibraryManager(store)
         manager.load()

@@ -98,6 +98,35 @@ class KeySource:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the libraries live, and how a replica follows other processes' commits.
+
+    ``dsn`` None: the data directory (``ServerConfig.data_dir``), exclusive to this process
+    unless ``shared`` (a ``--processes`` group). A PostgreSQL ``dsn``: any number of replicas."""
+
+    dsn: str | None = None                  # libpq connection string / URI (may hold a password)
+    shared: bool = False                    # directory shared by a process group
+    poll_s: float = 1.0                     # followers check the store's head this often
+    max_staleness_s: float | None = 300.0   # past this without the store: NOT_SERVING; None: never
+
+    def __post_init__(self) -> None:
+        if not self.poll_s > 0:
+            raise InvalidArgumentError("--poll-interval must be more than 0 seconds", field="poll_interval",
+                                       limit="> 0", actual=self.poll_s)
+        if self.max_staleness_s is not None and not self.max_staleness_s > 0:
+            raise InvalidArgumentError("--max-staleness must be more than 0 seconds, or 'off'",
+                                       field="max_staleness", limit="> 0", actual=self.max_staleness_s)
+
+    def __repr__(self) -> str:        # never print the DSN: it may hold a password
+        return (f"StoreConfig(dsn={'<set>' if self.dsn else None}, shared={self.shared}, poll_s={self.poll_s}, "
+                f"max_staleness_s={self.max_staleness_s})")
+
+    @property
+    def follows(self) -> bool:
+        return self.dsn is not None or self.shared
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     data_dir: Path = Path("data")
@@ -105,6 +134,8 @@ class ServerConfig:
     metrics_port: int | None = 9464         # None: no metrics endpoint; 0: any free port
     metrics_host: str = "127.0.0.1"
     keys: KeySource = field(default_factory=KeySource)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    reuse_port: bool = False                # share the port with sibling processes (--processes)
     tokens_file: Path | None = None         # None: open server (a loud warning is logged)
     audit: bool = True                      # False: no audit log (a loud warning is logged)
     audit_log: Path | None = None           # None: <data_dir>.audit.log (see server/audit.py)

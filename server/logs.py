@@ -28,9 +28,14 @@ def _value(v):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, fields: dict | None = None):
+        super().__init__()
+        self._fields = dict(fields or {})     # on every line, e.g. which process of a group
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": cut(record.getMessage(), MAX_MSG)}
+               "level": record.levelname.lower(), "logger": record.name, "msg": cut(record.getMessage(), MAX_MSG),
+               **self._fields}
         for k, v in vars(record).items():
             if k not in _STANDARD and not k.startswith("_"):
                 doc[cut(k, MAX_ECHO)] = _value(v)
@@ -44,10 +49,10 @@ class TextFormatter(logging.Formatter):
         return cut(super().format(record), MAX_LINE)
 
 
-def setup(level: str = "info", *, json_format: bool = True) -> None:
+def setup(level: str = "info", *, json_format: bool = True, fields: dict | None = None) -> None:
     """Configure the root logger once for the process (the CLI calls this; tests do not)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_format else TextFormatter(
+    handler.setFormatter(JsonFormatter(fields) if json_format else TextFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

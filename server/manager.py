@@ -9,6 +9,12 @@ nothing is half applied and the index version always equals the store's library 
 
 Damaged stored adapters are quarantined at load and whenever a later read finds them damaged
 (quarantine.py): the library keeps serving the rest. Callers are told view versions (views.py).
+
+On a shared store (replicas: a process group's directory, or PostgreSQL) other processes
+commit too. Every write then first brings the snapshots to the store's head and commits only
+if the store is still there (compare-and-swap on the commit number), retrying on the new head
+otherwise - so names, ids, quotas and merged statistics are always checked against the latest
+state and no update is lost. Following the store between writes is following.py's.
 """
 
 from __future__ import annotations
@@ -16,17 +22,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
 from seqr_core import (AdapterEntry, AdapterIndex, CalibrationStats, LibraryIndex, ModuleInput, MomentPool,
-                       RouteOptions, derived_stats, merge_into, parse_peft_adapter, route)
+                       RouteOptions, merge_into, parse_peft_adapter, route)
 from seqr_core.calibration import derived_for
 from seqr_core.adapters import check_adapter_name
-from seqr_core.errors import AlreadyExistsError, IntegrityError, NotFoundError, SeqrError, UnavailableError
+from seqr_core.errors import AlreadyExistsError, NotFoundError, SeqrError, UnavailableError
 from seqr_core.peft_io import ParsedAdapter
 
 from . import adapter_updates as updates
@@ -34,94 +40,23 @@ from . import library_objects as lo
 from . import stored_index as stored
 from .audit import NO_AUDIT
 from .auth import Principal
+from .following import Following
+from .library_state import LibraryState, library_state as _state, same_factors as _same_factors
 from .metrics import Metrics
 from .quarantine import Damage, LibraryDamage, guarded
 from .quotas import OWNER, Usage, usage_of
-from .store import AdapterRecord, LibraryRecord
-from .views import ChangeLog, view_version
+from .store import AdapterRecord, ConflictError, LibraryRecord
+
+__all__ = ["LibraryManager", "LibraryState"]
 
 log = logging.getLogger("seqr.manager")
 _LOAD_CHUNK = 32                     # adapters per append while loading (bounds peak memory)
 
-
-@dataclass(frozen=True)
-class LibraryState:
-    """One library as routing sees it: the index snapshot and the store record it came from.
-
-    ``index`` holds the routable adapters; ``damage`` the quarantined ones (still in the store,
-    never routed) and quarantined library objects.
-    """
-
-    spec: lo.LibrarySpec
-    index: LibraryIndex
-    record: LibraryRecord
-    damage: LibraryDamage = LibraryDamage()
-    records: Mapping[str, AdapterRecord] = field(default_factory=dict)   # every stored adapter
-    names_by_id: Mapping[int, str] = field(default_factory=dict)
-    changes: ChangeLog = ChangeLog(library=0, adapters=MappingProxyType({}))
-    pool: MomentPool | None = None       # pooled moments of the last (unrestricted) Calibrate
-    _views: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def version(self) -> int:
-        return self.index.version
-
-    def visible_entries(self, principal: Principal) -> list[AdapterEntry]:
-        return [e for e in self.index.adapters if principal.may_use_adapter(e.name)]
-
-    def visible_damage(self, principal: Principal) -> list[tuple[AdapterRecord, Damage]]:
-        """Quarantined adapters the caller may see, in id order."""
-        return sorted(((self.records[n], d) for n, d in self.damage.adapters.items()
-                       if principal.may_use_adapter(n)), key=lambda rd: rd[0].adapter_id)
-
-    def degraded_for(self, principal: Principal) -> bool:
-        """Damage the caller may know of: a quarantined library object, or an adapter it can see."""
-        return bool(self.damage.objects) or bool(self.visible_damage(principal))
-
-    def view_version(self, principal: Principal) -> int:
-        """The version this caller is told: moves only with changes it can see (views.py)."""
-        return view_version(self.changes, principal, version=self.version, cache=self._views)
-
-    def entry(self, name: str, principal: Principal, *, field: str = "adapter") -> AdapterEntry:
-        # Hidden adapters raise the very error an absent one does (same type, text and field).
-        if not principal.may_use_adapter(name):
-            return self.without_adapters().entry(name, field=field)
-        damage = self.damage.adapters.get(name)
-        if damage is not None:
-            raise IntegrityError(f"adapter {name!r} is quarantined: its stored data is damaged "
-                                 f"({damage.code}); delete it and upload it again", field=field, actual=name)
-        return self.index.entry(name, field=field)
-
-    def without_adapters(self) -> LibraryIndex:
-        """This library as it would be with no adapters: what a caller who may see none gets."""
-        idx = self.index
-        return LibraryIndex.create(name=idx.name, signature=idx.signature, shared_a=idx.shared_a,
-                                   version=idx.version)
+_R = TypeVar("_R")
+_WRITE_ATTEMPTS = 5     # commits by other replicas a write retries past before it gives up
 
 
-def _state(spec: lo.LibrarySpec, index: LibraryIndex, record: LibraryRecord,
-           damage: LibraryDamage = LibraryDamage(), pool: MomentPool | None = None) -> LibraryState:
-    """The state for ``index``; shared-A adapters without statistics get them from ``pool``."""
-    recs = {r.name: r for r in record.adapters}
-    cal = derived_stats(index, pool)
-    if cal is not index.calibration:
-        index = index.with_calibration(cal, version=index.version)
-    return LibraryState(spec=spec, index=index, record=record, damage=damage, records=MappingProxyType(recs),
-                        names_by_id=MappingProxyType({e.adapter_id: e.name for e in index.adapters}),
-                        changes=ChangeLog.of(record), pool=pool)
-
-
-def _same_factors(a: AdapterEntry | None, b: AdapterEntry | None) -> bool:
-    """Whether two entries are one upload: an entry object is shared by every snapshot (and
-    restricted view) until its adapter is deleted or replaced, which makes a new entry."""
-    return a is not None and a is b
-
-
-class LibraryManager:
+class LibraryManager(Following):
     def __init__(self, store, *, metrics: Metrics | None = None,
                  on_change: Callable[[LibraryIndex], object] | None = None, audit=None):
         self._store = store
@@ -133,6 +68,9 @@ class LibraryManager:
         self._write = threading.Lock()
         self._loaded = threading.Event()
         self._closed = False
+        self._stamps: dict[str, object] = {}   # library -> store stamp its state was built from
+        self._stale: str | None = None         # why this replica refuses reads (follower sets it)
+        self._sync_errors: dict[str, tuple[object, str]] = {}
 
     # ------------------------------------------------------------------ reads (lock-free)
     @property
@@ -147,6 +85,8 @@ class LibraryManager:
     def get(self, name: str, principal: Principal, *, field: str = "library") -> LibraryState:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")
+        if self._stale is not None:
+            raise UnavailableError(self._stale, field="store")
         libs = self._libs
         if name in libs and principal.may_see_library(name):
             return libs[name]
@@ -161,12 +101,15 @@ class LibraryManager:
     def list(self, principal: Principal) -> list[LibraryState]:
         if not self._loaded.is_set():
             raise UnavailableError("the service is still loading its libraries; retry shortly")
+        if self._stale is not None:
+            raise UnavailableError(self._stale, field="store")
         return [s for n, s in sorted(self._libs.items()) if principal.may_see_library(n)]
 
     # ------------------------------------------------------------------ startup
     def load(self) -> None:
         """Rebuild every library's index from the store (adapters, calibration, version)."""
         libs, failed = {}, {}
+        self._stamps = self._store.library_stamps()
         for name in self._store.list_libraries():
             try:
                 libs[name] = self._rebuild(name)
@@ -187,16 +130,17 @@ class LibraryManager:
                                             "adapters": sum(len(s.index.adapters) for s in libs.values()),
                                             "quarantined": sum(len(s.damage.adapters) for s in libs.values())})
 
-    def _rebuild(self, name: str) -> LibraryState:
+    def _rebuild(self, name: str, *, transient: tuple[type[Exception], ...] = ()) -> LibraryState:
         """A library from its stored index objects; PEFT files are parsed only for adapters
-        without a current one (then that index is stored, so the next start reads it)."""
+        without a current one (then that index is stored, so the next start reads it). Damaged
+        parts are quarantined (errors of the ``transient`` types propagate instead: a follower
+        retries them at the store's new head)."""
         rec = self._store.library(name)
         spec = lo.spec_from_store(name, rec.meta, self._store.read_library_object(name, lo.SHARED_A))
         empty = spec.empty_index(version=rec.version)
         index, chunk, derived, why, damage = empty.reserve(len(rec.adapters)), [], {}, {}, LibraryDamage()
         for ar in rec.adapters:                      # adapter id order
-            got = guarded(lambda ar=ar: stored.load_index(self._store, name, ar, empty), library=name,
-                          what=f"adapter {ar.name!r}")
+            got = self._load_adapter(name, ar, empty, transient=transient)
             if isinstance(got, Damage):
                 damage = damage.with_adapter(ar.name, got)
                 continue
@@ -213,14 +157,17 @@ class LibraryManager:
             log.info("adapters re-parsed from their PEFT files", extra={"library": name, "adapters": len(derived),
                                                                        "reasons": why})
             stored.store_derived(self._store, name, derived)
+            after = self._store.library(name)
+            if after.version == rec.version:       # (the records now list the index objects)
+                rec = after
         raw = guarded(lambda: self._store.read_library_object(name, lo.CALIBRATION), library=name,
-                      what=lo.CALIBRATION)
+                      what=lo.CALIBRATION, transient=transient)
         if isinstance(raw, Damage):
             damage = LibraryDamage(damage.adapters, MappingProxyType({lo.CALIBRATION: raw}))
         elif raw is not None:
             ids = {e.name: e.adapter_id for e in index.adapters}
             index = index.with_calibration(lo.decode_calibration(raw, ids), version=rec.version)
-        pool = guarded(lambda: self._read_moments(name), library=name, what=lo.MOMENTS)
+        pool = guarded(lambda: self._read_moments(name), library=name, what=lo.MOMENTS, transient=transient)
         if isinstance(pool, Damage):
             damage = LibraryDamage(damage.adapters, MappingProxyType({**damage.objects, lo.MOMENTS: pool}))
             pool = None
@@ -229,6 +176,15 @@ class LibraryManager:
     def _read_moments(self, library: str) -> MomentPool | None:
         raw = self._store.read_library_object(library, lo.MOMENTS)
         return None if raw is None else lo.decode_moments(raw)
+
+    def _load_adapter(self, library: str, ar: AdapterRecord, empty: LibraryIndex, *,
+                      transient: tuple[type[Exception], ...] = ()) -> tuple[AdapterIndex, bytes | None, str] | Damage:
+        """One stored adapter's index (stored_index.load_index: the index object, parsed from the
+        PEFT files only when it has none); or the Damage that quarantines it (the library loads on).
+        ``empty``: any snapshot of the library (its layout and signature)."""
+        return guarded(lambda: stored.load_index(self._store, library, ar, empty),
+                       library=library, what=f"adapter {ar.name!r}", transient=transient)
+
 
     def warm(self) -> None:
         """Route one small synthetic request per library so first real calls pay no lazy setup."""
@@ -265,15 +221,19 @@ class LibraryManager:
         spec.empty_index(version=1)                  # validates shared A against the signature
         objects = spec.objects()
         meta = spec.store_meta() if principal is None else {**spec.store_meta(), OWNER: principal.name}
-        with self.audit.mutation(principal=principal, action="CreateLibrary", library=spec.name), self._write:
-            self._check_open()
+
+        def create(head: int | None) -> LibraryState:
             if spec.name in self._libs or spec.name in self._failed:
                 raise AlreadyExistsError(f"library {spec.name!r} already exists", field="name",
                                          actual=spec.name)
             self._check_quota(principal, Usage(libraries=1, bytes=len(objects.get(lo.SHARED_A, b""))))
-            rec = self._store.create_library(spec.name, meta=meta, objects=objects)
+            rec = self._store.create_library(spec.name, meta=meta, objects=objects, if_seq=head)
             state = _state(spec, spec.empty_index(version=rec.version), rec)
             self._swap(state)
+            return state
+
+        with self.audit.mutation(principal=principal, action="CreateLibrary", library=spec.name):
+            state = self._commit(create)
         log.info("library created", extra={"library": spec.name, "version": state.version,
                                            "modules": len(spec.signature.modules),
                                            "shared_a_modules": len(spec.shared_a)})
@@ -288,50 +248,60 @@ class LibraryManager:
                     replace: bool = False) -> tuple[LibraryState, AdapterEntry]:
         """Store a new adapter, or with ``replace`` a new version of a visible one (adapter_updates.py)."""
         check_adapter_name(name, field="header.name")
-        base = self.get(library, principal, field="header.library").index
+        base = self.get_for_write(library, principal, field="header.library").index
         parsed = parse_peft_adapter(files, name=name, signature=base.signature)   # CPU-heavy: outside the lock
-        ai = base.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)  # (the QR, too)
+        ai = base.index_adapter(parsed.adapter, upload_dtype=parsed.upload_dtype)  # (the Gram/QR, too)
         with self.audit.mutation(principal=principal, action="ReplaceAdapter" if replace else "PutAdapter",
-                                 library=library, adapter=name), self._write:
-            self._check_open()
-            cur = self.get(library, principal, field="header.library")
+                                 library=library, adapter=name):
             if replace:
-                state = self._replace(cur, parsed, ai, files, meta, principal, allow_general=allow_general)
+                state = self._commit(lambda head: self._replace(
+                    self.get(library, principal, field="header.library"), parsed, ai, files, meta, principal,
+                    allow_general=allow_general, head=head))
                 return state, state.index.entry(name)
-            if name in cur.damage.adapters:   # the index no longer holds it; the store still does
-                raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
-                                         "delete it first)", field="adapter.name", actual=name)
-            self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
-            _, predicted = self._store.library_head(library)
-            # A shared-A adapter gets its statistics from the library's pooled moments with its
-            # columns (derived_for), so the snapshot need not rebuild every adapter's.
-            dry, (entry,) = cur.index.add_indexed([(ai, predicted)], stats=derived_for(ai, cur.pool))
-            lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
-            rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)}, meta={
-                "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
-                "base_model": parsed.base_model, OWNER: principal.name})
-            lib = stored.record_after(self._store, cur.record, put=rec)
-            if rec.adapter_id == predicted:
-                new = dry.with_version(lib.version)
-            else:   # cannot happen while we are the store's only writer; stay correct anyway
-                new, _ = cur.index.add_indexed([(ai, rec.adapter_id)], version=lib.version,
-                                               stats=derived_for(ai, cur.pool))
-            state = _state(cur.spec, new, lib, cur.damage, cur.pool)
-            self._swap(state)
-        entry = state.index.entry(name)
+            state, rec, entry = self._commit(lambda head: self._put_new(
+                self.get(library, principal, field="header.library"), parsed, ai, files, meta, principal,
+                allow_general=allow_general, head=head))
         log.info("adapter stored", extra={"library": library, "adapter": name, "adapter_id": rec.adapter_id,
                                           "kind": entry.kind, "version": state.version})
         return state, entry
 
+    def _put_new(self, cur: LibraryState, parsed: ParsedAdapter, ai: AdapterIndex, files: dict[str, bytes],
+                 meta: Mapping[str, str], principal: Principal, *, allow_general: bool, head: int | None):
+        """Store a new adapter; with the writer lock held."""
+        name, library = parsed.adapter.name, cur.name
+        if name in cur.damage.adapters:   # the index no longer holds it; the store still does
+            raise AlreadyExistsError(f"adapter {name!r} already exists (quarantined as damaged: "
+                                     "delete it first)", field="adapter.name", actual=name)
+        self._check_quota(principal, Usage(adapters=1, bytes=sum(len(d) for d in files.values())))
+        _, predicted = self._store.library_head(library)
+        # A shared-A adapter gets its statistics from the library's pooled moments with its
+        # columns (derived_for), so the snapshot need not rebuild every adapter's.
+        dry, (entry,) = cur.index.add_indexed([(ai, predicted)], stats=derived_for(ai, cur.pool))
+        lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
+        rec = self._store.put_adapter(library, name, files=files, objects={lo.INDEX: lo.encode_index(ai)},
+                                      if_seq=head, meta={
+                                          "user": dict(meta), "upload_dtype": parsed.upload_dtype, "kind": entry.kind,
+                                          "base_model": parsed.base_model, OWNER: principal.name})
+        lib = stored.record_after(self._store, cur.record, put=rec)
+        if rec.adapter_id == predicted:
+            new = dry.with_version(lib.version)
+        else:   # cannot happen: the commit is conditional on the head this snapshot is at
+            new, _ = cur.index.add_indexed([(ai, rec.adapter_id)], version=lib.version,
+                                           stats=derived_for(ai, cur.pool))
+        state = _state(cur.spec, new, lib, cur.damage, cur.pool)
+        self._swap(state)
+        return state, rec, state.index.entry(name)
+
     def _replace(self, cur: LibraryState, parsed: ParsedAdapter, ai: AdapterIndex, files: dict[str, bytes],
-                 meta: Mapping[str, str], principal: Principal, *, allow_general: bool) -> LibraryState:
+                 meta: Mapping[str, str], principal: Principal, *, allow_general: bool,
+                 head: int | None) -> LibraryState:
         """Swap in a new version under the old id; with the writer lock held."""
         name = parsed.adapter.name
         old = updates.replaced_record(cur, name, principal)
         self._check_quota(principal, updates.replacement_usage(old, principal, sum(len(d) for d in files.values())))
         dry, entry = cur.index.replace_indexed(ai, adapter_id=old.adapter_id, stats=derived_for(ai, cur.pool))
         lo.check_adapter_kind(cur.spec, entry, allow_general=allow_general)
-        rec = self._store.put_adapter(cur.name, name, files=files, replace=True,
+        rec = self._store.put_adapter(cur.name, name, files=files, replace=True, if_seq=head,
                                       objects={lo.INDEX: lo.encode_index(ai)},
                                       library_objects=updates.calibration_objects(cur, name), meta={
                                           "user": dict(meta), "upload_dtype": parsed.upload_dtype,
@@ -346,19 +316,21 @@ class LibraryManager:
 
     def delete_adapter(self, library: str, name: str, principal: Principal) -> tuple[LibraryState, AdapterRecord]:
         """Delete (crypto-shred) an adapter, quarantined ones included; returns its store record."""
-        with self.audit.mutation(principal=principal, action="DeleteAdapter", library=library, adapter=name), \
-                self._write:
-            self._check_open()
+        def delete(head: int | None) -> tuple[LibraryState, LibraryState]:
             cur = self.get(library, principal)
             if name in cur.damage.adapters and principal.may_use_adapter(name):
                 index, damage = cur.index, cur.damage.without_adapter(name)
             else:
                 cur.entry(name, principal, field="name")
                 (index, _), damage = cur.index.remove_adapter(name), cur.damage
-            self._store.delete_adapter(library, name, record=False)
+            self._store.delete_adapter(library, name, record=False, if_seq=head)
             lib = stored.record_after(self._store, cur.record, gone=name)
             state = _state(cur.spec, index.with_version(lib.version), lib, damage, cur.pool)
             self._swap(state)
+            return cur, state
+
+        with self.audit.mutation(principal=principal, action="DeleteAdapter", library=library, adapter=name):
+            cur, state = self._commit(delete)
         if self._metrics:
             self._metrics.adapter_deleted(library, name)
         gone = cur.records[name]
@@ -372,35 +344,40 @@ class LibraryManager:
 
         ``pool`` (the stream's pooled moments) replaces the library's on the modules it covers,
         in the same commit; shared-A adapters without streamed stats are derived from the result."""
-        with self.audit.mutation(principal=principal, action="Calibrate", library=library), self._write:
-            self._check_open()
-            cur = self.get(library, principal)
-            now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
-            # Parsed factors are shared between snapshots (and the traffic learner's own basis)
-            # until their adapter is deleted or replaced (a replace keeps the id), so their
-            # identity says "the same adapter the stats came from".
-            now, then = {e.name: e for e in cur.index.adapters}, {e.name: e for e in basis.adapters}
-            for n in list(fresh.adapters):
-                if not _same_factors(now.get(n), then.get(n)):
-                    fresh = fresh.without(n)
-            old = cur.index.calibration
-            base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)
-            merged = merge_into(base, replace(fresh, calibrated_at=time.time()))
-            objects = {lo.CALIBRATION: lo.encode_calibration(merged, now_ids)}
-            new_pool, damage = cur.pool, cur.damage.without_object(lo.CALIBRATION)
-            if pool is not None and pool.modules:
-                new_pool = pool if cur.pool is None else cur.pool.replacing(pool)
-                objects[lo.MOMENTS] = lo.encode_moments(new_pool)
-                damage = damage.without_object(lo.MOMENTS)
-            lib = self._store.put_library_objects(library, objects)
-            # A quarantined calibration (or moments) object is replaced by this one.
-            state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib,
-                           damage, new_pool)
-            self._swap(state)
+        with self.audit.mutation(principal=principal, action="Calibrate", library=library):
+            state, fresh = self._commit(lambda head: self._calibrate(library, basis, fresh, principal, pool, head))
         names = sorted(fresh.adapters)
         log.info("calibration stored", extra={"library": library, "sequences": fresh.sequences,
                                               "adapters": len(names), "version": state.version})
         return state, names
+
+    def _calibrate(self, library: str, basis: LibraryIndex, fresh: CalibrationStats, principal: Principal,
+                   pool: MomentPool | None, head: int | None) -> tuple[LibraryState, CalibrationStats]:
+        """Merge ``fresh`` into the current statistics and store them; with the writer lock held."""
+        cur = self.get(library, principal)
+        now_ids = {e.name: e.adapter_id for e in cur.index.adapters}
+        # Parsed factors are shared between snapshots (and the traffic learner's own basis)
+        # until their adapter is deleted or replaced (a replace keeps the id), so their
+        # identity says "the same adapter the stats came from".
+        now, then = {e.name: e for e in cur.index.adapters}, {e.name: e for e in basis.adapters}
+        for n in list(fresh.adapters):
+            if not _same_factors(now.get(n), then.get(n)):
+                fresh = fresh.without(n)
+        old = cur.index.calibration
+        base = cur.index.with_calibration(old.streamed() if old is not None else None, version=cur.version)
+        merged = merge_into(base, replace(fresh, calibrated_at=time.time()))
+        objects = {lo.CALIBRATION: lo.encode_calibration(merged, now_ids)}
+        new_pool, damage = cur.pool, cur.damage.without_object(lo.CALIBRATION)
+        if pool is not None and pool.modules:
+            new_pool = pool if cur.pool is None else cur.pool.replacing(pool)
+            objects[lo.MOMENTS] = lo.encode_moments(new_pool)
+            damage = damage.without_object(lo.MOMENTS)
+        lib = self._store.put_library_objects(library, objects, if_seq=head)
+        # A quarantined calibration (or moments) object is replaced by this one.
+        state = _state(cur.spec, cur.index.with_calibration(merged, version=lib.version), lib,
+                       damage, new_pool)
+        self._swap(state)
+        return state, fresh
 
     def close(self) -> None:
         """Wait for any in-flight write, then close the store. Later writes are UNAVAILABLE."""
@@ -410,6 +387,29 @@ class LibraryManager:
                 self._store.close()
 
     # ------------------------------------------------------------------ internals
+    def _commit(self, write: Callable[[int | None], _R]) -> _R:
+        """Run ``write(head)`` under the writer lock. On a shared store the snapshots are first
+        brought to the store's head and ``head`` is that commit: the write's store call commits
+        only if the store is still there (ConflictError otherwise, and ``write`` runs again on
+        the new head). On a store this process owns alone, ``head`` is None (no condition)."""
+        for attempt in range(_WRITE_ATTEMPTS):
+            with self._write:
+                self._check_open()
+                head = None
+                if self._store.shared:
+                    try:
+                        self._follow_locked()
+                    except UnavailableError as e:     # the store is out of reach: say what it means here
+                        raise UnavailableError(f"{e.message}; the write was not applied", field=e.field) from None
+                    head = self._store.manifest_seq
+                try:
+                    return write(head)
+                except ConflictError:
+                    if attempt == _WRITE_ATTEMPTS - 1:
+                        raise
+                    log.info("another replica committed first; retrying on its commit", extra={"commit": head})
+        raise AssertionError("unreachable")
+
     def _check_open(self) -> None:
         if self._closed:
             raise UnavailableError("the service is shutting down")
@@ -433,13 +433,18 @@ class LibraryManager:
             if cur is None or name not in cur.index.names:
                 return False                          # deleted (or already quarantined) meanwhile
             index, _ = cur.index.remove_adapter(name, version=cur.version)
-            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage), cur.pool))
+            self._swap(_state(cur.spec, index, cur.record, cur.damage.with_adapter(name, damage), cur.pool),
+                       committed=False)
             return True
 
-    def _swap(self, state: LibraryState) -> None:
+    def _swap(self, state: LibraryState, *, committed: bool = True) -> None:
+        """Publish ``state``; ``committed``: it is the store's state of the library right now
+        (a write just made it), so a follower's next sync need not rebuild it."""
         libs = dict(self._libs)
         libs[state.name] = state
         self._libs = MappingProxyType(libs)     # one reference assignment: readers see old or new
+        if committed:
+            self._stamps[state.name] = self._store.library_stamps().get(state.name)
         self._changed(state)
 
     def _changed(self, s: LibraryState) -> None:

@@ -89,6 +89,13 @@ class Metrics:
         self.failed.labels(library).set(1)
         self.degraded.labels(library).set(1)
 
+    def library_removed(self, library: str) -> None:
+        for gauge in (self.library_version, self.adapters):
+            try:
+                gauge.remove(library)
+            except KeyError:
+                pass
+
     def adapter_deleted(self, library: str, adapter: str) -> None:
         # A deleted adapter's series would otherwise be exported forever.
         try:

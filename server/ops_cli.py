@@ -3,6 +3,10 @@
 ``keys rotate`` and ``restore`` take the store's directory lock, so the server must be stopped;
 ``backup`` does not need the lock and copies a consistent snapshot while the server runs. Each
 prints one JSON document (ids, counts, never key material) for runbooks and scripts.
+
+With a PostgreSQL store (``--store-dsn``): ``keys ls`` and ``keys rotate`` work while the
+replicas run (the rotation is one commit like any write; replicas follow it). ``backup`` and
+``restore`` are for data directories only and refuse a DSN, naming what to do instead.
 """
 
 from __future__ import annotations
@@ -10,12 +14,39 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from seqr_core.errors import FailedPreconditionError
+from seqr_core.errors import FailedPreconditionError, InvalidArgumentError
 
 from .app import key_provider
 from .config import KeySource
-from .store import KeyFileProvider, LibraryStore
+from .store import KeyFileProvider, KeyProvider, LibraryStore
+from .store.anchor import resolve_anchor_dir
 from .store.backup import restore_backup, write_backup
+
+NO_DATABASE_BACKUP = ("works on a data directory, and this store is in PostgreSQL (--store-dsn): back the database "
+                      "up with pg_dump or the database team's backups (its rows hold only ciphertext), and keep "
+                      "the key file and the rollback anchors apart from them")
+
+
+def dsn_from_args(a) -> str | None:
+    """The PostgreSQL DSN of --store-dsn / --store-dsn-file (their SEQR_* variables included), or None."""
+    if getattr(a, "store_dsn_file", None) is not None:
+        try:
+            return Path(a.store_dsn_file).read_text().strip() or None
+        except OSError as e:
+            raise InvalidArgumentError(f"cannot read --store-dsn-file {a.store_dsn_file}: {e.strerror}",
+                                       field="store_dsn_file") from None
+    dsn = getattr(a, "store_dsn", None) or getattr(a, "store_dsn_env", None)
+    return str(dsn) if dsn else None
+
+
+def open_offline(a, keys: KeyProvider) -> LibraryStore:
+    """The existing store the flags name: a data directory (locked: the server must be stopped) or
+    a PostgreSQL database (shared with running replicas)."""
+    dsn = dsn_from_args(a)
+    if dsn is None:
+        return LibraryStore.open(a.data_dir, keys, create=False, anchor_dir=a.anchor_dir)
+    anchors = a.anchor_dir or resolve_anchor_dir(Path(a.data_dir).absolute(), keys.anchor_dir, None)
+    return LibraryStore.connect(dsn, keys, anchor_dir=anchors, create=False)
 
 
 def provider(keys: KeySource, data_dir: Path):
@@ -42,7 +73,7 @@ def cmd_keys_rotate(a) -> int:
     if a.to is None and not isinstance(keys, KeyFileProvider):
         raise FailedPreconditionError("this key source cannot create keys: add the new key in the KMS or "
                                       "environment, then pass its id with --to", field="to")
-    with LibraryStore.open(a.data_dir, keys, create=False, anchor_dir=a.anchor_dir) as store:  # lock: stopped?
+    with open_offline(a, keys) as store:  # a directory is locked: is the server stopped?
         added = keys.add_key() if a.to is None else None
         result = store.rotate_kek(a.to or added)
         in_use = store.key_ids_in_use()
@@ -60,18 +91,23 @@ def cmd_keys_rotate(a) -> int:
 def cmd_keys_ls(a) -> int:
     keys = provider(_keys(a), a.data_dir)
     doc = {"primary_key_id": keys.primary_key_id, "key_ids": keys.key_ids()}
-    if (Path(a.data_dir) / "MANIFEST").is_file():
-        with LibraryStore.open(a.data_dir, keys, create=False, anchor_dir=a.anchor_dir) as store:
+    if dsn_from_args(a) is not None or (Path(a.data_dir) / "MANIFEST").is_file():
+        with open_offline(a, keys) as store:
             doc["key_ids_in_use"] = sorted(store.key_ids_in_use())
     return _print(doc)
 
 
 def cmd_backup(a) -> int:
+    if dsn_from_args(a) is not None:
+        raise FailedPreconditionError(f"seqr backup {NO_DATABASE_BACKUP}", field="store_dsn")
     keys = provider(_keys(a), a.data_dir)
     return _print(write_backup(a.data_dir, a.out, keys, anchor_dir=a.anchor_dir).as_dict())
 
 
 def cmd_restore(a) -> int:
+    if dsn_from_args(a) is not None:
+        raise FailedPreconditionError(f"seqr restore {NO_DATABASE_BACKUP}; restore the database there, or "
+                                      "restore this backup into a data directory", field="store_dsn")
     keys = provider(_keys(a), a.data_dir)
     return _print(restore_backup(a.backup, a.data_dir, keys, anchor_dir=a.anchor_dir,
                                  accept_rollback=a.accept_rollback))
@@ -117,4 +153,4 @@ def add_backup_commands(sub, *, add_store_flags) -> None:
     p.set_defaults(func=cmd_restore)
 
 
-__all__ = ["add_backup_commands", "add_keys_commands", "provider"]
+__all__ = ["add_backup_commands", "add_keys_commands", "dsn_from_args", "open_offline", "provider"]

@@ -68,7 +68,8 @@ class LibraryDamage:
                              MappingProxyType({r: d for r, d in self.objects.items() if r != role}))
 
 
-def guarded(load: Callable[[], T], *, library: str, what: str) -> T | Damage:
+def guarded(load: Callable[[], T], *, library: str, what: str,
+            transient: tuple[type[Exception], ...] = ()) -> T | Damage:
     """``load()``, or the Damage that quarantines ``what`` when its stored data is unusable.
 
     The one place that decides what counts as damage; every read of one stored adapter or
@@ -76,6 +77,8 @@ def guarded(load: Callable[[], T], *, library: str, what: str) -> T | Damage:
     """
     try:
         return load()
+    except transient:       # the caller retries (a follower whose store moved on mid-read)
+        raise
     except DAMAGE_ERRORS as err:
         damage = Damage.of(err)
         # The log is the operator's: it names the object, which callers may not be shown.

@@ -19,6 +19,7 @@ from .config import Limits
 
 DT = tensor_pb2.DType
 _IN_DTYPES = {DT.F32: np.dtype("<f4"), DT.F16: np.dtype("<f2"), DT.BF16: np.dtype("<u2")}
+_F32, _BF16, _MOMENTS = int(DT.F32), int(DT.BF16), int(router_pb2.MOMENTS)   # enum attributes are slow
 _FORMS = {router_pb2.ACTIVATIONS: "activations", router_pb2.PROJECTED: "projected",
           router_pb2.MOMENTS: "moments"}
 _METHODS = {0: "seqr", router_pb2.SEQR: "seqr", router_pb2.EXACT: "exact",
@@ -43,17 +44,29 @@ def input_form(value: int, *, field: str) -> str:
     return _enum(_FORMS, value, field)
 
 
+def _well_formed(t: tensor_pb2.Tensor, max_tokens: int) -> np.ndarray | None:
+    """The common case in one test, or None (decode_tensor then names what is wrong). A request
+    carries up to ~60 small moments: every attribute read and call here costs per tensor."""
+    dtype = t.dtype
+    dt = _IN_DTYPES.get(dtype)
+    shape = t.shape
+    if dt is not None and len(shape) == 2:
+        rows, cols, data = shape[0], shape[1], t.data
+        if 0 < rows <= max_tokens and cols > 0 and len(data) == rows * cols * dt.itemsize:
+            raw = np.frombuffer(data, dtype=dt).reshape(rows, cols)
+            if dtype == _F32:
+                return raw                       # zero-copy
+            if dtype == _BF16:
+                return (raw.astype(np.uint32) << 16).view(np.float32)
+            return raw.astype(np.float32)
+    return None
+
+
 def decode_tensor(t: tensor_pb2.Tensor, *, field: str, limits: Limits) -> np.ndarray:
     """A request tensor as a 2-D float32 array (zero-copy for F32)."""
-    dt = _IN_DTYPES.get(t.dtype)
-    shape = tuple(t.shape)
-    # The common case in one test; the checks below only run to name what is wrong.
-    if (dt is not None and len(shape) == 2 and 0 < shape[0] <= limits.max_tokens and shape[1] > 0
-            and len(t.data) == shape[0] * shape[1] * dt.itemsize):
-        raw = np.frombuffer(t.data, dtype=dt).reshape(shape)
-        if t.dtype == DT.BF16:
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32, copy=False)
+    fast = _well_formed(t, limits.max_tokens)
+    if fast is not None:
+        return fast
     if t.dtype not in _IN_DTYPES:
         raise InvalidArgumentError("dtype must be F32, F16 or BF16", field=f"{field}.dtype",
                                    limit="F32|F16|BF16", actual=DT.Name(t.dtype) if t.dtype in DT.values() else t.dtype)
@@ -87,6 +100,39 @@ def encode_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=dt, shape=list(a.shape), data=np.ascontiguousarray(a).tobytes())
 
 
+def _moments_batch(given: dict, inputs, max_tokens: int) -> dict[str, ModuleInput] | None:
+    """The usual model-host request in one conversion: every input a moments matrix of one F32
+    r×r shape in its own tensor. Their bytes become one (M, r, r) array and each module a view
+    of it (per-tensor numpy calls cost more than the scoring); anything else - or anything
+    wrong, so that the general path names the field - returns None."""
+    if len(given) != len(inputs):
+        return None
+    modules, tokens, datas = [], [], []
+    shape = None
+    for mi in inputs:
+        t = given.get(mi.tensor)
+        if t is None or mi.form != _MOMENTS or mi.tokens < 1 or t.dtype != _F32:
+            return None
+        s = t.shape
+        if shape is None:
+            shape = tuple(s)
+            if len(shape) != 2 or shape[0] != shape[1] or not 0 < shape[0] <= max_tokens:
+                return None
+            nbytes = shape[0] * shape[1] * 4
+        elif len(s) != 2 or s[0] != shape[0] or s[1] != shape[1]:
+            return None
+        data = t.data
+        if len(data) != nbytes:
+            return None
+        modules.append(mi.module)
+        tokens.append(mi.tokens)
+        datas.append(data)
+    if len(set(modules)) != len(modules) or "" in modules or len({mi.tensor for mi in inputs}) != len(inputs):
+        return None
+    views = list(np.frombuffer(b"".join(datas), dtype=np.float32).reshape(len(datas), *shape))
+    return {m: ModuleInput(form="moments", data=v, tokens=n) for m, v, n in zip(modules, views, tokens)}
+
+
 def decode_inputs(tensors: Mapping[str, tensor_pb2.Tensor], inputs, *, limits: Limits) -> dict[str, ModuleInput]:
     """RouteRequest/CalibrateRequest tensors + inputs -> {module: ModuleInput}."""
     if len(inputs) > limits.max_modules:
@@ -98,26 +144,35 @@ def decode_inputs(tensors: Mapping[str, tensor_pb2.Tensor], inputs, *, limits: L
     if not inputs:
         raise InvalidArgumentError("at least one module input is required", field="inputs",
                                    limit=">=1", actual=0)
+    given = dict(tensors.items())           # one pass over the map, not a lookup per input
+    batch = _moments_batch(given, inputs, limits.max_tokens)
+    if batch is not None:
+        return batch
     decoded: dict[str, np.ndarray] = {}
     out: dict[str, ModuleInput] = {}
+    max_tokens = limits.max_tokens
     for i, mi in enumerate(inputs):
-        module, name = mi.module, mi.tensor
+        module, name, f = mi.module, mi.tensor, mi.form
         if not module:
             raise InvalidArgumentError("module is required", field=f"inputs[{i}].module")
         if module in out:
             raise InvalidArgumentError("module given twice", field=f"inputs[{i}].module", actual=module)
-        form = _FORMS.get(mi.form) or input_form(mi.form, field=f"inputs[{i}].form")
+        form = _FORMS.get(f) or input_form(f, field=f"inputs[{i}].form")
         data = decoded.get(name)
         if data is None:
-            if name not in tensors:
+            t = given.get(name)
+            if t is None:
                 raise InvalidArgumentError("references a tensor that is not in the request",
                                            field=f"inputs[{i}].tensor", actual=name)
-            data = decoded[name] = decode_tensor(tensors[name], field=f"tensors[{name}]", limits=limits)
-        tokens = (int(mi.tokens) or 1) if form == "moments" else data.shape[0]
+            data = _well_formed(t, max_tokens)
+            if data is None:
+                data = decode_tensor(t, field=f"tensors[{name}]", limits=limits)
+            decoded[name] = data
+        tokens = (mi.tokens or 1) if f == _MOMENTS else data.shape[0]
         if tokens < 1:
             raise InvalidArgumentError("tokens must be >= 1", field=f"inputs[{i}].tokens", actual=mi.tokens)
         out[module] = ModuleInput(form=form, data=data, tokens=tokens)
-    unused = sorted(set(tensors) - set(decoded))
+    unused = sorted(set(given) - set(decoded)) if len(decoded) != len(given) else None
     if unused:
         raise InvalidArgumentError("tensors not referenced by any input", field="tensors",
                                    actual=unused[:8])

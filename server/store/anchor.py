@@ -6,9 +6,12 @@ directory) could be put back. The anchor records ``(store id, seq, key id, sha25
 after every commit, in a directory the attacker of the data directory is assumed not to control
 (by default next to the key file). On open the manifest must be at least as new as the anchor.
 
-One anchor file per data directory, named by a hash of its resolved path, so a store that is
-wiped or swapped for a different store at the same path is noticed too. Moving a data directory
-therefore needs ``accept_unanchored=True`` once (see LibraryStore.open).
+One anchor file per store location (a data directory's resolved path, or a database's
+host/port/name/schema), named by a hash of it, so a store that is wiped or swapped for a
+different store at the same place is noticed too. Moving a data directory therefore needs
+``accept_unanchored=True`` once (see LibraryStore.open). Several processes of one host may share
+an anchor (``seqr serve --processes``, replicas): :meth:`AnchorFile.advance` only ever moves it
+forward, under a lock.
 
 Commit order is manifest first, anchor second; a crash in between leaves the anchor exactly one
 sequence number behind, which open accepts and repairs.
@@ -16,6 +19,7 @@ sequence number behind, which open accepts and repairs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -43,10 +47,12 @@ class Anchor:
 class AnchorFile:
     """Reads and durably writes the anchor of one data directory."""
 
-    def __init__(self, anchor_dir: Path, data_dir: Path, io: DurableIO):
+    def __init__(self, anchor_dir: Path, location: str | os.PathLike[str], io: DurableIO):
         self._dir = anchor_dir
-        self._data_dir = data_dir.resolve()
-        digest = hashlib.sha256(str(self._data_dir).encode("utf-8")).hexdigest()[:24]
+        # A path names a data directory (resolved); a string any other store (a database).
+        location = location if isinstance(location, str) else str(Path(location).resolve())
+        self._location = location
+        digest = hashlib.sha256(location.encode("utf-8")).hexdigest()[:24]
         self.path = anchor_dir / f"{digest}.anchor"
         self._io = io
 
@@ -84,8 +90,22 @@ class AnchorFile:
             raise FailedPreconditionError(f"rollback anchor {self.path} is corrupt", field="anchor") from None
 
     def save(self, anchor: Anchor) -> None:
-        doc = {"format": _FORMAT, "data_dir": str(self._data_dir), **asdict(anchor)}
+        doc = {"format": _FORMAT, "data_dir": self._location, **asdict(anchor)}
         self._io.write_file(self.path, json.dumps(doc, indent=2).encode("utf-8"), mode=0o600)
+
+    def advance(self, anchor: Anchor) -> None:
+        """Save ``anchor`` unless the file already records this store at the same or a later commit.
+
+        Processes sharing the anchor commit and follow in any order; the lock makes read-compare-
+        write atomic so the anchor never moves backwards."""
+        fd = os.open(self._dir / f"{self.path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            cur = self.load()
+            if cur is None or cur.store_id != anchor.store_id or cur.seq < anchor.seq:
+                self.save(anchor)
+        finally:
+            os.close(fd)
 
     def remove_orphan_temps(self) -> int:
         """Remove temp files an interrupted anchor write left behind; returns how many."""

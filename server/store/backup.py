@@ -47,7 +47,7 @@ from .errors import RollbackError, WrongKeyError
 from .key_providers import KeyProvider
 from .library_store import LibraryStore
 from .manifest import MANIFEST_NAME, iter_blob_refs, open_manifest
-from .recovery import BLOB_SUFFIX, BLOBS_DIR
+from .directory import BLOB_SUFFIX, BLOBS_DIR
 
 __all__ = ["BACKUP_FORMAT", "INDEX_NAME", "BackupSummary", "read_backup_index", "restore_backup", "write_backup"]
 

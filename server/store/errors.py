@@ -13,6 +13,7 @@ from seqr_core.errors import FailedPreconditionError, IntegrityError, Unavailabl
 
 __all__ = [
     "BlobFormatError",
+    "ConflictError",
     "FailStopError",
     "MissingBlobError",
     "RollbackError",
@@ -44,6 +45,10 @@ class RollbackError(IntegrityError):
 
 class MissingBlobError(IntegrityError):
     """A blob the manifest references is not in the data directory."""
+
+
+class ConflictError(FailedPreconditionError):
+    """A conditional write found the library changed by another process since the caller read it."""
 
 
 class WrongKeyError(FailedPreconditionError):

@@ -1,41 +1,22 @@
 """LibraryStore: encrypted, durable, versioned storage of libraries and adapters.
 
-Data directory layout::
+The store seals everything (envelopes, AAD binding, the sealed manifest, the rollback anchor)
+and keeps the sealed bytes in a *medium* (see ``medium``): a data directory (``directory``;
+exclusive to one process, or shared by a process group on one host) or PostgreSQL
+(``postgres``; any number of replicas on any hosts). Every mutating call stages its new blobs,
+commits the new manifest through the medium (the single commit point), advances the rollback
+anchor and only then publishes the new state in memory and returns: acknowledged means
+durable. A crash at any point leaves the old or the new manifest, never a mix; blobs that lost
+their reference are removed on the next open. Replaced or deleted blobs are destroyed right
+after the commit: their wrapped data keys live only there, so that is the crypto-shred.
 
-    <data_dir>/MANIFEST        sealed manifest - the single commit point
-    <data_dir>/LOCK            advisory lock: one store instance per directory
-    <data_dir>/blobs/<hex>.blob   one sealed blob per stored object version (random names)
+On a shared medium other processes commit too: a writer re-reads the latest manifest under the
+medium's writer lock (so ids are never reused and no update is lost), and :meth:`refresh`
+adopts newer commits - each verified exactly like a manifest at open, and never older than one
+this store has already seen.
 
-Every mutating call writes its new blobs (temp file, fsync, rename), fsyncs the blob directory,
-writes the new manifest the same way, fsyncs the data directory, advances the rollback anchor and
-only then publishes the new state in memory and returns: acknowledged means durable. A crash at
-any point leaves the old or the new manifest, never a mix; blobs that lost their reference are
-removed on the next open. Replaced or deleted blobs are unlinked right after the commit: their
-wrapped data keys live only in those files, so unlinking them is the crypto-shred.
-
-Threat model (what the encryption and the anchor do and do not protect):
-
-* An attacker who can read the data directory (a stolen disk, a backup, a shared volume) learns
-  only the number and sizes of blobs (which hint at adapter shapes) and when writes happened.
-  Names, metadata and weights are sealed; data keys exist on disk only wrapped by the KEK, which
-  lives elsewhere.
-* An attacker who can also *write* the data directory can destroy data (we cannot prevent that)
-  but cannot make the store serve anything it did not write for that object: bit flips,
-  truncations, appends, header edits, blobs swapped between objects or versions, and blobs moved
-  from another store all fail with an ``IntegrityError``. Replaying an older MANIFEST, deleting it,
-  or restoring an old copy of the whole directory is caught by the rollback anchor - *provided*
-  the anchor directory (default: ``<key file>.anchors/``; for other providers ``<data_dir>.anchor/``
-  next to the data directory, or ``anchor_dir=``) is not writable by that attacker. Someone who
-  can rewind both the data directory and the anchor (e.g. restore a snapshot of the whole host)
-  can roll the store back to an earlier *genuine* state; only an external monotonic counter
-  (a KMS/TPM) closes that gap, and is not implemented here.
-* An attacker with the KEK and the data directory has everything; the KEK must be protected.
-* Crypto-shredding removes the only copies of a deleted object's wrapped data keys from the live
-  directory. Copies in backups, filesystem journals or SSD spare blocks remain decryptable while
-  the KEK that wrapped them exists: rotate the KEK and retire the old key to finish the job.
-* Plaintext (weights, keys) lives only in process memory (Python cannot wipe it reliably).
-* Crash safety assumes a local POSIX file system that honours fsync and atomic rename (ext4, xfs);
-  network file systems need their own verification.
+The threat model (what the encryption and the anchor do and do not protect) is in the
+package docstring (``seqr_server.store``).
 """
 
 from __future__ import annotations
@@ -59,9 +40,10 @@ from seqr_core.errors import (
 from .adapter_edits import adapter_objects_edit, new_adapters_edit, now, replace_adapter_edit
 from .anchor import AnchorFile, resolve_anchor_dir
 from .commit import Committer, Txn
+from .directory import DirectoryMedium
 from .durable_io import DurableIO, FailPoints
-from .envelope import open_sealed
-from .errors import MissingBlobError, TamperedBlobError
+from .envelope import open_sealed, parse_header
+from .errors import ConflictError, TamperedBlobError
 from .key_providers import KeyProvider
 from .manifest import (
     adapter_context,
@@ -78,8 +60,9 @@ from .manifest import (
     successor,
     writable_library,
 )
+from .medium import Medium
 from .records import AdapterRecord, LibraryRecord, adapter_record, library_record
-from .recovery import BLOBS_DIR, lock_data_dir, recover
+from .recovery import recover, verify_newer
 from .rotation import reseal_all, select_primary
 from .rwlock import ReadWriteLock
 from .validation import require_bytes, validate_files, validate_meta, validate_name, validate_objects, validate_role
@@ -90,18 +73,21 @@ _R = TypeVar("_R")
 
 
 class LibraryStore:
-    """Thread-safe store: many concurrent readers, one writer at a time. Create with :meth:`open`."""
+    """Thread-safe store: many concurrent readers, one writer at a time. Create with :meth:`open`
+    (a data directory) or :meth:`connect` (PostgreSQL)."""
 
-    def __init__(self, *, data_dir: Path, keys: KeyProvider, io: DurableIO, lock_fd: int, anchor_file: AnchorFile,
-                 manifest: dict[str, Any], manifest_key_id: str, recovery: dict[str, int]):
-        self._data_dir = data_dir
-        self._blobs_dir = data_dir / BLOBS_DIR
+    def __init__(self, *, medium: Medium, keys: KeyProvider, io: DurableIO, anchor_file: AnchorFile,
+                 manifest: dict[str, Any], manifest_key_id: str, manifest_sha256: str, recovery: dict[str, int]):
+        self._medium = medium
         self._keys = keys
         self._io = io
-        self._lock_fd: int | None = lock_fd
+        self._anchor_file = anchor_file
+        self._open = True
         self._manifest = manifest
         self._manifest_key_id = manifest_key_id
-        self._committer = Committer(data_dir=data_dir, keys=keys, io=io, anchor_file=anchor_file)
+        self._manifest_sha256 = manifest_sha256
+        self._head: object = None             # medium head token the published manifest was read at
+        self._committer = Committer(medium=medium, keys=keys, io=io, anchor_file=anchor_file)
         self._write_lock = threading.Lock()
         self._rw = ReadWriteLock()
         self.recovery = recovery
@@ -116,13 +102,15 @@ class LibraryStore:
         anchor_dir: str | os.PathLike[str] | None = None,
         accept_unanchored: bool = False,
         failpoints: FailPoints | None = None,
+        shared: bool = False,
     ) -> LibraryStore:
         """Open (or create) the store in ``data_dir``; verifies the manifest and cleans up crashes.
 
         Refuses with ``WrongKeyError`` (a FailedPreconditionError) when the KEK is missing or wrong,
         ``IntegrityError`` when the manifest was tampered with and ``RollbackError`` when it is older
         than the rollback anchor. ``anchor_dir`` overrides where the anchor lives (see module doc);
-        ``accept_unanchored`` adopts a store whose anchor is missing (after moving it).
+        ``accept_unanchored`` adopts a store whose anchor is missing (after moving it). ``shared``
+        lets several processes open the directory at once (each may write; see ``directory``).
         """
         path = Path(data_dir).absolute()
         io = DurableIO(failpoints=failpoints)
@@ -131,15 +119,34 @@ class LibraryStore:
                 raise FailedPreconditionError(f"data directory {path} does not exist", field="data_dir")
             path.mkdir(mode=0o700, parents=True)
             io.fsync_dir(path.parent)
+        anchors = resolve_anchor_dir(path, keys.anchor_dir, anchor_dir)
+        return cls.on_medium(DirectoryMedium(path, io, shared=shared), keys, io=io, anchor_dir=anchors,
+                             create=create, accept_unanchored=accept_unanchored)
+
+    @classmethod
+    def connect(cls, dsn: str, keys: KeyProvider, *, anchor_dir: str | os.PathLike[str], create: bool = True,
+                accept_unanchored: bool = True, **options: Any) -> LibraryStore:
+        """Open (or create) the store in the PostgreSQL database ``dsn`` (see ``postgres``).
+
+        The anchor lives in ``anchor_dir`` on this host. A host without an anchor for this
+        database adopts its current state (``accept_unanchored``, trust on first use)."""
+        from .postgres import PostgresMedium   # psycopg is only needed for this medium
+
+        return cls.on_medium(PostgresMedium(dsn, **options), keys, io=DurableIO(),
+                             anchor_dir=Path(anchor_dir).absolute(), create=create,
+                             accept_unanchored=accept_unanchored)
+
+    @classmethod
+    def on_medium(cls, medium: Medium, keys: KeyProvider, *, io: DurableIO, anchor_dir: Path, create: bool,
+                  accept_unanchored: bool) -> LibraryStore:
         with ExitStack() as cleanup:
-            lock_fd = lock_data_dir(path)
-            cleanup.callback(os.close, lock_fd)
-            anchor_file = AnchorFile(resolve_anchor_dir(path, keys.anchor_dir, anchor_dir), path, io)
+            cleanup.callback(medium.close)
+            anchor_file = AnchorFile(anchor_dir, medium.location, io)
             anchor_file.prepare()
-            found = recover(data_dir=path, keys=keys, io=io, anchor_file=anchor_file, create=create,
+            found = recover(medium=medium, keys=keys, anchor_file=anchor_file, create=create,
                             accept_unanchored=accept_unanchored)
-            store = cls(data_dir=path, keys=keys, io=io, lock_fd=lock_fd, anchor_file=anchor_file,
-                        manifest=found.manifest, manifest_key_id=found.manifest_key_id,
+            store = cls(medium=medium, keys=keys, io=io, anchor_file=anchor_file, manifest=found.manifest,
+                        manifest_key_id=found.manifest_key_id, manifest_sha256=found.manifest_sha256,
                         recovery={"temp_files": found.removed_temp_files, "orphan_blobs": found.removed_orphan_blobs})
             cleanup.pop_all()
             return store
@@ -147,8 +154,18 @@ class LibraryStore:
     # ----------------------------------------------------------------- reads
 
     @property
-    def data_dir(self) -> Path:
-        return self._data_dir
+    def data_dir(self) -> Path | None:
+        """The data directory (None for a database store)."""
+        return getattr(self._medium, "data_dir", None)
+
+    @property
+    def medium(self) -> str:
+        return self._medium.kind
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may commit to this store (then :meth:`refresh` follows them)."""
+        return self._medium.shared
 
     @property
     def store_id(self) -> str:
@@ -163,6 +180,11 @@ class LibraryStore:
     def list_libraries(self) -> list[str]:
         self._check_open()
         return sorted(self._manifest["libraries"])
+
+    def library_stamps(self) -> dict[str, tuple[str, int]]:
+        """(created_at, version) of every library: changes whenever the library does."""
+        self._check_open()
+        return {name: (lib["created_at"], lib["version"]) for name, lib in self._manifest["libraries"].items()}
 
     def library(self, name: str, *, adapters: bool = True) -> LibraryRecord:
         """The library's record; ``adapters=False`` leaves its adapter records out (empty): building
@@ -227,9 +249,9 @@ class LibraryStore:
         with self._rw.read():  # the manifest and its key id are published together
             return {ref["key_id"] for ref in iter_refs(self._manifest)} | {self._manifest_key_id}
 
-    def blob_path(self, library: str, *, adapter: str | None = None, file: str | None = None,
-                  role: str | None = None) -> Path:
-        """Where an object's blob lives on disk (for diagnostics and tamper tests)."""
+    def blob_name(self, library: str, *, adapter: str | None = None, file: str | None = None,
+                  role: str | None = None) -> str:
+        """The random name of an object's blob in the medium (for diagnostics and tamper tests)."""
         self._check_open()
         if adapter is not None:
             entry = find_adapter(self._manifest, library, adapter)
@@ -238,7 +260,15 @@ class LibraryStore:
             ref = find_library(self._manifest, library)["objects"].get(role)
         if ref is None:
             raise NotFoundError("no such file or role", field="file" if adapter else "role", actual=file or role)
-        return self._blob_file(ref["blob"])
+        return ref["blob"]
+
+    def blob_path(self, library: str, *, adapter: str | None = None, file: str | None = None,
+                  role: str | None = None) -> Path:
+        """Where an object's blob lives on disk (directory stores; diagnostics and tamper tests)."""
+        name = self.blob_name(library, adapter=adapter, file=file, role=role)
+        if not isinstance(self._medium, DirectoryMedium):
+            raise FailedPreconditionError(f"a {self._medium.kind} store keeps no blob files", field="store")
+        return self._medium.blob_file(name)
 
     def verify(self) -> dict[str, Any]:
         """Read and authenticate every blob; returns counts and a list of (object, error) failures."""
@@ -256,7 +286,8 @@ class LibraryStore:
 
     # ---------------------------------------------------------------- writes
 
-    def create_library(self, name: str, *, meta: dict, objects: dict[str, bytes] | None = None) -> LibraryRecord:
+    def create_library(self, name: str, *, meta: dict, objects: dict[str, bytes] | None = None,
+                       if_seq: int | None = None) -> LibraryRecord:
         validate_name(name, field="library")
         meta = validate_meta(meta)
         objects = validate_objects(objects or {})
@@ -271,7 +302,7 @@ class LibraryStore:
                 lib["objects"][role] = self._write_blob(txn, data, object_context(manifest["store_id"], name, role))
             return library_record(name, lib)
 
-        return self._mutate(edit)
+        return self._mutate(edit, if_seq=if_seq)
 
     def delete_library(self, name: str) -> None:
         """Delete a library and crypto-shred every blob in it."""
@@ -283,8 +314,8 @@ class LibraryStore:
         self._mutate(edit)
 
     def put_adapter(self, library: str, name: str, *, files: dict[str, bytes], meta: dict, replace: bool = False,
-                    objects: dict[str, bytes] | None = None,
-                    library_objects: dict[str, bytes] | None = None) -> AdapterRecord:
+                    objects: dict[str, bytes] | None = None, library_objects: dict[str, bytes] | None = None,
+                    if_seq: int | None = None) -> AdapterRecord:
         """Store a new adapter; it gets the library's next adapter id, never reused after a delete.
         ``objects``: derived per-adapter objects (role -> bytes, e.g. its routing index),
         committed with the files.
@@ -292,14 +323,13 @@ class LibraryStore:
         ``replace``: store a new version of the existing adapter ``name`` instead (NotFoundError if
         there is none): same id, ``version`` + 1, and the old version's blobs (files and objects)
         are unlinked after the commit (crypto-shredded). ``library_objects``: library objects
-        replaced in the same commit.
+        replaced in the same commit. ``if_seq``: as for ``_mutate``.
         """
-        if not replace and not library_objects:
-            return self.put_adapters(library, [(name, files, meta, objects or {})])[0]
         checked = (validate_name(name, field="adapter"), validate_files(files), validate_meta(meta),
                    validate_objects(objects or {}))
         lib_objects = validate_objects(library_objects or {})
-        return self._mutate(replace_adapter_edit(library, checked, lib_objects, self._write_blob, replace=replace))
+        return self._mutate(replace_adapter_edit(library, checked, lib_objects, self._write_blob, replace=replace),
+                            if_seq=if_seq)
 
     def put_adapters(self, library: str, items: list[tuple[str, dict[str, bytes], dict, dict[str, bytes]]]
                      ) -> list[AdapterRecord]:
@@ -320,7 +350,8 @@ class LibraryStore:
 
         return self._mutate(adapter_objects_edit(library, checked, self._write_blob))
 
-    def delete_adapter(self, library: str, name: str, *, record: bool = True) -> LibraryRecord | None:
+    def delete_adapter(self, library: str, name: str, *, record: bool = True,
+                       if_seq: int | None = None) -> LibraryRecord | None:
         """Remove an adapter and crypto-shred its files and objects; bumps the library version.
         ``record=False`` skips building the library's record (a copy of every adapter's)."""
 
@@ -332,13 +363,15 @@ class LibraryStore:
             note_adapter_deleted(lib, name)
             return library_record(library, lib) if record else None
 
-        return self._mutate(edit)
+        return self._mutate(edit, if_seq=if_seq)
 
-    def put_library_object(self, library: str, role: str, data: bytes) -> LibraryRecord:
+    def put_library_object(self, library: str, role: str, data: bytes, *,
+                           if_seq: int | None = None) -> LibraryRecord:
         """Store (or replace) the library's object for ``role``; bumps the library version."""
-        return self.put_library_objects(library, {role: data})
+        return self.put_library_objects(library, {role: data}, if_seq=if_seq)
 
-    def put_library_objects(self, library: str, objects: dict[str, bytes]) -> LibraryRecord:
+    def put_library_objects(self, library: str, objects: dict[str, bytes], *,
+                            if_seq: int | None = None) -> LibraryRecord:
         """Store (or replace) several library objects in one commit (one version bump)."""
         for role, data in objects.items():
             validate_role(role)
@@ -355,7 +388,7 @@ class LibraryStore:
             note_library_change(lib)
             return library_record(library, lib)
 
-        return self._mutate(edit)
+        return self._mutate(edit, if_seq=if_seq)
 
     def delete_library_object(self, library: str, role: str) -> LibraryRecord:
         """Remove (and crypto-shred) the library's object for ``role``; bumps the library version."""
@@ -393,12 +426,34 @@ class LibraryStore:
             )
         return result
 
+    # ------------------------------------------------------------- following
+
+    def refresh(self) -> bool:
+        """Adopt the medium's latest commit if another process made one; True when it changed.
+
+        The new manifest is verified like one at open (authenticated, anchored, same store) and
+        must be newer than the current one: an older or altered one raises IntegrityError and the
+        store keeps serving what it has."""
+        self._check_open()
+        head = self._medium.head()
+        if head == self._head:
+            return False
+        raw = self._medium.read_manifest()
+        with self._write_lock:
+            changed = self._adopt(raw)
+            self._head = head
+        return changed
+
+    def wait_for_commit(self, timeout: float) -> bool:
+        """Block up to ``timeout`` s or until the medium signals a commit (True)."""
+        return self._medium.wait(timeout)
+
     def close(self) -> None:
-        """Release the directory lock; later calls raise UnavailableError. Idempotent."""
+        """Release the medium; later calls raise UnavailableError. Idempotent."""
         with self._write_lock, self._rw.write():
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if self._open:
+                self._open = False
+                self._medium.close()
 
     def __enter__(self) -> LibraryStore:
         return self
@@ -409,41 +464,52 @@ class LibraryStore:
     # -------------------------------------------------------------- internals
 
     def _check_open(self) -> None:
-        if self._lock_fd is None:
+        if not self._open:
             raise UnavailableError("the store is closed", field="store")
         self._io.check()
 
-    def _mutate(self, edit: Callable[[dict[str, Any], Txn], _R], *, deep: bool = False) -> _R:
-        """Apply ``edit`` to a successor of the manifest and commit it durably; the only write path."""
+    def _mutate(self, edit: Callable[[dict[str, Any], Txn], _R], *, deep: bool = False,
+                if_seq: int | None = None) -> _R:
+        """Apply ``edit`` to a successor of the latest manifest and commit it durably; the only write path.
+
+        ``if_seq``: commit only if the latest manifest is still commit ``if_seq`` (ConflictError
+        otherwise) - for a caller whose checks ran on that state while other processes commit too."""
         with self._write_lock:
             self._check_open()
-            manifest = successor(self._manifest, deep=deep)
-            txn = Txn(version=manifest["seq"])
-            with ExitStack() as undo:
-                undo.callback(self._committer.discard, txn)
+            with self._medium.writing() as write:
+                if self._medium.shared:   # others commit too: edit the latest, never a stale copy
+                    self._adopt(write.read_manifest())
+                if if_seq is not None and self._manifest["seq"] != if_seq:
+                    raise ConflictError("the store changed since the caller read it; retry on its current state",
+                                        field="store", limit=if_seq, actual=self._manifest["seq"])
+                manifest = successor(self._manifest, deep=deep)
+                txn = Txn(version=manifest["seq"], write=write)
                 result = edit(manifest, txn)
-                self._committer.commit(manifest, txn, publish=lambda key_id: self._publish(manifest, key_id))
-                undo.pop_all()
+                self._committer.commit(manifest, txn, publish=lambda raw: self._publish(manifest, raw))
+            self._head = None     # the next refresh re-reads (and finds this commit)
             return result
 
-    def _publish(self, manifest: dict[str, Any], key_id: str) -> None:
+    def _adopt(self, raw: bytes | None) -> bool:
+        """Verify a committed manifest read from the medium and publish it if it is newer."""
+        manifest = verify_newer(raw, keys=self._keys, anchor_file=self._anchor_file, current=self._manifest,
+                                current_sha256=self._manifest_sha256, medium=self._medium.kind)
+        if manifest is None:
+            return False
+        self._committer.anchor(manifest, raw)
+        self._publish(manifest, raw)
+        return True
+
+    def _publish(self, manifest: dict[str, Any], raw: bytes) -> None:
+        key_id = parse_header(raw, what="MANIFEST")[0].key_id
         with self._rw.write():  # also waits out readers still using blobs of the old manifest
             self._manifest = manifest
             self._manifest_key_id = key_id
+            self._manifest_sha256 = hashlib.sha256(raw).hexdigest()
 
     def _write_blob(self, txn: Txn, data: bytes, context: bytes) -> dict[str, Any]:
         return self._committer.write_blob(txn, data, context)
 
     def _read_blob(self, ref: dict[str, Any], context: bytes, what: str) -> bytes:
-        path = self._blob_file(ref["blob"])
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            raise MissingBlobError(f"{what}: blob {path.name} is missing from {self._blobs_dir}") from None
-        except OSError as exc:
-            raise UnavailableError(f"{what}: cannot read {path}: {exc.strerror}", field=str(path)) from exc
+        blob = self._medium.read_blob(ref["blob"], what)
         return open_sealed(blob, keys=self._keys, context=context, what=what, expected_version=ref["version"],
                            expected_key_id=ref["key_id"])
-
-    def _blob_file(self, name: str) -> Path:
-        return self._committer.blob_file(name)
