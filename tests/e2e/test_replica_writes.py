@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from seqr_client import LimitExceededError, RouterClient
@@ -58,14 +59,34 @@ def test_a_replica_catching_up_quarantines_a_damaged_adapter_and_keeps_serving(w
     create_library(on_a["admin"], world)
     on_b["admin"].put_adapter(world.adapters["shared-a0"], name="kept", library=LIB)   # b now serves the library
     on_a["admin"].put_adapter(world.adapters["shared-a1"], name="damaged", library=LIB)
-    flip_bit(a.manager._store.blob_path(LIB, adapter="damaged", file="adapter_model.safetensors"))
-    # b has not read "damaged" yet: its next write catches up on it, and finds the damage.
+    flip_bit(a.manager._store.blob_path(LIB, adapter="damaged", role="index"))
+    # b has not read "damaged" yet: its next write catches up on it (from its index object, what
+    # a replica reads of an added adapter), and finds the damage.
     on_b["admin"].put_adapter(world.adapters["shared-f16"], name="later", library=LIB)
     status = {x.name: x.status for x in on_b["admin"].list_adapters(LIB)}
     assert status == {"kept": "ready", "damaged": "damaged", "later": "ready"}
     routed = on_b["admin"].route(LIB, activations(world), top_k=3)
     assert {c.name for c in routed.choices} == {"kept", "later"}
     assert routed.library_version == on_b["admin"].describe(LIB).version
+
+
+def test_a_replica_catches_up_from_index_objects_not_peft_files(world, pair):
+    (a, b), (on_a, on_b) = pair
+    create_library(on_a["admin"], world)
+    on_b["admin"].put_adapter(world.adapters["shared-a0"], name="kept", library=LIB)   # b now serves the library
+    on_a["admin"].put_adapter(world.adapters["shared-a1"], name="added", library=LIB)
+    on_a["admin"].put_adapter(world.adapters["shared-f16"], name="kept", library=LIB, replace=True)
+    for n in ("added", "kept"):      # unreadable PEFT files: only the index objects can serve them
+        flip_bit(a.manager._store.blob_path(LIB, adapter=n, file="adapter_model.safetensors"))
+    on_b["admin"].put_adapter(world.adapters["shared-a0"], name="later", library=LIB)   # b catches up
+    status = {x.name: (x.status, x.version) for x in on_b["admin"].list_adapters(LIB)}
+    assert status == {"kept": ("ready", 2), "added": ("ready", 1), "later": ("ready", 1)}
+    a.manager.refresh()
+    x = activations(world)
+    got, want = on_b["admin"].route(LIB, x, top_k=4), on_a["admin"].route(LIB, x, top_k=4)
+    assert [(c.name, c.adapter_id) for c in got.choices] == [(c.name, c.adapter_id) for c in want.choices]
+    # float64 rounding apart: the two replicas' slot layouts differ (the order each applied the changes)
+    np.testing.assert_allclose([c.score for c in got.choices], [c.score for c in want.choices], rtol=1e-12)
 
 
 def test_each_replica_audits_the_writes_it_accepted(world, pair, tmp_path):
