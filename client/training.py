@@ -60,18 +60,40 @@ class Contrast:
     its own data relative to background traffic, i.e. exactly the score the ``activation``
     normalisation routes on. The term is scale-free in B, so it shapes *which* input directions
     B responds to and leaves the update's size to the LM loss.
+
+    Schedule and placement (the recipe search's variants, bench/results/recipe_search-hard.md):
+    ``start``: the first step with the term on (plain LM loss before it: a warm-up that lets the
+    LM loss pick B's directions first); ``ramp``: steps over which the weight then grows linearly
+    to ``weight``; ``min_layer``: apply the term only to modules of layers >= this index.
     """
 
     background: Mapping[str, np.ndarray]
     weight: float = 0.5
+    start: int = 0
+    ramp: int = 0
+    min_layer: int = 0
+
+    def weight_at(self, step: int) -> float:
+        """The term's weight at optimizer step ``step`` (0-based)."""
+        if step < self.start:
+            return 0.0
+        if self.ramp > 0:
+            return self.weight * min(1.0, (step - self.start + 1) / self.ramp)
+        return self.weight
+
+    def applies_to(self, module: str) -> bool:
+        parts = module.split(".")
+        layer = next((int(p) for p in parts if p.isdigit()), 0)
+        return layer >= self.min_layer
 
     def recipe(self) -> dict:
         h = hashlib.sha256()
         for m in sorted(self.background):
             h.update(m.encode())
             h.update(np.ascontiguousarray(self.background[m], dtype=np.float64).tobytes())
+        extra = {k: v for k, v in (("start", self.start), ("ramp", self.ramp), ("min_layer", self.min_layer)) if v}
         return {"weight": float(self.weight), "background_sha256": h.hexdigest()[:20],
-                "modules": len(self.background)}
+                "modules": len(self.background), **extra}  # defaults left out: old hashes stay valid
 
 
 def background_moments(model, tokenizer, texts: Sequence[str], *, shared_a: SharedARecipe, rank: int,
@@ -272,6 +294,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                 missing = [m for m in layers if m not in contrast.background]
                 if missing:
                     raise ValueError(f"contrast.background lacks modules {missing[:3]}")
+                layers = {m: v for m, v in layers.items() if contrast.applies_to(m)}
                 bg = {m: torch.as_tensor(np.asarray(contrast.background[m]), dtype=torch.float32)
                       for m in layers}
                 for name, layer in layers.items():
@@ -279,7 +302,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                         lambda _m, _a, z, name=name: zs.__setitem__(name, z)))
             peft_model.train()
             bar = tqdm(range(steps), desc=f"train {domain or out.name} ({kind})", disable=not progress)
-            for _ in bar:
+            for step in bar:
                 while len(order) < batch_size:
                     order.extend(rng.permutation(n).tolist())
                 idx, order[:] = order[:batch_size], order[batch_size:]
@@ -288,7 +311,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                 out_ = peft_model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
                                   labels=labels[idx, :width])
                 loss = out_.loss
-                if contrast is not None:
+                cw = contrast.weight_at(step) if contrast is not None else 0.0
+                if cw > 0:
                     w = mask[idx, :width].to(torch.float32)[..., None]             # (b, t, 1)
                     n_tok = w.sum()
                     term = 0.0
@@ -301,7 +325,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                         term = term + torch.log(e_bg + 1e-20) - torch.log(e_own + 1e-20)
                     term = term / len(layers)
                     terms.append(float(term.detach()))
-                    loss = loss + contrast.weight * term
+                    loss = loss + cw * term
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
