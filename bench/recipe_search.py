@@ -62,10 +62,11 @@ def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int 
     plain, lightly trained B drifts towards (a proxy for plain adapters; 94.0% vs plain 95.1% on
     the easy set). ``gen``: the generalised eigenvectors of (G_d, G_bg) weighted by their
     eigenvalues — the most distinguishable r×r Gram an adapter could have (label-fitted: a
-    ceiling for what the distinguishability term can buy). Returns (accuracy, per-domain)."""
+    ceiling for what the distinguishability term can buy). Returns (accuracy, per-domain, per-layer
+    scores (L, S, D)) — a layer band's decision is the argmax of its layers' summed scores."""
     from seqr_core.shared_a import SharedARecipe, generate_shared_a
     rec = SharedARecipe(seed=seed)
-    S = np.zeros((len(ct), n_domains))
+    S = np.zeros((len(ct.layers), len(ct), n_domains))
     tok_lab = np.repeat(cy, cc.lengths)
     for lp, layer in enumerate(ct.layers):
         for kind in ("q_proj", "v_proj"):
@@ -86,17 +87,25 @@ def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int 
                     M = Gd
                 mu = np.einsum("tr,rs,ts->", zc, M, zc) / zc.shape[0]
                 et = np.einsum("tr,rs,ts->t", zt, M, zt) / mu
-                S[:, d] += np.add.reduceat(et, ct.offsets[:-1]) / ct.lengths
-    pred = S.argmax(1)
-    return float((pred == ty).mean()), [float((pred[ty == d] == d).mean()) for d in range(n_domains)]
+                S[lp, :, d] += np.add.reduceat(et, ct.offsets[:-1]) / ct.lengths
+    pred = S.sum(0).argmax(1)
+    return float((pred == ty).mean()), [float((pred[ty == d] == d).mean()) for d in range(n_domains)], S
 
 
 def cmd_oracle(a):
     _, _, cs, ct, ty, cc, cy = data(a.set, progress=False, per_domain=a.per_domain)
     doms = list(cs)
+    out = {"n_test": len(ct), "domains": doms}
     for v in ("own", "gen"):
-        acc, per = quadratic_oracle(ct, ty, cc, cy, n_domains=len(doms), variant=v)
-        print(f"{a.set} oracle {v}: {acc:.3f}  " + " ".join(f"{d} {p:.2f}" for d, p in zip(doms, per)), flush=True)
+        acc, per, S = quadratic_oracle(ct, ty, cc, cy, n_domains=len(doms), variant=v)
+        bands = {f"layers {lo}-{hi - 1}": float((S[lo:hi].sum(0).argmax(1) == ty).mean())
+                 for lo, hi in ((0, 10), (10, 20), (20, 30), (10, 30), (15, 30))}
+        pred = S.sum(0).argmax(1)
+        out[v] = {"accuracy": acc, "per_domain": dict(zip(doms, per)), "bands": bands,
+                  "confusion": L.confusion(pred, ty, len(doms)).tolist()}
+        print(f"{a.set} oracle {v}: {acc:.3f}  " + " ".join(f"{d} {p:.2f}" for d, p in zip(doms, per))
+              + "  | " + " ".join(f"{k}: {x:.3f}" for k, x in bands.items()), flush=True)
+    (RESULTS / f"recipe_search-{a.set}-oracle.json").write_text(json.dumps(out, indent=1))
 
 
 # --------------------------------------------------------------------------- adapter sets
