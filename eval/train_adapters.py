@@ -31,8 +31,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from seqr_client.hf_models import default_cache_dir, load_smollm2  # noqa: E402
-from seqr_client.training import (DEFAULT_LR, Contrast, background_moments, read_seqr_json,  # noqa: E402
-                                  train_lora)
+from seqr_client.training import (DEFAULT_CONTRAST_WEIGHT, DEFAULT_LR, Contrast,  # noqa: E402
+                                  background_moments, read_seqr_json, train_lora)
 from seqr_core.shared_a import SharedARecipe  # noqa: E402
 
 from .corpora import DOMAIN_SETS, DOMAINS, build_corpora, set_domains  # noqa: E402
@@ -49,7 +49,7 @@ def general_domains_of(domain_set: str = "easy") -> tuple[str, ...]:
     return GENERAL_DOMAINS
 RECIPE = dict(rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=40, batch_size=8,
               seq_len=128, lr=DEFAULT_LR, seed=0)
-DEFAULT_CONTRAST = 0.1    # distinguishability term weight: the evidence is in bench/results/research.md
+DEFAULT_CONTRAST = DEFAULT_CONTRAST_WEIGHT  # the term's weight (0.1): bench/results/recipe_search.md
 # Schedule variants of the term measured in the recipe search (bench/results/recipe_search.md):
 # label -> extra Contrast options. "" is the plain schedule (constant weight, every module).
 VARIANTS: dict[str, dict] = {"": {}}

@@ -247,3 +247,18 @@ def test_contrast_min_layer_leaves_earlier_layers_to_the_lm_loss(tiny, tmp_path)
     # Layer 0 still feels the later layers' change through the LM loss, but far less than the term itself.
     assert moved(deep, early) < 0.5 * moved(every, early)
     assert moved(deep, later) > 0.5 * moved(every, later) > 0
+
+
+def test_cli_default_weight_is_the_evaluated_recipe(tmp_path):
+    """`seqr train --background` without a weight trains the recipe the evaluation measured."""
+    from seqr_client.training import DEFAULT_CONTRAST_WEIGHT, background_moments
+    from seqr_eval.train_adapters import DEFAULT_CONTRAST
+
+    model, tok = tiny_llama(seed=0)
+    np.savez(tmp_path / "bg.npz", **background_moments(model, tok, TEXTS, shared_a=RECIPE, rank=8))
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(TEXTS * 4))
+    assert main(["--domain-text", str(text), "--out", str(tmp_path / "cli"), "--shared-a-seed", "11",
+                 "--background", str(tmp_path / "bg.npz"), "--model", "tiny", "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "32", "--no-progress"]) == 0
+    assert read_seqr_json(tmp_path / "cli")["contrast"]["weight"] == DEFAULT_CONTRAST_WEIGHT == DEFAULT_CONTRAST
