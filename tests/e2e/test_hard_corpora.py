@@ -58,6 +58,12 @@ def cache(tmp_path_factory):
              + "\n.PP\n".join(f"L'outil {k} lit le fichier {i} et écrit le résultat numéro {i} sur la sortie standard."
                               for i in range(25)) + "\n" for k in range(6)}
     _deb(tmp, downloads, "manpages-fr", pages)
+    api = {f"usr/share/man/{sec}/{name}.{sec[-1]}.gz":
+           f'.TH {name.upper()} {sec[-1]} "2023" "Linux" "Manual"\n.SH NAME\n{name} \\- does a thing\n.SH DESCRIPTION\n'
+           + "\n.PP\n".join(f"The {name} call reads descriptor {i} and returns the number {i} of bytes it moved."
+                              for i in range(25)) + "\n"
+           for sec, name in (("man2", "readx"), ("man3", "fmtx"), ("man3", "scanx"), ("man7", "overview"))}
+    _deb(tmp, downloads, "manpages-dev", api)
     return tmp / "cache"
 
 
@@ -92,3 +98,11 @@ def test_man_pages_are_rendered_not_troff_source(cache):
     text = "\n".join(c.train + c.test)
     assert "L'outil" in text and "écrit" in text
     assert ".PP" not in text and ".SH" not in text and "\\-" not in text
+
+
+def test_english_man_pages_split_by_section_kind(cache):
+    c = build_corpora(cache_dir=cache, domain_set="hard", domains=("man-api",), n_train=2, n_test=2,
+                      progress=False)["man-api"]
+    assert c.n_docs == 3 and "{man2,man3}" in c.source                  # the section-7 page is not API text
+    text = "\n".join(c.train + c.test)
+    assert "descriptor" in text and "overview" not in text
