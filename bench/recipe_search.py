@@ -22,7 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from seqr_eval import eval_lib as L
-from seqr_eval.corpora import DOMAIN_SETS, build_corpora, set_domains
+from seqr_eval.corpora import DOMAIN_SETS, build_corpora
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from research import model_signature, whitened_a  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NORMS = (("activation", "adapter_module", "e"), ("frobenius", "adapter_module", "e"),
@@ -54,7 +57,8 @@ def data(domain_set: str, progress: bool = True, per_domain: int = 50):
 
 # --------------------------------------------------------------------------- representation (no training)
 
-def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int = 8, seed: int = 2509):
+def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int = 8, seed: int = 2509,
+                     whiten: bool = False):
     """Route with per-module quadratic forms M_d on z = A·x, scored like seqr's ``activation``
     normalisation (e / its calibration mean, mean over modules and tokens).
 
@@ -62,7 +66,8 @@ def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int 
     plain, lightly trained B drifts towards (a proxy for plain adapters; 94.0% vs plain 95.1% on
     the easy set). ``gen``: the generalised eigenvectors of (G_d, G_bg) weighted by their
     eigenvalues — the most distinguishable r×r Gram an adapter could have (label-fitted: a
-    ceiling for what the distinguishability term can buy). Returns (accuracy, per-domain, per-layer
+    ceiling for what the distinguishability term can buy). ``whiten``: a data-whitened shared A
+    (research.whitened_a), ``rank``: another shared-A rank — levers outside the training recipe. Returns (accuracy, per-domain, per-layer
     scores (L, S, D)) — a layer band's decision is the argmax of its layers' summed scores."""
     from seqr_core.shared_a import SharedARecipe, generate_shared_a
     rec = SharedARecipe(seed=seed)
@@ -72,6 +77,8 @@ def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int 
         for kind in ("q_proj", "v_proj"):
             A = generate_shared_a(rec, module=f"model.layers.{layer}.self_attn.{kind}", rank=rank,
                                   d_in=ct.x.shape[-1]).astype(np.float64)
+            if whiten:
+                A = whitened_a(A, cc.x[:, lp])
             zc = np.asarray(cc.x[:, lp], np.float64) @ A.T
             zt = np.asarray(ct.x[:, lp], np.float64) @ A.T
             Gbg = zc.T @ zc / zc.shape[0] + 1e-9 * np.eye(rank)
@@ -92,12 +99,59 @@ def quadratic_oracle(ct, ty, cc, cy, *, n_domains: int, variant: str, rank: int 
     return float((pred == ty).mean()), [float((pred[ty == d] == d).mean()) for d in range(n_domains)], S
 
 
+def gram_features(cap, *, rank: int = 8, seed: int = 2509) -> np.ndarray:
+    """(S, 60·r(r+1)/2) per sample: the token-mean second moment of z = A·x, upper triangle, every
+    q/v module — everything a shared-A adapter's score can depend on (its score is linear in it)."""
+    from seqr_core.shared_a import SharedARecipe, generate_shared_a
+    rec = SharedARecipe(seed=seed)
+    iu = np.triu_indices(rank)
+    feats = []
+    for lp, layer in enumerate(cap.layers):
+        for kind in ("q_proj", "v_proj"):
+            A = generate_shared_a(rec, module=f"model.layers.{layer}.self_attn.{kind}", rank=rank,
+                                  d_in=cap.x.shape[-1]).astype(np.float64)
+            z = np.asarray(cap.x[:, lp], np.float64) @ A.T
+            zz = (z[:, :, None] * z[:, None, :])[:, iu[0], iu[1]]
+            feats.append(np.add.reduceat(zz, cap.offsets[:-1]) / cap.lengths[:, None])
+    return np.concatenate(feats, 1)
+
+
+def ridge_oracle(ct, ty, cc, cy, *, n_domains: int, lams=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1)):
+    """A discriminative check of the representation: one-vs-rest ridge regression on
+    :func:`gram_features`, fitted on the labelled calibration chunks (30 per domain), lambda by
+    5-fold cross-validation there. A linear score on these features is what a set of adapters
+    computes (without the PSD / rank-r constraint), so this bounds what *training* could reach
+    from below only by its small fitting set. Returns (accuracy, per-domain, chosen lambda)."""
+    Xc, Xt = gram_features(cc), gram_features(ct)
+    mu, sd = Xc.mean(0), Xc.std(0) + 1e-12
+    Xc, Xt = (Xc - mu) / sd, (Xt - mu) / sd
+    Y = np.eye(n_domains)[cy] * 2 - 1
+
+    def fit(X, Yy, lam):
+        # dual form: few samples, many features
+        K = X @ X.T
+        alpha = np.linalg.solve(K + lam * X.shape[1] * np.eye(len(X)), Yy)
+        return X.T @ alpha
+
+    folds = np.arange(len(cy)) % 5
+    cv = {}
+    for lam in lams:
+        hit = 0
+        for f in range(5):
+            W = fit(Xc[folds != f], Y[folds != f], lam)
+            hit += int(((Xc[folds == f] @ W).argmax(1) == cy[folds == f]).sum())
+        cv[lam] = hit / len(cy)
+    lam = max(cv, key=cv.get)
+    pred = (Xt @ fit(Xc, Y, lam)).argmax(1)
+    return float((pred == ty).mean()), [float((pred[ty == d] == d).mean()) for d in range(n_domains)], lam
+
+
 def cmd_oracle(a):
     _, _, cs, ct, ty, cc, cy = data(a.set, progress=False, per_domain=a.per_domain)
     doms = list(cs)
     out = {"n_test": len(ct), "domains": doms}
-    for v in ("own", "gen"):
-        acc, per, S = quadratic_oracle(ct, ty, cc, cy, n_domains=len(doms), variant=v)
+    for v, kw in (("own", {}), ("gen", {}), ("gen-r16", {"rank": 16}), ("gen-whitened", {"whiten": True})):
+        acc, per, S = quadratic_oracle(ct, ty, cc, cy, n_domains=len(doms), variant=v.split("-")[0], **kw)
         bands = {f"layers {lo}-{hi - 1}": float((S[lo:hi].sum(0).argmax(1) == ty).mean())
                  for lo, hi in ((0, 10), (10, 20), (20, 30), (10, 30), (15, 30))}
         pred = S.sum(0).argmax(1)
@@ -105,6 +159,9 @@ def cmd_oracle(a):
                   "confusion": L.confusion(pred, ty, len(doms)).tolist()}
         print(f"{a.set} oracle {v}: {acc:.3f}  " + " ".join(f"{d} {p:.2f}" for d, p in zip(doms, per))
               + "  | " + " ".join(f"{k}: {x:.3f}" for k, x in bands.items()), flush=True)
+    acc, per, lam = ridge_oracle(ct, ty, cc, cy, n_domains=len(doms))
+    out["ridge"] = {"accuracy": acc, "per_domain": dict(zip(doms, per)), "lambda": lam}
+    print(f"{a.set} oracle ridge (lambda {lam:g}): {acc:.3f}  " + " ".join(f"{d} {p:.2f}" for d, p in zip(doms, per)))
     (RESULTS / f"recipe_search-{a.set}-oracle.json").write_text(json.dumps(out, indent=1))
 
 
@@ -185,8 +242,6 @@ def evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general: str | None 
 
 def cmd_report(a):
     from seqr_eval.train_adapters import general_domains_of  # noqa: F401  (documents the mixed library)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from research import model_signature
     model, tok, cs, ct, ty, cc, cy = data(a.set, progress=False, per_domain=a.per_domain)
     sig = model_signature(model)
     pre = "" if a.set == "easy" else f"{a.set}-"
