@@ -52,7 +52,9 @@ RECIPE = dict(rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=40, b
 DEFAULT_CONTRAST = DEFAULT_CONTRAST_WEIGHT  # the term's weight (0.1): bench/results/recipe_search.md
 # Schedule variants of the term measured in the recipe search (bench/results/recipe_search.md):
 # label -> extra Contrast options. "" is the plain schedule (constant weight, every module).
-VARIANTS: dict[str, dict] = {"": {}}
+VARIANTS: dict[str, dict] = {"": {}, "late": {"start": 20},        # LM loss alone for the first half
+                             "ramp": {"ramp": 20},                  # weight grows over the first half
+                             "deep": {"min_layer": 15}}             # term on layers 15-29 only
 
 
 def adapter_dirs(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=None,
