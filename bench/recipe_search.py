@@ -245,8 +245,12 @@ def cmd_report(a):
     model, tok, cs, ct, ty, cc, cy = data(a.set, progress=False, per_domain=a.per_domain)
     sig = model_signature(model)
     pre = "" if a.set == "easy" else f"{a.set}-"
-    names = a.sets or sorted(p.name for p in adapter_root("").iterdir()
+    root = adapter_root("")
+    names = a.sets or sorted(p.name for p in (root.iterdir() if root.is_dir() else ())
                              if p.name.startswith(f"{pre}shared_a-"))
+    if not names:
+        print(f"no {a.set}-set adapter folders under {root}: train them first (seqr_eval.train_adapters --set {a.set})")
+        return 1
     path = RESULTS / f"recipe_search-{a.set}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     for name in names:
