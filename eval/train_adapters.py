@@ -4,6 +4,9 @@
   module (recipe seed ``--shared-a-seed``), only B trained;
 * 3 general (ordinary LoRA) adapters for python, legal and scripture.
 
+``--set hard`` does the same for the 8 close domains of ``seqr_eval.corpora_hard`` (4 general:
+man-fr, man-api, info, news), in folders prefixed ``hard-``.
+
 Default recipe: r=8, alpha 16, q_proj+v_proj, 40 steps, batch 8, 128 tokens; the shared-A adapters
 add the distinguishability term (``seqr_client.training.Contrast``, weight ``DEFAULT_CONTRAST`` =
 0.1) against the library's background moments — E[z zᵀ] per module over its unlabeled calibration
@@ -16,6 +19,7 @@ resumes where it stopped. About 3 minutes per adapter on 2 CPU cores; run it und
 
     nice -n 19 python -m seqr_eval.train_adapters        # all 12 (or ./dev bench train_adapters)
     python -m seqr_eval.train_adapters --list            # where they are / which are done
+    OMP_NUM_THREADS=1 nice -n 10 python -m seqr_eval.train_adapters --set hard --contrast 0   # busy 2-core hosts
 
 The bench scripts and ``seqr demo`` import :func:`adapter_dirs` / :func:`train_all`.
 """
@@ -49,8 +53,8 @@ def general_domains_of(domain_set: str = "easy") -> tuple[str, ...]:
     return GENERAL_DOMAINS
 RECIPE = dict(rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=40, batch_size=8,
               seq_len=128, lr=DEFAULT_LR, seed=0)
-DEFAULT_CONTRAST = DEFAULT_CONTRAST_WEIGHT  # the term's weight (0.1): bench/results/recipe_search.md
-# Schedule variants of the term measured in the recipe search (bench/results/recipe_search.md):
+DEFAULT_CONTRAST = DEFAULT_CONTRAST_WEIGHT  # the term's weight (0.1): bench/results/recipe_search-hard.md
+# Schedule variants of the term for the recipe search (bench/results/recipe_search-hard.md; not yet trained):
 # label -> extra Contrast options. "" is the plain schedule (constant weight, every module).
 VARIANTS: dict[str, dict] = {"": {}, "late": {"start": 20},        # LM loss alone for the first half
                              "ramp": {"ramp": 20},                  # weight grows over the first half
