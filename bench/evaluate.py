@@ -2,6 +2,7 @@
 
     ./dev bench evaluate                 # everything; first run ~40 min on 2 cores (training)
     ./dev bench evaluate --quick         # 10 test chunks per domain, fewer settings (smoke run)
+    ./dev bench evaluate --set hard      # the hard set: 8 close domains (eval/corpora_hard.py), 8 + 4 general
 
 The pipeline, end to end through the real service:
 
@@ -44,9 +45,9 @@ import numpy as np  # noqa: E402
 
 from seqr_eval import eval_lib as L  # noqa: E402
 from seqr_eval import pipeline as P  # noqa: E402
-from seqr_eval.corpora import DOMAINS, build_corpora  # noqa: E402
+from seqr_eval.corpora import DOMAIN_SETS, DOMAINS, build_corpora, set_domains  # noqa: E402
 from seqr_eval.train_adapters import (DEFAULT_CONTRAST, DEFAULT_SHARED_A_SEED, GENERAL_DOMAINS,  # noqa: E402
-                                      RECIPE, train_all)
+                                      RECIPE, general_domains_of, train_all)
 
 MAX_TOKENS = 128          # routing prompt: the first 128 tokens of a chunk
 PPL_TOKENS = 256          # perplexity: the chunk's first 256 tokens
@@ -132,7 +133,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
         ax.set_xlabel("routed adapter")
         ax.set_ylabel("true domain")
         ax.set_title(f"{key}: {res['accuracy'][MAIN][key]:.1%}")
-    fig.suptitle(f"Top-1 routing, {res['n_test']} test chunks, 9 shared-A adapters (SmolLM2-135M)")
+    fig.suptitle(f"Top-1 routing, {res['n_test']} test chunks, {len(DOMAINS)} shared-A adapters (SmolLM2-135M)")
     fig.tight_layout()
     fig.savefig(out / f"{stem}_confusion.png", dpi=110)
     plt.close(fig)
@@ -152,7 +153,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
     ax.axvline(1 / len(DOMAINS), color="gray", ls=":", lw=1)
     ax.axvline(0.9, color="black", ls="--", lw=0.8)
     ax.set_xlabel("top-1 accuracy (dotted: chance, dashed: 90% target)")
-    ax.set_title("Routing accuracy through the service, 9 domains")
+    ax.set_title(f"Routing accuracy through the service, {len(DOMAINS)} domains")
     fig.tight_layout()
     fig.savefig(out / f"{stem}_accuracy.png", dpi=110)
     plt.close(fig)
@@ -181,7 +182,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
     ppl = res["perplexity"]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     w = 0.2
-    cols = [k for k in ("base", "routed", "routed (mixed12)", "oracle") if k in ppl[DOMAINS[0]]]
+    cols = [k for k in ("base", "routed", f"routed ({MIXED})", "oracle") if k in ppl[DOMAINS[0]]]
     for j, k in enumerate(cols):
         ax.bar(np.arange(len(DOMAINS)) + (j - (len(cols) - 1) / 2) * w, [ppl[d][k] for d in DOMAINS], w, label=k)
     ax.set_xticks(range(len(DOMAINS)), DOMAINS)
@@ -198,7 +199,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    global DOMAINS
+    global DOMAINS, GENERAL_DOMAINS, MAIN, MIXED
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--cache-dir", default=None, help="cache root (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
@@ -209,15 +210,22 @@ def main(argv=None) -> int:
                     help="adapter recipe: weight of the distinguishability term (0: plain LM loss)")
     ap.add_argument("--threads", type=int, default=2, help="concurrent Route calls")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost-vs-N measurement")
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS,
-                    help="evaluate on a subset of the domains (development)")
+    ap.add_argument("--set", dest="domain_set", choices=DOMAIN_SETS, default="easy",
+                    help="domain set: easy (9 far-apart domains) or hard (8 close ones); results go to "
+                         "evaluation[-hard]*.md")
+    ap.add_argument("--domains", nargs="+", default=None,
+                    help="evaluate on a subset of the set's domains (development)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="JSON",
                     help="only re-render the markdown and plots from a previous run's evaluation*.json")
     a = ap.parse_args(argv)
-    DOMAINS = tuple(d for d in DOMAINS if d in a.domains)
+    full = set_domains(a.domain_set)
+    DOMAINS = tuple(d for d in full if a.domains is None or d in a.domains)
+    GENERAL_DOMAINS = tuple(d for d in general_domains_of(a.domain_set) if d in DOMAINS)
+    MAIN, MIXED = f"seqr{len(DOMAINS)}", f"mixed{len(DOMAINS) + len(GENERAL_DOMAINS)}"
     if a.report_only:
         res = json.loads(a.report_only.read_text())
-        corpora = {d: c for d, c in build_corpora(cache_dir=a.cache_dir, progress=False).items() if d in DOMAINS}
+        corpora = build_corpora(cache_dir=a.cache_dir, domain_set=a.domain_set, progress=False)
+        corpora = {d: c for d, c in corpora.items() if d in DOMAINS}
         stem = a.report_only.stem
         a.quick = stem.endswith("-quick")
         files = plots(a.out, res, stem)
@@ -235,13 +243,13 @@ def main(argv=None) -> int:
 
     # 1-2. corpora and adapters -------------------------------------------------------
     t0 = time.perf_counter()
-    corpora = build_corpora(cache_dir=a.cache_dir)
+    corpora = build_corpora(cache_dir=a.cache_dir, domain_set=a.domain_set)
     corpora = {d: corpora[d] for d in DOMAINS}
     mark("corpora", t0)
     t0 = time.perf_counter()
     model, tok = load_smollm2(cache_dir=a.cache_dir)
     dirs = train_all(cache_dir=a.cache_dir, model=model, tokenizer=tok, contrast=a.contrast or None,
-                     domains=DOMAINS, general_domains=[d for d in GENERAL_DOMAINS if d in DOMAINS])
+                     domains=DOMAINS, general_domains=GENERAL_DOMAINS, domain_set=a.domain_set)
     mark("adapters", t0)
     shared = {d: dirs["shared_a"][d] for d in DOMAINS}
     general = {f"general-{d}": p for d, p in dirs["general"].items()}
@@ -258,9 +266,10 @@ def main(argv=None) -> int:
         test_texts, test_y = [test_texts[i] for i in keep], test_y[keep]
     labels = [DOMAINS[k] for k in test_y]
     cal_texts, _ = L.calibration_split(corpora)
-    ct = L.captures(model, tok, test_texts, max_tokens=MAX_TOKENS, tag="quick-test" if a.quick else "test",
+    pre = "" if a.domain_set == "easy" else f"{a.domain_set}-"
+    ct = L.captures(model, tok, test_texts, max_tokens=MAX_TOKENS, tag=pre + ("quick-test" if a.quick else "test"),
                     cache_dir=a.cache_dir)
-    cc = L.captures(model, tok, cal_texts, max_tokens=MAX_TOKENS, tag="calib", cache_dir=a.cache_dir)
+    cc = L.captures(model, tok, cal_texts, max_tokens=MAX_TOKENS, tag=f"{pre}calib", cache_dir=a.cache_dir)
     mark("capture", t0)
     samples = [lambda k=k: P.layer_inputs(ct.sample(k), ct.layers, modules) for k in range(len(ct))]
     n = len(samples)
@@ -375,7 +384,7 @@ def main(argv=None) -> int:
         cache = P.NLLCache(L.default_cache_dir(a.cache_dir) / "eval" / "nll-cache.json")
         routed_main = routed[(MAIN, f"seqr · {BEST}")].names
         routed_mix = routed[(MIXED, f"seqr · {BEST}")].names
-        variants = {"base": [None] * n, "oracle": labels, "routed": routed_main, "routed (mixed12)": routed_mix}
+        variants = {"base": [None] * n, "oracle": labels, "routed": routed_main, f"routed ({MIXED})": routed_mix}
         nll = {k: P.perplexities(peft_model, tok, test_texts, v, all_dirs, cache, max_length=PPL_TOKENS,
                                  progress=True) for k, v in variants.items()}
         ppl = {}
@@ -409,12 +418,13 @@ def main(argv=None) -> int:
     res["phases_s"] = phase
     res["total_s"] = round(time.perf_counter() - t_start, 1)
     res["recipe"] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPE.items()},
-                     "shared_a_seed": DEFAULT_SHARED_A_SEED, "contrast": a.contrast or None}
+                     "shared_a_seed": DEFAULT_SHARED_A_SEED, "contrast": a.contrast or None,
+                     "domain_set": a.domain_set, "general": list(GENERAL_DOMAINS), "calibration_chunks": len(cc)}
     a.out.mkdir(parents=True, exist_ok=True)
-    name = "evaluation"
+    name = "evaluation" + ("" if a.domain_set == "easy" else f"-{a.domain_set}")
     if (a.contrast or None) != DEFAULT_CONTRAST:
         name += f"-contrast{a.contrast or 0:g}"
-    if a.quick or len(DOMAINS) < 9:
+    if a.quick or len(DOMAINS) < len(full):
         name += "-quick"
     files = plots(a.out, res, name)
     (a.out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
@@ -448,7 +458,8 @@ def report(res: dict, corpora, files: list[str], a) -> str:
     best_base = max(base_keys, key=acc[MAIN].get) if base_keys else None
     ppl = res["perplexity"]["mean (of domains)"]
     lines = [
-        "# Real-model evaluation: SmolLM2-135M-Instruct, 9 domains",
+        f"# Real-model evaluation: SmolLM2-135M-Instruct, {len(DOMAINS)} domains"
+        + ("" if res["recipe"].get("domain_set", "easy") == "easy" else f" ({res['recipe']['domain_set']} set)"),
         "",
         f"Generated by `./dev bench evaluate{' --quick' if a.quick else ''}` (bench/evaluate.py) on "
         f"{dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
@@ -464,22 +475,25 @@ def report(res: dict, corpora, files: list[str], a) -> str:
         f"- Adapters: PEFT LoRA r={res['recipe']['rank']}, alpha {res['recipe']['alpha']}, "
         f"{'+'.join(res['recipe']['target_modules'])}, {res['recipe']['steps']} steps, batch "
         f"{res['recipe']['batch_size']}, {res['recipe']['seq_len']} tokens, lr {res['recipe']['lr']}; "
-        f"9 shared-A (one frozen A, seed {res['recipe']['shared_a_seed']}, only B trained"
+        f"{len(DOMAINS)} shared-A (one frozen A, seed {res['recipe']['shared_a_seed']}, only B trained"
         + (f", distinguishability term weight {res['recipe']['contrast']}" if res["recipe"]["contrast"] else "")
-        + "), 3 general (python, legal, scripture; own A).",
-        f"- Libraries: `{MAIN}` = the 9 shared-A adapters; `{MIXED}` = those + the 3 general ones "
+        + f"), {len(GENERAL_DOMAINS)} general ({', '.join(GENERAL_DOMAINS)}; own A).",
+        f"- Libraries: `{MAIN}` = the {len(DOMAINS)} shared-A adapters; `{MIXED}` = those + the "
+        f"{len(GENERAL_DOMAINS)} general ones "
         "(a routed general adapter counts as its domain).",
         f"- Routing input: q_proj/v_proj inputs on the first {MAX_TOKENS} tokens of each test chunk "
         f"({res['n_test']} chunks, {res['n_test'] // len(DOMAINS)} per domain, from documents disjoint from training). "
         "Sequence granularity, token mean, mean over modules.",
-        "- Calibration: 270 unlabeled train chunks (30 per domain, shuffled), streamed through Calibrate.",
+        f"- Calibration: {res['recipe'].get('calibration_chunks', 270)} unlabeled train chunks (30 per domain, "
+        "shuffled), streamed through Calibrate.",
         "",
         "| domain | train chunks | test chunks | source |",
         "|---|---|---|---|",
     ]
     lines += [f"| {d} | {len(c.train)} | {len(c.test)} | {c.source} |" for d, c in corpora.items()]
-    lines += ["", "## Top-1 routing accuracy (9 domains, chance 11.1%)", "",
-              f"| method · normalisation | `{MAIN}` (9 shared-A) | `{MIXED}` (9 shared-A + 3 general) |", "|---|---|---|"]
+    lines += ["", f"## Top-1 routing accuracy ({len(DOMAINS)} domains, chance {100 / len(DOMAINS):.1f}%)", "",
+              f"| method · normalisation | `{MAIN}` ({len(DOMAINS)} shared-A) | `{MIXED}` ({len(DOMAINS)} shared-A + "
+              f"{len(GENERAL_DOMAINS)} general) |", "|---|---|---|"]
     for k, v in acc[MAIN].items():
         m = acc[MIXED].get(k)
         bold = "**" if k == best_seqr else ""
@@ -511,9 +525,9 @@ def report(res: dict, corpora, files: list[str], a) -> str:
     lines += ["", "## Perplexity of the test text (first 256 tokens of each chunk)", "",
               "Routed = the adapter the service chose from the first 128 tokens; oracle = the chunk's own-domain "
               "shared-A adapter; token-weighted within a domain.", "",
-              "| domain | base | routed | routed (mixed12) | oracle |", "|---|---|---|---|---|"]
+              f"| domain | base | routed | routed ({MIXED}) | oracle |", "|---|---|---|---|---|"]
     for d, v in res["perplexity"].items():
-        lines.append(f"| {d} | {v['base']:.2f} | {v['routed']:.2f} | {v['routed (mixed12)']:.2f} | {v['oracle']:.2f} |")
+        lines.append(f"| {d} | {v['base']:.2f} | {v['routed']:.2f} | {v[f'routed ({MIXED})']:.2f} | {v['oracle']:.2f} |")
     lines += ["", f"Routed vs oracle (mean of domains): {100 * (ppl['routed'] / ppl['oracle'] - 1):+.2f}%; "
               f"routed vs base: {100 * (ppl['routed'] / ppl['base'] - 1):+.2f}%."]
     f = res["forms"]
