@@ -3,6 +3,7 @@
     ./dev bench evaluate                 # everything; first run ~40 min on 2 cores (training)
     ./dev bench evaluate --quick         # 10 test chunks per domain, fewer settings (smoke run)
     ./dev bench evaluate --set hard      # the hard set: 8 close domains (eval/corpora_hard.py), 8 + 4 general
+    ./dev bench evaluate --set hard --contrast 0 --lean --no-general --ppl-per-domain 20   # cheap: busy hosts
 
 The pipeline, end to end through the real service:
 
@@ -215,15 +216,27 @@ def main(argv=None) -> int:
                          "evaluation[-hard]*.md")
     ap.add_argument("--domains", nargs="+", default=None,
                     help="evaluate on a subset of the set's domains (development)")
+    ap.add_argument("--lean", action="store_true",
+                    help="route with seqr (every normalisation) and exact (activation and the default) only: "
+                         "no spectr/lag/arrow baselines, about a third of the routing time")
+    ap.add_argument("--no-general", action="store_true",
+                    help="no general adapters and no mixed library (none trained; the shared-A library only)")
+    ap.add_argument("--ppl-per-domain", type=int, default=None, metavar="N",
+                    help="perplexity on the first N test chunks of every domain (default: all); routing "
+                         "always uses all of them")
     ap.add_argument("--report-only", type=Path, default=None, metavar="JSON",
                     help="only re-render the markdown and plots from a previous run's evaluation*.json")
     a = ap.parse_args(argv)
     full = set_domains(a.domain_set)
     DOMAINS = tuple(d for d in full if a.domains is None or d in a.domains)
-    GENERAL_DOMAINS = tuple(d for d in general_domains_of(a.domain_set) if d in DOMAINS)
-    MAIN, MIXED = f"seqr{len(DOMAINS)}", f"mixed{len(DOMAINS) + len(GENERAL_DOMAINS)}"
+    GENERAL_DOMAINS = () if a.no_general else tuple(d for d in general_domains_of(a.domain_set) if d in DOMAINS)
+    MAIN = f"seqr{len(DOMAINS)}"
+    MIXED = f"mixed{len(DOMAINS) + len(GENERAL_DOMAINS)}" if GENERAL_DOMAINS else None
     if a.report_only:
         res = json.loads(a.report_only.read_text())
+        if len(res["accuracy"]) == 1:          # a --no-general run: no mixed library
+            GENERAL_DOMAINS, MIXED = (), None
+        a.lean, a.no_general = (res.get("options") or {}).get("lean", False), MIXED is None
         corpora = build_corpora(cache_dir=a.cache_dir, domain_set=a.domain_set, progress=False)
         corpora = {d: c for d, c in corpora.items() if d in DOMAINS}
         stem = a.report_only.stem
@@ -262,7 +275,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     test_texts, test_y = L.test_split(corpora)
     if a.quick:
-        keep = np.concatenate([np.flatnonzero(test_y == k)[:10] for k in range(len(DOMAINS))])
+        keep = L.first_per_domain(test_y, 10)
         test_texts, test_y = [test_texts[i] for i in keep], test_y[keep]
     labels = [DOMAINS[k] for k in test_y]
     cal_texts, _ = L.calibration_split(corpora)
@@ -274,23 +287,25 @@ def main(argv=None) -> int:
     samples = [lambda k=k: P.layer_inputs(ct.sample(k), ct.layers, modules) for k in range(len(ct))]
     n = len(samples)
 
-    res: dict = {"n_test": n, "accuracy": {MAIN: {}, MIXED: {}}, "confusion": {}, "agreement": {},
+    libraries = (MAIN, MIXED) if MIXED else (MAIN,)
+    res: dict = {"n_test": n, "accuracy": {lib: {} for lib in libraries}, "confusion": {}, "agreement": {},
                  "per_domain": {}, "fallbacks": {}}
     with P.running_service(workers=8) as (handles, client):
         # 4. libraries through the client ---------------------------------------------
         t0 = time.perf_counter()
         P.register_library(client, MAIN, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
                            rank=RECIPE["rank"], modules=modules, adapters=shared, progress=True)
-        P.register_library(client, MIXED, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
-                           rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True,
-                           allow_general=True)
-        kinds = {x.name: x.kind for x in client.list_adapters(MIXED)}
+        if MIXED:
+            P.register_library(client, MIXED, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
+                               rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True,
+                               allow_general=True)
+            log(f"{MIXED}: {({x.name: x.kind for x in client.list_adapters(MIXED)})}")
         mark("register", t0)
-        log(f"server {handles.target}; {MAIN}: {len(shared)} adapters; {MIXED}: {kinds}")
+        log(f"server {handles.target}; {MAIN}: {len(shared)} adapters")
 
         # 5. calibration through the service -------------------------------------------
         t0 = time.perf_counter()
-        for lib in (MAIN, MIXED):
+        for lib in libraries:
             cal = P.calibrate(client, lib, (P.layer_inputs(cc.sample(k), cc.layers, modules) for k in range(len(cc))))
             log(f"calibrated {lib} on {cal.sequences} unlabeled sequences ({len(cal.adapters)} adapters)")
         mark("calibrate", t0)
@@ -298,12 +313,16 @@ def main(argv=None) -> int:
         # 6. route everything ------------------------------------------------------------
         t0 = time.perf_counter()
         norms = NORMS if not a.quick else ("none", "frobenius", "activation", BEST)
-        settings = ([P.Setting("seqr", nm) for nm in norms] + [P.Setting("exact", nm) for nm in norms]
-                    + [P.Setting(m, nm) for m in ("spectr", "lag") for nm in ("none", "frobenius", BEST)]
-                    + [P.Setting("arrow", "none"), P.Setting("seqr", BEST, "vote")])
-        mixed_settings = [P.Setting("seqr", nm, library=MIXED)
-                          for nm in dict.fromkeys(("frobenius", "activation", BEST, "zscore/adapter/log"))] \
-            + [P.Setting("exact", BEST, library=MIXED)]
+        # exact (brute force) beside seqr checks the service's algebra; --lean keeps that check on
+        # the two normalisations that matter and drops the baselines
+        exact_norms = norms if not a.lean else ("activation", BEST)
+        settings = [P.Setting("seqr", nm) for nm in norms] + [P.Setting("exact", nm) for nm in exact_norms]
+        if not a.lean:
+            settings += ([P.Setting(m, nm) for m in ("spectr", "lag") for nm in ("none", "frobenius", BEST)]
+                         + [P.Setting("arrow", "none"), P.Setting("seqr", BEST, "vote")])
+        mixed_settings = ([P.Setting("seqr", nm, library=MIXED)
+                           for nm in dict.fromkeys(("frobenius", "activation", BEST, "zscore/adapter/log"))]
+                          + [P.Setting("exact", BEST, library=MIXED)]) if MIXED else []
         routed = {}
         for i, s in enumerate(settings + mixed_settings):
             lib = s.library or MAIN
@@ -316,25 +335,27 @@ def main(argv=None) -> int:
             log(f"{lib:8s} {s.label:40s} top-1 {res['accuracy'][lib][s.label]:.3f}  "
                 f"server {np.median(r.server_ms):.1f} ms  client {np.median(r.client_ms):.1f} ms")
         mark("route", t0)
-        for lib, nms in ((MAIN, norms), (MIXED, (BEST,))):
+        for lib, nms in ((MAIN, exact_norms), (MIXED, (BEST,) if MIXED else ())):
             for nm in nms:
                 top, rank = P.agreement(routed[(lib, f"seqr · {nm}")], routed[(lib, f"exact · {nm}")])
                 res["agreement"][f"{lib}: {nm}"] = {"top1": top, "ranking": rank}
-        for key in (f"seqr · {BEST}", "seqr · frobenius"):
+        for key in (f"seqr · {BEST}", "seqr · activation", "seqr · frobenius"):
             res["confusion"][key] = P.confusion(routed[(MAIN, key)], labels, DOMAINS).tolist()
-        for key in (f"seqr · {BEST}", "seqr · frobenius", "seqr · none", "arrow · none"):
-            r = routed[(MAIN, key)]
+        for key in (f"seqr · {BEST}", "seqr · activation", "seqr · frobenius", "seqr · none", "arrow · none"):
+            if (r := routed.get((MAIN, key))) is None:
+                continue
             res["per_domain"][key] = {d: float(np.mean([n == d for n, y in zip(r.names, labels) if y == d]))
                                       for d in DOMAINS}
-        mix = routed[(MIXED, f"seqr · {BEST}")]
-        res["mixed_general_share"] = float(np.mean([n.startswith("general-") for n in mix.names]))
+        if MIXED:
+            mix = routed[(MIXED, f"seqr · {BEST}")]
+            res["mixed_general_share"] = float(np.mean([n.startswith("general-") for n in mix.names]))
         res["margins"] = {"median": float(np.median(routed[(MAIN, f"seqr · {BEST}")].margins))}
         # What a margin means to a host: accuracy by margin, and where to stop trusting top-1.
         from seqr_eval import confidence
         res["confidence"] = {f"{lib}: {key}": confidence.report(r.margins, r.scores, labels, owner=P.domain_of)
                              for lib, key in ((MAIN, f"seqr · {BEST}"), (MAIN, "seqr · activation"),
-                                              (MIXED, f"seqr · {BEST}"))
-                             if (r := routed.get((lib, key))) is not None}
+                                              (MIXED, f"seqr · {BEST}"), (MIXED, "seqr · activation"))
+                             if lib and (r := routed.get((lib, key))) is not None}
 
         # 7a. input forms: bytes and latency --------------------------------------------
         t0 = time.perf_counter()
@@ -342,7 +363,7 @@ def main(argv=None) -> int:
         from seqr_client.hf_host import project
         info = client.describe(MAIN, include_shared_a=True)
         A = info.shared_a
-        sub = np.concatenate([np.flatnonzero(test_y == k)[:10] for k in range(len(DOMAINS))])
+        sub = L.first_per_domain(test_y, 10)
         forms = {}
         for form in ("activations·fp32", "activations·fp16", "projected", "moments"):
             lat, srv, byt, names, host_ms = [], [], [], [], []
@@ -382,17 +403,21 @@ def main(argv=None) -> int:
         all_dirs = {**shared, **general}
         peft_model = load_adapters(model, all_dirs)
         cache = P.NLLCache(L.default_cache_dir(a.cache_dir) / "eval" / "nll-cache.json")
-        routed_main = routed[(MAIN, f"seqr · {BEST}")].names
-        routed_mix = routed[(MIXED, f"seqr · {BEST}")].names
-        variants = {"base": [None] * n, "oracle": labels, "routed": routed_main, f"routed ({MIXED})": routed_mix}
-        nll = {k: P.perplexities(peft_model, tok, test_texts, v, all_dirs, cache, max_length=PPL_TOKENS,
-                                 progress=True) for k, v in variants.items()}
+        variants = {"base": [None] * n, "oracle": labels, "routed": routed[(MAIN, f"seqr · {BEST}")].names,
+                    "routed (activation)": routed[(MAIN, "seqr · activation")].names}
+        if MIXED:
+            variants[f"routed ({MIXED})"] = routed[(MIXED, f"seqr · {BEST}")].names
+        ppl_sub = L.first_per_domain(test_y, a.ppl_per_domain)
+        nll = {k: P.perplexities(peft_model, tok, [test_texts[i] for i in ppl_sub], [v[i] for i in ppl_sub],
+                                 all_dirs, cache, max_length=PPL_TOKENS, progress=True) for k, v in variants.items()}
+        sub_labels = [labels[i] for i in ppl_sub]
         ppl = {}
         for d in DOMAINS:
-            ks = [k for k, y in enumerate(labels) if y == d]
+            ks = [k for k, y in enumerate(sub_labels) if y == d]
             ppl[d] = {v: float(np.exp(sum(nll[v][k][0] for k in ks) / sum(nll[v][k][1] for k in ks))) for v in nll}
         ppl["mean (of domains)"] = {v: float(np.mean([ppl[d][v] for d in DOMAINS])) for v in nll}
         res["perplexity"] = ppl
+        res["perplexity_chunks"] = int(len(ppl_sub))
         mark("perplexity", t0)
 
         t0 = time.perf_counter()
@@ -426,6 +451,7 @@ def main(argv=None) -> int:
         name += f"-contrast{a.contrast or 0:g}"
     if a.quick or len(DOMAINS) < len(full):
         name += "-quick"
+    res["options"] = {"lean": a.lean, "no_general": a.no_general, "ppl_per_domain": a.ppl_per_domain}
     files = plots(a.out, res, name)
     (a.out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
     (a.out / f"{name}.md").write_text(report(res, corpora, files, a))
@@ -477,10 +503,11 @@ def report(res: dict, corpora, files: list[str], a) -> str:
         f"{res['recipe']['batch_size']}, {res['recipe']['seq_len']} tokens, lr {res['recipe']['lr']}; "
         f"{len(DOMAINS)} shared-A (one frozen A, seed {res['recipe']['shared_a_seed']}, only B trained"
         + (f", distinguishability term weight {res['recipe']['contrast']}" if res["recipe"]["contrast"] else "")
-        + f"), {len(GENERAL_DOMAINS)} general ({', '.join(GENERAL_DOMAINS)}; own A).",
-        f"- Libraries: `{MAIN}` = the {len(DOMAINS)} shared-A adapters; `{MIXED}` = those + the "
-        f"{len(GENERAL_DOMAINS)} general ones "
-        "(a routed general adapter counts as its domain).",
+        + (f"), {len(GENERAL_DOMAINS)} general ({', '.join(GENERAL_DOMAINS)}; own A)." if MIXED else ")."),
+        (f"- Libraries: `{MAIN}` = the {len(DOMAINS)} shared-A adapters; `{MIXED}` = those + the "
+         f"{len(GENERAL_DOMAINS)} general ones (a routed general adapter counts as its domain)." if MIXED else
+         f"- Library: `{MAIN}` = the {len(DOMAINS)} shared-A adapters (no mixed library in this run: "
+         "`--no-general`)."),
         f"- Routing input: q_proj/v_proj inputs on the first {MAX_TOKENS} tokens of each test chunk "
         f"({res['n_test']} chunks, {res['n_test'] // len(DOMAINS)} per domain, from documents disjoint from training). "
         "Sequence granularity, token mean, mean over modules.",
@@ -491,19 +518,26 @@ def report(res: dict, corpora, files: list[str], a) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {d} | {len(c.train)} | {len(c.test)} | {c.source} |" for d, c in corpora.items()]
+    mixed_acc = acc.get(MIXED, {}) if MIXED else {}
     lines += ["", f"## Top-1 routing accuracy ({len(DOMAINS)} domains, chance {100 / len(DOMAINS):.1f}%)", "",
-              f"| method · normalisation | `{MAIN}` ({len(DOMAINS)} shared-A) | `{MIXED}` ({len(DOMAINS)} shared-A + "
-              f"{len(GENERAL_DOMAINS)} general) |", "|---|---|---|"]
+              f"| method · normalisation | `{MAIN}` ({len(DOMAINS)} shared-A) | "
+              + (f"`{MIXED}` ({len(DOMAINS)} shared-A + {len(GENERAL_DOMAINS)} general) |" if MIXED else "|"),
+              "|---|---|" + ("---|" if MIXED else "")]
     for k, v in acc[MAIN].items():
-        m = acc[MIXED].get(k)
+        m = mixed_acc.get(k)
         bold = "**" if k == best_seqr else ""
-        lines.append(f"| {bold}{k}{bold} | {bold}{_pct(v)}{bold} | {_pct(m) if m is not None else ''} |")
+        lines.append(f"| {bold}{k}{bold} | {bold}{_pct(v)}{bold} |" + (f" {_pct(m) if m is not None else ''} |"
+                                                                       if MIXED else ""))
     default = f"seqr · {BEST}"
     lines += ["", f"Recommended default (bench/results/research.md): **{default} = {_pct(acc[MAIN][default])}**"
-              + (f" (`{MIXED}`: {_pct(acc[MIXED][default])})" if default in acc[MIXED] else "") + ".",
+              + (f" (`{MIXED}`: {_pct(mixed_acc[default])})" if default in mixed_acc else "") + ".",
+              f"The service's default normalisation, activation: **{_pct(acc[MAIN]['seqr · activation'])}**"
+              + (f" (`{MIXED}`: {_pct(mixed_acc['seqr · activation'])})" if "seqr · activation" in mixed_acc else "")
+              + ".",
               f"Best seqr setting: **{best_seqr} = {_pct(acc[MAIN][best_seqr])}**"
               + (f"; best baseline: {best_base} = {_pct(acc[MAIN][best_base])}." if best_base else "."),
-              f"In `{MIXED}` the general adapters won {_pct(res['mixed_general_share'])} of the samples under {BEST}.",
+              *([f"In `{MIXED}` the general adapters won {_pct(res['mixed_general_share'])} of the samples under "
+                 f"{BEST}."] if MIXED else []),
               f"Median margin (first − second score) under {BEST}: {res['margins']['median']:.3f}."]
     for title, rep in res.get("confidence", {}).items():
         lines += ["", f"### Confidence: accuracy by margin ({title})", "",
@@ -522,12 +556,16 @@ def report(res: dict, corpora, files: list[str], a) -> str:
     lines += ["", f"### Confusion, seqr · {BEST} (rows: true domain, columns: routed adapter)", "",
               "| | " + " | ".join(DOMAINS) + " |", "|---|" + "---|" * len(DOMAINS)]
     lines += [f"| {d} | " + " | ".join(str(x) for x in row) + " |" for d, row in zip(DOMAINS, c)]
+    pcols = [k for k in next(iter(res["perplexity"].values()))]
+    n_ppl = res.get("perplexity_chunks", res["n_test"])
     lines += ["", "## Perplexity of the test text (first 256 tokens of each chunk)", "",
-              "Routed = the adapter the service chose from the first 128 tokens; oracle = the chunk's own-domain "
-              "shared-A adapter; token-weighted within a domain.", "",
-              f"| domain | base | routed | routed ({MIXED}) | oracle |", "|---|---|---|---|---|"]
+              f"Routed = the adapter the service chose from the first 128 tokens (under {BEST} unless named); "
+              "oracle = the chunk's own-domain shared-A adapter; token-weighted within a domain"
+              + ("." if n_ppl == res["n_test"] else
+                 f"; on the first {n_ppl // len(DOMAINS)} test chunks of every domain ({n_ppl} of {res['n_test']})."),
+              "", "| domain | " + " | ".join(pcols) + " |", "|---|" + "---|" * len(pcols)]
     for d, v in res["perplexity"].items():
-        lines.append(f"| {d} | {v['base']:.2f} | {v['routed']:.2f} | {v[f'routed ({MIXED})']:.2f} | {v['oracle']:.2f} |")
+        lines.append(f"| {d} | " + " | ".join(f"{v[k]:.2f}" for k in pcols) + " |")
     lines += ["", f"Routed vs oracle (mean of domains): {100 * (ppl['routed'] / ppl['oracle'] - 1):+.2f}%; "
               f"routed vs base: {100 * (ppl['routed'] / ppl['base'] - 1):+.2f}%."]
     f = res["forms"]

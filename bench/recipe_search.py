@@ -46,7 +46,7 @@ def data(domain_set: str, progress: bool = True, per_domain: int = 50):
     cs = build_corpora(domain_set=domain_set, progress=False)
     test, ty = L.test_split(cs)
     if per_domain < 50:
-        keep = np.concatenate([np.flatnonzero(ty == k)[:per_domain] for k in range(len(cs))])
+        keep = L.first_per_domain(ty, per_domain)
         test, ty = [test[i] for i in keep], ty[keep]
     cal, cy = L.calibration_split(cs)
     pre = "" if domain_set == "easy" else f"{domain_set}-"
@@ -177,11 +177,14 @@ def ready(root: Path, domains) -> dict:
     return {d: root / d for d in domains if (read_seqr_json(root / d) or {}).get("finished")}
 
 
-def own_perplexity(model, tok, cs, dirs):
-    """{domain: (oracle ppl, base ppl)} of the test chunks (first 256 tokens), NLLs cached."""
+def own_perplexity(model, tok, cs, dirs, *, per_domain: int | None = None):
+    """{domain: (oracle ppl, base ppl)} of the test chunks (first 256 tokens; the first
+    ``per_domain`` of every domain, None: all), NLLs cached."""
     from seqr_client.hf_host import load_adapters
     from seqr_eval import pipeline as P
     texts, y = L.test_split(cs)
+    keep = L.first_per_domain(y, per_domain)
+    texts, y = [texts[i] for i in keep], y[keep]
     doms = list(cs)
     labels = [doms[k] for k in y]
     cache = P.NLLCache(L.default_cache_dir() / "eval" / "nll-cache.json")
@@ -196,7 +199,8 @@ def own_perplexity(model, tok, cs, dirs):
                 ppl(base, [k for k, l in enumerate(labels) if l == d])) for d in doms}
 
 
-def evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general: str | None = None) -> dict:
+def evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general: str | None = None,
+                 ppl_per_domain: int | None = None) -> dict:
     from seqr_client.training import read_seqr_json
     doms = list(cs)
     dirs = ready(adapter_root(name), doms)
@@ -218,7 +222,8 @@ def evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general: str | None 
             out["confusion_activation"] = L.confusion(pred, ty, len(doms)).tolist()
     C = L.gram_cosines(ad)
     out["gram_cosine"] = float(C[~np.eye(len(doms), dtype=bool)].mean())
-    pp = own_perplexity(model, tok, cs, dirs)
+    pp = own_perplexity(model, tok, cs, dirs, per_domain=ppl_per_domain)
+    out["ppl_chunks_per_domain"] = ppl_per_domain or min(len(c.test) for c in cs.values())
     out["oracle_ppl"] = float(np.mean([v[0] for v in pp.values()]))
     out["base_ppl"] = float(np.mean([v[1] for v in pp.values()]))
     out["oracle_ppl_per_domain"] = {d: v[0] for d, v in pp.items()}
@@ -230,10 +235,13 @@ def evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general: str | None 
             etm, ecm = L.energies(ct, adm), L.energies(cc, adm)
             calm = L.calibrate(ecm)
             colsm = np.array([doms.index(n.split("/")[-1]) for n in adm.names])
-            out["mixed"] = {"general": sorted(g), "accuracy": {}}
+            out["mixed"] = {"general": sorted(g), "accuracy": {}, "per_domain": {}}
             for n, gr, t in NORMS:
                 S = L.scores(etm, n, cal=calm, gran=gr, transform=t)
                 out["mixed"]["accuracy"][norm_label(n, gr, t)] = L.accuracy(S, ty, colsm)
+                pred = colsm[S.argmax(1)]
+                out["mixed"]["per_domain"][norm_label(n, gr, t)] = {
+                    d: float((pred[ty == k] == k).mean()) for k, d in enumerate(doms)}
             S = L.scores(etm, "activation", cal=calm)
             out["mixed"]["general_share_activation"] = float(np.isin(S.argmax(1), np.flatnonzero(
                 ["/" in n for n in adm.names])).mean())
@@ -254,7 +262,8 @@ def cmd_report(a):
     path = RESULTS / f"recipe_search-{a.set}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     for name in names:
-        r = evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general=f"{pre}general-r8-s40")
+        r = evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general=f"{pre}general-r8-s40",
+                         ppl_per_domain=a.ppl_per_domain)
         if r:
             old[name] = r
             print(f"{name}: activation {r['accuracy']['activation']:.3f} ppl {r['oracle_ppl']:.2f} "
@@ -270,6 +279,8 @@ def main(argv=None):
     ap.add_argument("--set", default="hard", choices=DOMAIN_SETS)
     ap.add_argument("--per-domain", type=int, default=50, help="test chunks per domain (50: all)")
     ap.add_argument("--sets", nargs="*", default=None, help="adapter set folders (default: every finished one)")
+    ap.add_argument("--ppl-per-domain", type=int, default=None, metavar="N",
+                    help="oracle and base perplexity on the first N test chunks of every domain (default: all)")
     a = ap.parse_args(argv)
     if a.cmd == "capture":
         _, _, cs, ct, ty, cc, cy = data(a.set, per_domain=a.per_domain)
