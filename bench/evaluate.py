@@ -24,7 +24,9 @@ The pipeline, end to end through the real service:
    the model-host round trip (capture → route → set adapter → generate) on a few prompts.
 
 Writes ``evaluation.md`` (+ ``evaluation.json`` and PNG plots beside it) into ``bench/out/``
-(git-ignored) or ``--out DIR``; ``--out bench/results`` refreshes the committed report.
+(git-ignored) or ``--out DIR``; ``--out bench/results`` refreshes the committed report. A recipe
+other than the default adds ``-contrast<w>``; hard-set runs always do (``evaluation-hard-contrast0.1.md``):
+``evaluation-hard.md`` is the hand-written comparison of the hard set's recipes.
 """
 
 from __future__ import annotations
@@ -447,7 +449,8 @@ def main(argv=None) -> int:
                      "domain_set": a.domain_set, "general": list(GENERAL_DOMAINS), "calibration_chunks": len(cc)}
     a.out.mkdir(parents=True, exist_ok=True)
     name = "evaluation" + ("" if a.domain_set == "easy" else f"-{a.domain_set}")
-    if (a.contrast or None) != DEFAULT_CONTRAST:
+    # the hard set's recipes are compared in bench/results/evaluation-hard.md, so each run names its recipe
+    if (a.contrast or None) != DEFAULT_CONTRAST or a.domain_set != "easy":
         name += f"-contrast{a.contrast or 0:g}"
     if a.quick or len(DOMAINS) < len(full):
         name += "-quick"
