@@ -523,8 +523,8 @@ def report(res: dict, corpora, files: list[str], a) -> str:
     lines += [f"| {d} | {len(c.train)} | {len(c.test)} | {c.source} |" for d, c in corpora.items()]
     mixed_acc = acc.get(MIXED, {}) if MIXED else {}
     lines += ["", f"## Top-1 routing accuracy ({len(DOMAINS)} domains, chance {100 / len(DOMAINS):.1f}%)", "",
-              f"| method · normalisation | `{MAIN}` ({len(DOMAINS)} shared-A) | "
-              + (f"`{MIXED}` ({len(DOMAINS)} shared-A + {len(GENERAL_DOMAINS)} general) |" if MIXED else "|"),
+              f"| method · normalisation | `{MAIN}` ({len(DOMAINS)} shared-A) |"
+              + (f" `{MIXED}` ({len(DOMAINS)} shared-A + {len(GENERAL_DOMAINS)} general) |" if MIXED else ""),
               "|---|---|" + ("---|" if MIXED else "")]
     for k, v in acc[MAIN].items():
         m = mixed_acc.get(k)
