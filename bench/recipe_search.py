@@ -2,7 +2,8 @@
 
     nice -n 10 python bench/recipe_search.py capture --set hard   # q/v inputs of test + calibration chunks (cached)
     python bench/recipe_search.py oracle --set hard               # what plain-like / ideal shared-A adapters could route
-    python bench/recipe_search.py report --set hard               # every finished adapter set -> bench/results/recipe_search-<set>.md/json
+    python bench/recipe_search.py report --set hard               # every finished adapter set -> bench/results/recipe_search-<set>.json
+    python bench/recipe_search.py curve --set hard                # weight -> accuracy, perplexity: evaluation-<set>.json
 
 Adapter sets are the folders ``seqr_eval.train_adapters`` makes under ``<cache>/adapters/smollm2-135m/``
 (``--set hard --contrast W [--variant V]``). The harness (eval/eval_lib.py) scores every sample in
@@ -273,9 +274,61 @@ def cmd_report(a):
     return 0
 
 
+def curve_rows(harness: dict, service: dict[float, dict]) -> list[dict]:
+    """One row per trained recipe (weight, schedule): the harness's numbers (recipe_search report)
+    beside the service's for the same weight (bench/evaluate.py runs), plain first."""
+    rows = []
+    for name, r in harness.items():
+        w = r.get("contrast") or 0.0
+        variant = {k: v for k, v in (r.get("contrast_recipe") or {}).items() if k in ("start", "ramp", "min_layer") and v}
+        row = {"set": name, "contrast": w, "schedule": variant or None,
+               "activation": r["accuracy"]["activation"], "accuracy": r["accuracy"],
+               "per_domain_activation": r["per_domain"]["activation"], "gram_cosine": r["gram_cosine"],
+               "oracle_ppl": r["oracle_ppl"], "base_ppl": r["base_ppl"],
+               "ppl_chunks_per_domain": r.get("ppl_chunks_per_domain"),
+               "mixed_activation": (r.get("mixed") or {}).get("accuracy", {}).get("activation"),
+               "mixed_accuracy": (r.get("mixed") or {}).get("accuracy"),
+               "mixed_general_share": (r.get("mixed") or {}).get("general_share_activation")}
+        ev = service.get(w) if not variant else None
+        if ev:
+            lib = next(iter(ev["accuracy"]))
+            conf = ev["confidence"].get(f"{lib}: seqr · activation", {}).get("thresholds", [])
+            row["service"] = {"activation": ev["accuracy"][lib]["seqr · activation"],
+                              "seqr_equals_exact": ev["agreement"].get(f"{lib}: activation"),
+                              "routed_ppl": ev["perplexity"]["mean (of domains)"]["routed (activation)"],
+                              "trust_top1_at_95": conf[0] if conf else None}
+        rows.append(row)
+    plain = [r for r in rows if not r["contrast"]]
+    for r in rows:
+        r["oracle_ppl_vs_plain"] = r["oracle_ppl"] / plain[0]["oracle_ppl"] - 1 if plain else None
+    return sorted(rows, key=lambda r: (r["contrast"], json.dumps(r["schedule"], sort_keys=True)))
+
+
+def cmd_curve(a):
+    """bench/results/evaluation-<set>.json: the curve (weight -> accuracy, perplexity), from
+    recipe_search-<set>.json and the evaluation-<set>-contrast<w>.json runs of bench/evaluate.py."""
+    harness = json.loads((RESULTS / f"recipe_search-{a.set}.json").read_text())
+    service = {}
+    for p in RESULTS.glob(f"evaluation-{a.set}-contrast*.json"):
+        ev = json.loads(p.read_text())
+        service[ev["recipe"]["contrast"] or 0.0] = ev
+    rows = curve_rows(harness, service)
+    (RESULTS / f"evaluation-{a.set}.json").write_text(json.dumps({"domain_set": a.set, "curve": rows}, indent=1))
+    print("| weight | schedule | activation (harness) | through the service | mixed, activation | Gram cosine | "
+          "oracle ppl | vs plain | base ppl |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    pct = lambda x: "" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    for r in rows:
+        vs_plain = "" if not r["contrast"] or r["oracle_ppl_vs_plain"] is None else f"{100 * r['oracle_ppl_vs_plain']:+.1f}%"
+        print(f"| {r['contrast']:g} | {r['schedule'] or 'constant'} | {pct(r['activation'])} | "
+              f"{pct((r.get('service') or {}).get('activation'))} | {pct(r['mixed_activation'])} | "
+              f"{r['gram_cosine']:.2f} | {r['oracle_ppl']:.2f} | {vs_plain} | {r['base_ppl']:.2f} |")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("cmd", choices=["capture", "oracle", "report"])
+    ap.add_argument("cmd", choices=["capture", "oracle", "report", "curve"])
     ap.add_argument("--set", default="hard", choices=DOMAIN_SETS)
     ap.add_argument("--per-domain", type=int, default=50, help="test chunks per domain (50: all)")
     ap.add_argument("--sets", nargs="*", default=None, help="adapter set folders (default: every finished one)")
@@ -286,7 +339,7 @@ def main(argv=None):
         _, _, cs, ct, ty, cc, cy = data(a.set, per_domain=a.per_domain)
         print(f"{a.set}: test {ct.x.shape} calib {cc.x.shape} domains {list(cs)}")
         return 0
-    return cmd_oracle(a) if a.cmd == "oracle" else cmd_report(a)
+    return {"oracle": cmd_oracle, "report": cmd_report, "curve": cmd_curve}[a.cmd](a)
 
 
 if __name__ == "__main__":
