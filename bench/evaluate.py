@@ -2,6 +2,8 @@
 
     ./dev bench evaluate                 # everything; first run ~40 min on 2 cores (training)
     ./dev bench evaluate --quick         # 10 test chunks per domain, fewer settings (smoke run)
+    ./dev bench evaluate --set hard      # the hard set: 8 close domains (eval/corpora_hard.py), 8 + 4 general
+    ./dev bench evaluate --set hard --contrast 0 --lean --no-general --ppl-per-domain 20   # cheap: busy hosts
 
 The pipeline, end to end through the real service:
 
@@ -22,7 +24,9 @@ The pipeline, end to end through the real service:
    the model-host round trip (capture → route → set adapter → generate) on a few prompts.
 
 Writes ``evaluation.md`` (+ ``evaluation.json`` and PNG plots beside it) into ``bench/out/``
-(git-ignored) or ``--out DIR``; ``--out bench/results`` refreshes the committed report.
+(git-ignored) or ``--out DIR``; ``--out bench/results`` refreshes the committed report. A recipe
+other than the default adds ``-contrast<w>``; hard-set runs always do (``evaluation-hard-contrast0.1.md``):
+``evaluation-hard.md`` is the hand-written comparison of the hard set's recipes.
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ import numpy as np  # noqa: E402
 
 from seqr_eval import eval_lib as L  # noqa: E402
 from seqr_eval import pipeline as P  # noqa: E402
-from seqr_eval.corpora import DOMAINS, build_corpora  # noqa: E402
+from seqr_eval.corpora import DOMAIN_SETS, DOMAINS, build_corpora, set_domains  # noqa: E402
 from seqr_eval.train_adapters import (DEFAULT_CONTRAST, DEFAULT_SHARED_A_SEED, GENERAL_DOMAINS,  # noqa: E402
-                                      RECIPE, train_all)
+                                      RECIPE, general_domains_of, train_all)
 
 MAX_TOKENS = 128          # routing prompt: the first 128 tokens of a chunk
 PPL_TOKENS = 256          # perplexity: the chunk's first 256 tokens
@@ -132,7 +136,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
         ax.set_xlabel("routed adapter")
         ax.set_ylabel("true domain")
         ax.set_title(f"{key}: {res['accuracy'][MAIN][key]:.1%}")
-    fig.suptitle(f"Top-1 routing, {res['n_test']} test chunks, 9 shared-A adapters (SmolLM2-135M)")
+    fig.suptitle(f"Top-1 routing, {res['n_test']} test chunks, {len(DOMAINS)} shared-A adapters (SmolLM2-135M)")
     fig.tight_layout()
     fig.savefig(out / f"{stem}_confusion.png", dpi=110)
     plt.close(fig)
@@ -152,7 +156,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
     ax.axvline(1 / len(DOMAINS), color="gray", ls=":", lw=1)
     ax.axvline(0.9, color="black", ls="--", lw=0.8)
     ax.set_xlabel("top-1 accuracy (dotted: chance, dashed: 90% target)")
-    ax.set_title("Routing accuracy through the service, 9 domains")
+    ax.set_title(f"Routing accuracy through the service, {len(DOMAINS)} domains")
     fig.tight_layout()
     fig.savefig(out / f"{stem}_accuracy.png", dpi=110)
     plt.close(fig)
@@ -181,7 +185,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
     ppl = res["perplexity"]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     w = 0.2
-    cols = [k for k in ("base", "routed", "routed (mixed12)", "oracle") if k in ppl[DOMAINS[0]]]
+    cols = [k for k in ("base", "routed", f"routed ({MIXED})", "oracle") if k in ppl[DOMAINS[0]]]
     for j, k in enumerate(cols):
         ax.bar(np.arange(len(DOMAINS)) + (j - (len(cols) - 1) / 2) * w, [ppl[d][k] for d in DOMAINS], w, label=k)
     ax.set_xticks(range(len(DOMAINS)), DOMAINS)
@@ -198,7 +202,7 @@ def plots(out: Path, res: dict, stem: str = "evaluation") -> list[str]:
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    global DOMAINS
+    global DOMAINS, GENERAL_DOMAINS, MAIN, MIXED
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--cache-dir", default=None, help="cache root (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
@@ -209,15 +213,34 @@ def main(argv=None) -> int:
                     help="adapter recipe: weight of the distinguishability term (0: plain LM loss)")
     ap.add_argument("--threads", type=int, default=2, help="concurrent Route calls")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost-vs-N measurement")
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS,
-                    help="evaluate on a subset of the domains (development)")
+    ap.add_argument("--set", dest="domain_set", choices=DOMAIN_SETS, default="easy",
+                    help="domain set: easy (9 far-apart domains) or hard (8 close ones); results go to "
+                         "evaluation[-hard]*.md")
+    ap.add_argument("--domains", nargs="+", default=None,
+                    help="evaluate on a subset of the set's domains (development)")
+    ap.add_argument("--lean", action="store_true",
+                    help="route with seqr (every normalisation) and exact (activation and the default) only: "
+                         "no spectr/lag/arrow baselines, about a third of the routing time")
+    ap.add_argument("--no-general", action="store_true",
+                    help="no general adapters and no mixed library (none trained; the shared-A library only)")
+    ap.add_argument("--ppl-per-domain", type=int, default=None, metavar="N",
+                    help="perplexity on the first N test chunks of every domain (default: all); routing "
+                         "always uses all of them")
     ap.add_argument("--report-only", type=Path, default=None, metavar="JSON",
                     help="only re-render the markdown and plots from a previous run's evaluation*.json")
     a = ap.parse_args(argv)
-    DOMAINS = tuple(d for d in DOMAINS if d in a.domains)
+    full = set_domains(a.domain_set)
+    DOMAINS = tuple(d for d in full if a.domains is None or d in a.domains)
+    GENERAL_DOMAINS = () if a.no_general else tuple(d for d in general_domains_of(a.domain_set) if d in DOMAINS)
+    MAIN = f"seqr{len(DOMAINS)}"
+    MIXED = f"mixed{len(DOMAINS) + len(GENERAL_DOMAINS)}" if GENERAL_DOMAINS else None
     if a.report_only:
         res = json.loads(a.report_only.read_text())
-        corpora = {d: c for d, c in build_corpora(cache_dir=a.cache_dir, progress=False).items() if d in DOMAINS}
+        if len(res["accuracy"]) == 1:          # a --no-general run: no mixed library
+            GENERAL_DOMAINS, MIXED = (), None
+        a.lean, a.no_general = (res.get("options") or {}).get("lean", False), MIXED is None
+        corpora = build_corpora(cache_dir=a.cache_dir, domain_set=a.domain_set, progress=False)
+        corpora = {d: c for d, c in corpora.items() if d in DOMAINS}
         stem = a.report_only.stem
         a.quick = stem.endswith("-quick")
         files = plots(a.out, res, stem)
@@ -235,13 +258,13 @@ def main(argv=None) -> int:
 
     # 1-2. corpora and adapters -------------------------------------------------------
     t0 = time.perf_counter()
-    corpora = build_corpora(cache_dir=a.cache_dir)
+    corpora = build_corpora(cache_dir=a.cache_dir, domain_set=a.domain_set)
     corpora = {d: corpora[d] for d in DOMAINS}
     mark("corpora", t0)
     t0 = time.perf_counter()
     model, tok = load_smollm2(cache_dir=a.cache_dir)
     dirs = train_all(cache_dir=a.cache_dir, model=model, tokenizer=tok, contrast=a.contrast or None,
-                     domains=DOMAINS, general_domains=[d for d in GENERAL_DOMAINS if d in DOMAINS])
+                     domains=DOMAINS, general_domains=GENERAL_DOMAINS, domain_set=a.domain_set)
     mark("adapters", t0)
     shared = {d: dirs["shared_a"][d] for d in DOMAINS}
     general = {f"general-{d}": p for d, p in dirs["general"].items()}
@@ -254,34 +277,37 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     test_texts, test_y = L.test_split(corpora)
     if a.quick:
-        keep = np.concatenate([np.flatnonzero(test_y == k)[:10] for k in range(len(DOMAINS))])
+        keep = L.first_per_domain(test_y, 10)
         test_texts, test_y = [test_texts[i] for i in keep], test_y[keep]
     labels = [DOMAINS[k] for k in test_y]
     cal_texts, _ = L.calibration_split(corpora)
-    ct = L.captures(model, tok, test_texts, max_tokens=MAX_TOKENS, tag="quick-test" if a.quick else "test",
+    pre = "" if a.domain_set == "easy" else f"{a.domain_set}-"
+    ct = L.captures(model, tok, test_texts, max_tokens=MAX_TOKENS, tag=pre + ("quick-test" if a.quick else "test"),
                     cache_dir=a.cache_dir)
-    cc = L.captures(model, tok, cal_texts, max_tokens=MAX_TOKENS, tag="calib", cache_dir=a.cache_dir)
+    cc = L.captures(model, tok, cal_texts, max_tokens=MAX_TOKENS, tag=f"{pre}calib", cache_dir=a.cache_dir)
     mark("capture", t0)
     samples = [lambda k=k: P.layer_inputs(ct.sample(k), ct.layers, modules) for k in range(len(ct))]
     n = len(samples)
 
-    res: dict = {"n_test": n, "accuracy": {MAIN: {}, MIXED: {}}, "confusion": {}, "agreement": {},
+    libraries = (MAIN, MIXED) if MIXED else (MAIN,)
+    res: dict = {"n_test": n, "accuracy": {lib: {} for lib in libraries}, "confusion": {}, "agreement": {},
                  "per_domain": {}, "fallbacks": {}}
     with P.running_service(workers=8) as (handles, client):
         # 4. libraries through the client ---------------------------------------------
         t0 = time.perf_counter()
         P.register_library(client, MAIN, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
                            rank=RECIPE["rank"], modules=modules, adapters=shared, progress=True)
-        P.register_library(client, MIXED, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
-                           rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True,
-                           allow_general=True)
-        kinds = {x.name: x.kind for x in client.list_adapters(MIXED)}
+        if MIXED:
+            P.register_library(client, MIXED, signature=signature, shared_a_seed=DEFAULT_SHARED_A_SEED,
+                               rank=RECIPE["rank"], modules=modules, adapters={**shared, **general}, progress=True,
+                               allow_general=True)
+            log(f"{MIXED}: {({x.name: x.kind for x in client.list_adapters(MIXED)})}")
         mark("register", t0)
-        log(f"server {handles.target}; {MAIN}: {len(shared)} adapters; {MIXED}: {kinds}")
+        log(f"server {handles.target}; {MAIN}: {len(shared)} adapters")
 
         # 5. calibration through the service -------------------------------------------
         t0 = time.perf_counter()
-        for lib in (MAIN, MIXED):
+        for lib in libraries:
             cal = P.calibrate(client, lib, (P.layer_inputs(cc.sample(k), cc.layers, modules) for k in range(len(cc))))
             log(f"calibrated {lib} on {cal.sequences} unlabeled sequences ({len(cal.adapters)} adapters)")
         mark("calibrate", t0)
@@ -289,12 +315,16 @@ def main(argv=None) -> int:
         # 6. route everything ------------------------------------------------------------
         t0 = time.perf_counter()
         norms = NORMS if not a.quick else ("none", "frobenius", "activation", BEST)
-        settings = ([P.Setting("seqr", nm) for nm in norms] + [P.Setting("exact", nm) for nm in norms]
-                    + [P.Setting(m, nm) for m in ("spectr", "lag") for nm in ("none", "frobenius", BEST)]
-                    + [P.Setting("arrow", "none"), P.Setting("seqr", BEST, "vote")])
-        mixed_settings = [P.Setting("seqr", nm, library=MIXED)
-                          for nm in dict.fromkeys(("frobenius", "activation", BEST, "zscore/adapter/log"))] \
-            + [P.Setting("exact", BEST, library=MIXED)]
+        # exact (brute force) beside seqr checks the service's algebra; --lean keeps that check on
+        # the two normalisations that matter and drops the baselines
+        exact_norms = norms if not a.lean else ("activation", BEST)
+        settings = [P.Setting("seqr", nm) for nm in norms] + [P.Setting("exact", nm) for nm in exact_norms]
+        if not a.lean:
+            settings += ([P.Setting(m, nm) for m in ("spectr", "lag") for nm in ("none", "frobenius", BEST)]
+                         + [P.Setting("arrow", "none"), P.Setting("seqr", BEST, "vote")])
+        mixed_settings = ([P.Setting("seqr", nm, library=MIXED)
+                           for nm in dict.fromkeys(("frobenius", "activation", BEST, "zscore/adapter/log"))]
+                          + [P.Setting("exact", BEST, library=MIXED)]) if MIXED else []
         routed = {}
         for i, s in enumerate(settings + mixed_settings):
             lib = s.library or MAIN
@@ -307,25 +337,27 @@ def main(argv=None) -> int:
             log(f"{lib:8s} {s.label:40s} top-1 {res['accuracy'][lib][s.label]:.3f}  "
                 f"server {np.median(r.server_ms):.1f} ms  client {np.median(r.client_ms):.1f} ms")
         mark("route", t0)
-        for lib, nms in ((MAIN, norms), (MIXED, (BEST,))):
+        for lib, nms in ((MAIN, exact_norms), (MIXED, (BEST,) if MIXED else ())):
             for nm in nms:
                 top, rank = P.agreement(routed[(lib, f"seqr · {nm}")], routed[(lib, f"exact · {nm}")])
                 res["agreement"][f"{lib}: {nm}"] = {"top1": top, "ranking": rank}
-        for key in (f"seqr · {BEST}", "seqr · frobenius"):
+        for key in (f"seqr · {BEST}", "seqr · activation", "seqr · frobenius"):
             res["confusion"][key] = P.confusion(routed[(MAIN, key)], labels, DOMAINS).tolist()
-        for key in (f"seqr · {BEST}", "seqr · frobenius", "seqr · none", "arrow · none"):
-            r = routed[(MAIN, key)]
+        for key in (f"seqr · {BEST}", "seqr · activation", "seqr · frobenius", "seqr · none", "arrow · none"):
+            if (r := routed.get((MAIN, key))) is None:
+                continue
             res["per_domain"][key] = {d: float(np.mean([n == d for n, y in zip(r.names, labels) if y == d]))
                                       for d in DOMAINS}
-        mix = routed[(MIXED, f"seqr · {BEST}")]
-        res["mixed_general_share"] = float(np.mean([n.startswith("general-") for n in mix.names]))
+        if MIXED:
+            mix = routed[(MIXED, f"seqr · {BEST}")]
+            res["mixed_general_share"] = float(np.mean([n.startswith("general-") for n in mix.names]))
         res["margins"] = {"median": float(np.median(routed[(MAIN, f"seqr · {BEST}")].margins))}
         # What a margin means to a host: accuracy by margin, and where to stop trusting top-1.
         from seqr_eval import confidence
         res["confidence"] = {f"{lib}: {key}": confidence.report(r.margins, r.scores, labels, owner=P.domain_of)
                              for lib, key in ((MAIN, f"seqr · {BEST}"), (MAIN, "seqr · activation"),
-                                              (MIXED, f"seqr · {BEST}"))
-                             if (r := routed.get((lib, key))) is not None}
+                                              (MIXED, f"seqr · {BEST}"), (MIXED, "seqr · activation"))
+                             if lib and (r := routed.get((lib, key))) is not None}
 
         # 7a. input forms: bytes and latency --------------------------------------------
         t0 = time.perf_counter()
@@ -333,7 +365,7 @@ def main(argv=None) -> int:
         from seqr_client.hf_host import project
         info = client.describe(MAIN, include_shared_a=True)
         A = info.shared_a
-        sub = np.concatenate([np.flatnonzero(test_y == k)[:10] for k in range(len(DOMAINS))])
+        sub = L.first_per_domain(test_y, 10)
         forms = {}
         for form in ("activations·fp32", "activations·fp16", "projected", "moments"):
             lat, srv, byt, names, host_ms = [], [], [], [], []
@@ -373,17 +405,21 @@ def main(argv=None) -> int:
         all_dirs = {**shared, **general}
         peft_model = load_adapters(model, all_dirs)
         cache = P.NLLCache(L.default_cache_dir(a.cache_dir) / "eval" / "nll-cache.json")
-        routed_main = routed[(MAIN, f"seqr · {BEST}")].names
-        routed_mix = routed[(MIXED, f"seqr · {BEST}")].names
-        variants = {"base": [None] * n, "oracle": labels, "routed": routed_main, "routed (mixed12)": routed_mix}
-        nll = {k: P.perplexities(peft_model, tok, test_texts, v, all_dirs, cache, max_length=PPL_TOKENS,
-                                 progress=True) for k, v in variants.items()}
+        variants = {"base": [None] * n, "oracle": labels, "routed": routed[(MAIN, f"seqr · {BEST}")].names,
+                    "routed (activation)": routed[(MAIN, "seqr · activation")].names}
+        if MIXED:
+            variants[f"routed ({MIXED})"] = routed[(MIXED, f"seqr · {BEST}")].names
+        ppl_sub = L.first_per_domain(test_y, a.ppl_per_domain)
+        nll = {k: P.perplexities(peft_model, tok, [test_texts[i] for i in ppl_sub], [v[i] for i in ppl_sub],
+                                 all_dirs, cache, max_length=PPL_TOKENS, progress=True) for k, v in variants.items()}
+        sub_labels = [labels[i] for i in ppl_sub]
         ppl = {}
         for d in DOMAINS:
-            ks = [k for k, y in enumerate(labels) if y == d]
+            ks = [k for k, y in enumerate(sub_labels) if y == d]
             ppl[d] = {v: float(np.exp(sum(nll[v][k][0] for k in ks) / sum(nll[v][k][1] for k in ks))) for v in nll}
         ppl["mean (of domains)"] = {v: float(np.mean([ppl[d][v] for d in DOMAINS])) for v in nll}
         res["perplexity"] = ppl
+        res["perplexity_chunks"] = int(len(ppl_sub))
         mark("perplexity", t0)
 
         t0 = time.perf_counter()
@@ -409,13 +445,16 @@ def main(argv=None) -> int:
     res["phases_s"] = phase
     res["total_s"] = round(time.perf_counter() - t_start, 1)
     res["recipe"] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPE.items()},
-                     "shared_a_seed": DEFAULT_SHARED_A_SEED, "contrast": a.contrast or None}
+                     "shared_a_seed": DEFAULT_SHARED_A_SEED, "contrast": a.contrast or None,
+                     "domain_set": a.domain_set, "general": list(GENERAL_DOMAINS), "calibration_chunks": len(cc)}
     a.out.mkdir(parents=True, exist_ok=True)
-    name = "evaluation"
-    if (a.contrast or None) != DEFAULT_CONTRAST:
+    name = "evaluation" + ("" if a.domain_set == "easy" else f"-{a.domain_set}")
+    # the hard set's recipes are compared in bench/results/evaluation-hard.md, so each run names its recipe
+    if (a.contrast or None) != DEFAULT_CONTRAST or a.domain_set != "easy":
         name += f"-contrast{a.contrast or 0:g}"
-    if a.quick or len(DOMAINS) < 9:
+    if a.quick or len(DOMAINS) < len(full):
         name += "-quick"
+    res["options"] = {"lean": a.lean, "no_general": a.no_general, "ppl_per_domain": a.ppl_per_domain}
     files = plots(a.out, res, name)
     (a.out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
     (a.out / f"{name}.md").write_text(report(res, corpora, files, a))
@@ -448,7 +487,8 @@ def report(res: dict, corpora, files: list[str], a) -> str:
     best_base = max(base_keys, key=acc[MAIN].get) if base_keys else None
     ppl = res["perplexity"]["mean (of domains)"]
     lines = [
-        "# Real-model evaluation: SmolLM2-135M-Instruct, 9 domains",
+        f"# Real-model evaluation: SmolLM2-135M-Instruct, {len(DOMAINS)} domains"
+        + ("" if res["recipe"].get("domain_set", "easy") == "easy" else f" ({res['recipe']['domain_set']} set)"),
         "",
         f"Generated by `./dev bench evaluate{' --quick' if a.quick else ''}` (bench/evaluate.py) on "
         f"{dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
@@ -464,32 +504,43 @@ def report(res: dict, corpora, files: list[str], a) -> str:
         f"- Adapters: PEFT LoRA r={res['recipe']['rank']}, alpha {res['recipe']['alpha']}, "
         f"{'+'.join(res['recipe']['target_modules'])}, {res['recipe']['steps']} steps, batch "
         f"{res['recipe']['batch_size']}, {res['recipe']['seq_len']} tokens, lr {res['recipe']['lr']}; "
-        f"9 shared-A (one frozen A, seed {res['recipe']['shared_a_seed']}, only B trained"
+        f"{len(DOMAINS)} shared-A (one frozen A, seed {res['recipe']['shared_a_seed']}, only B trained"
         + (f", distinguishability term weight {res['recipe']['contrast']}" if res["recipe"]["contrast"] else "")
-        + "), 3 general (python, legal, scripture; own A).",
-        f"- Libraries: `{MAIN}` = the 9 shared-A adapters; `{MIXED}` = those + the 3 general ones "
-        "(a routed general adapter counts as its domain).",
+        + (f"), {len(GENERAL_DOMAINS)} general ({', '.join(GENERAL_DOMAINS)}; own A)." if MIXED else ")."),
+        (f"- Libraries: `{MAIN}` = the {len(DOMAINS)} shared-A adapters; `{MIXED}` = those + the "
+         f"{len(GENERAL_DOMAINS)} general ones (a routed general adapter counts as its domain)." if MIXED else
+         f"- Library: `{MAIN}` = the {len(DOMAINS)} shared-A adapters (no mixed library in this run: "
+         "`--no-general`)."),
         f"- Routing input: q_proj/v_proj inputs on the first {MAX_TOKENS} tokens of each test chunk "
         f"({res['n_test']} chunks, {res['n_test'] // len(DOMAINS)} per domain, from documents disjoint from training). "
         "Sequence granularity, token mean, mean over modules.",
-        "- Calibration: 270 unlabeled train chunks (30 per domain, shuffled), streamed through Calibrate.",
+        f"- Calibration: {res['recipe'].get('calibration_chunks', 270)} unlabeled train chunks (30 per domain, "
+        "shuffled), streamed through Calibrate.",
         "",
         "| domain | train chunks | test chunks | source |",
         "|---|---|---|---|",
     ]
     lines += [f"| {d} | {len(c.train)} | {len(c.test)} | {c.source} |" for d, c in corpora.items()]
-    lines += ["", "## Top-1 routing accuracy (9 domains, chance 11.1%)", "",
-              f"| method · normalisation | `{MAIN}` (9 shared-A) | `{MIXED}` (9 shared-A + 3 general) |", "|---|---|---|"]
+    mixed_acc = acc.get(MIXED, {}) if MIXED else {}
+    lines += ["", f"## Top-1 routing accuracy ({len(DOMAINS)} domains, chance {100 / len(DOMAINS):.1f}%)", "",
+              f"| method · normalisation | `{MAIN}` ({len(DOMAINS)} shared-A) |"
+              + (f" `{MIXED}` ({len(DOMAINS)} shared-A + {len(GENERAL_DOMAINS)} general) |" if MIXED else ""),
+              "|---|---|" + ("---|" if MIXED else "")]
     for k, v in acc[MAIN].items():
-        m = acc[MIXED].get(k)
+        m = mixed_acc.get(k)
         bold = "**" if k == best_seqr else ""
-        lines.append(f"| {bold}{k}{bold} | {bold}{_pct(v)}{bold} | {_pct(m) if m is not None else ''} |")
+        lines.append(f"| {bold}{k}{bold} | {bold}{_pct(v)}{bold} |" + (f" {_pct(m) if m is not None else ''} |"
+                                                                       if MIXED else ""))
     default = f"seqr · {BEST}"
     lines += ["", f"Recommended default (bench/results/research.md): **{default} = {_pct(acc[MAIN][default])}**"
-              + (f" (`{MIXED}`: {_pct(acc[MIXED][default])})" if default in acc[MIXED] else "") + ".",
+              + (f" (`{MIXED}`: {_pct(mixed_acc[default])})" if default in mixed_acc else "") + ".",
+              f"The service's default normalisation, activation: **{_pct(acc[MAIN]['seqr · activation'])}**"
+              + (f" (`{MIXED}`: {_pct(mixed_acc['seqr · activation'])})" if "seqr · activation" in mixed_acc else "")
+              + ".",
               f"Best seqr setting: **{best_seqr} = {_pct(acc[MAIN][best_seqr])}**"
               + (f"; best baseline: {best_base} = {_pct(acc[MAIN][best_base])}." if best_base else "."),
-              f"In `{MIXED}` the general adapters won {_pct(res['mixed_general_share'])} of the samples under {BEST}.",
+              *([f"In `{MIXED}` the general adapters won {_pct(res['mixed_general_share'])} of the samples under "
+                 f"{BEST}."] if MIXED else []),
               f"Median margin (first − second score) under {BEST}: {res['margins']['median']:.3f}."]
     for title, rep in res.get("confidence", {}).items():
         lines += ["", f"### Confidence: accuracy by margin ({title})", "",
@@ -508,12 +559,16 @@ def report(res: dict, corpora, files: list[str], a) -> str:
     lines += ["", f"### Confusion, seqr · {BEST} (rows: true domain, columns: routed adapter)", "",
               "| | " + " | ".join(DOMAINS) + " |", "|---|" + "---|" * len(DOMAINS)]
     lines += [f"| {d} | " + " | ".join(str(x) for x in row) + " |" for d, row in zip(DOMAINS, c)]
+    pcols = [k for k in next(iter(res["perplexity"].values()))]
+    n_ppl = res.get("perplexity_chunks", res["n_test"])
     lines += ["", "## Perplexity of the test text (first 256 tokens of each chunk)", "",
-              "Routed = the adapter the service chose from the first 128 tokens; oracle = the chunk's own-domain "
-              "shared-A adapter; token-weighted within a domain.", "",
-              "| domain | base | routed | routed (mixed12) | oracle |", "|---|---|---|---|---|"]
+              f"Routed = the adapter the service chose from the first 128 tokens (under {BEST} unless named); "
+              "oracle = the chunk's own-domain shared-A adapter; token-weighted within a domain"
+              + ("." if n_ppl == res["n_test"] else
+                 f"; on the first {n_ppl // len(DOMAINS)} test chunks of every domain ({n_ppl} of {res['n_test']})."),
+              "", "| domain | " + " | ".join(pcols) + " |", "|---|" + "---|" * len(pcols)]
     for d, v in res["perplexity"].items():
-        lines.append(f"| {d} | {v['base']:.2f} | {v['routed']:.2f} | {v['routed (mixed12)']:.2f} | {v['oracle']:.2f} |")
+        lines.append(f"| {d} | " + " | ".join(f"{v[k]:.2f}" for k in pcols) + " |")
     lines += ["", f"Routed vs oracle (mean of domains): {100 * (ppl['routed'] / ppl['oracle'] - 1):+.2f}%; "
               f"routed vs base: {100 * (ppl['routed'] / ppl['base'] - 1):+.2f}%."]
     f = res["forms"]

