@@ -201,9 +201,17 @@ class Dispatcher:
             yield req
 
     # ------------------------------------------------------------------ the guard
+    def _count(self, method: str, code: str) -> bool:
+        """Account one finished call; a caller that saw its status can already scrape it."""
+        self.metrics.in_flight.dec()
+        self.metrics.rpcs.labels(method, code).inc()
+        if code != "OK":
+            self.metrics.errors.labels(method, code).inc()
+        return True
+
     @contextlib.asynccontextmanager
     async def _guard(self, method: str, context):
-        t0, principal, code, admitted = time.perf_counter(), None, "OK", False
+        t0, principal, code, admitted, counted = time.perf_counter(), None, "OK", False, False
         self.metrics.in_flight.inc()
         try:
             try:
@@ -223,6 +231,7 @@ class Dispatcher:
             log.log(level, "rpc refused", extra={"method": method, "code": e.code, "field": e.field,
                                                  "error": str(e)})
             st = to_status(e)
+            counted = self._count(method, code)   # before abort: it sends the status to the caller
             await context.abort(st.code, st.details, st.trailing_metadata)
         except (asyncio.CancelledError, GeneratorExit):   # the client went away
             code = "CANCELLED"
@@ -234,14 +243,13 @@ class Dispatcher:
             incident = uuid.uuid4().hex[:12]
             log.error("rpc failed", exc_info=e, extra={"method": method, "incident": incident})
             st = internal_status(incident)
+            counted = self._count(method, code)
             await context.abort(st.code, st.details, st.trailing_metadata)
         finally:
             if admitted:
                 self._slots.release(principal.name)
-            self.metrics.in_flight.dec()
-            self.metrics.rpcs.labels(method, code).inc()
-            if code != "OK":
-                self.metrics.errors.labels(method, code).inc()
+            if not counted:
+                self._count(method, code)
             log.debug("rpc", extra={"method": method, "code": code, "principal": getattr(principal, "name", None),
                                     "ms": round((time.perf_counter() - t0) * 1e3, 3)})
 
