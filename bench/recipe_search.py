@@ -26,7 +26,7 @@ from seqr_eval import eval_lib as L
 from seqr_eval.corpora import DOMAIN_SETS, build_corpora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from research import model_signature, whitened_a  # noqa: E402
+from research import model_signature, own_perplexity, whitened_a  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NORMS = (("activation", "adapter_module", "e"), ("frobenius", "adapter_module", "e"),
@@ -176,28 +176,6 @@ def adapter_root(name: str) -> Path:
 def ready(root: Path, domains) -> dict:
     from seqr_client.training import read_seqr_json
     return {d: root / d for d in domains if (read_seqr_json(root / d) or {}).get("finished")}
-
-
-def own_perplexity(model, tok, cs, dirs, *, per_domain: int | None = None):
-    """{domain: (oracle ppl, base ppl)} of the test chunks (first 256 tokens; the first
-    ``per_domain`` of every domain, None: all), NLLs cached."""
-    from seqr_client.hf_host import load_adapters
-    from seqr_eval import pipeline as P
-    texts, y = L.test_split(cs)
-    keep = L.first_per_domain(y, per_domain)
-    texts, y = [texts[i] for i in keep], y[keep]
-    doms = list(cs)
-    labels = [doms[k] for k in y]
-    cache = P.NLLCache(L.default_cache_dir() / "eval" / "nll-cache.json")
-    pm = load_adapters(model, dict(dirs))
-    try:
-        own = P.perplexities(pm, tok, texts, labels, dirs, cache, max_length=256)
-        base = P.perplexities(pm, tok, texts, [None] * len(texts), dirs, cache, max_length=256)
-    finally:
-        pm.unload()
-    ppl = lambda v, ks: float(np.exp(sum(v[k][0] for k in ks) / sum(v[k][1] for k in ks)))  # noqa: E731
-    return {d: (ppl(own, [k for k, l in enumerate(labels) if l == d]),
-                ppl(base, [k for k, l in enumerate(labels) if l == d])) for d in doms}
 
 
 def evaluate_set(name, model, tok, cs, ct, ty, cc, cy, sig, general: str | None = None,

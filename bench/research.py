@@ -297,14 +297,16 @@ def core_check(ad_dirs, sig, ct, cc, *, samples, norms, shared_seed=2509, rank=8
 
 # --------------------------------------------------------------------------- report
 
-def oracle_perplexity(model, tok, dirs):
-    """{domain: perplexity of its test chunks with its own adapter}, {domain: base perplexity}
-    (NLLs cached beside the evaluation's)."""
-    from seqr_eval import pipeline as P
+def own_perplexity(model, tok, cs, dirs, *, per_domain: int | None = None):
+    """{domain: (oracle ppl, base ppl)} of the test chunks (first 256 tokens; the first
+    ``per_domain`` of every domain, None: all), NLLs cached."""
     from seqr_client.hf_host import load_adapters
-    cs = build_corpora(progress=False)
+    from seqr_eval import pipeline as P
     texts, y = L.test_split(cs)
-    labels = [DOMAINS[k] for k in y]
+    keep = L.first_per_domain(y, per_domain)
+    texts, y = [texts[i] for i in keep], y[keep]
+    doms = list(cs)
+    labels = [doms[k] for k in y]
     cache = P.NLLCache(L.default_cache_dir() / "eval" / "nll-cache.json")
     pm = load_adapters(model, dict(dirs))
     try:
@@ -312,12 +314,16 @@ def oracle_perplexity(model, tok, dirs):
         base = P.perplexities(pm, tok, texts, [None] * len(texts), dirs, cache, max_length=256)
     finally:
         pm.unload()
-    out_o, out_b = {}, {}
-    for d in DOMAINS:
-        ks = [k for k, l in enumerate(labels) if l == d]
-        out_o[d] = float(np.exp(sum(own[k][0] for k in ks) / sum(own[k][1] for k in ks)))
-        out_b[d] = float(np.exp(sum(base[k][0] for k in ks) / sum(base[k][1] for k in ks)))
-    return out_o, out_b
+    ppl = lambda v, ks: float(np.exp(sum(v[k][0] for k in ks) / sum(v[k][1] for k in ks)))  # noqa: E731
+    return {d: (ppl(own, [k for k, l in enumerate(labels) if l == d]),
+                ppl(base, [k for k, l in enumerate(labels) if l == d])) for d in doms}
+
+
+def oracle_perplexity(model, tok, dirs):
+    """{domain: perplexity of its test chunks with its own adapter}, {domain: base perplexity}
+    (NLLs cached beside the evaluation's)."""
+    pp = own_perplexity(model, tok, build_corpora(progress=False), dirs)
+    return {d: pp[d][0] for d in DOMAINS}, {d: pp[d][1] for d in DOMAINS}
 
 
 def cmd_report(a):

@@ -164,26 +164,27 @@ def completion_response(*, rid: str, model: str, text: str, finish: str, prompt_
             "usage": usage(prompt_tokens, completion_tokens), "seqr": seqr}
 
 
-def chat_chunk(*, rid: str, model: str, created: int, delta: dict, finish: str | None,
-               seqr: dict | None = None, usage_: dict | None = None) -> dict:
-    doc = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+def _chunk(obj: str, *, rid: str, model: str, created: int, choice: dict, seqr: dict | None,
+           usage_: dict | None) -> dict:
+    """One streamed chunk; the last one of a stream carries only the usage (no choices)."""
+    doc = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     if seqr is not None:
         doc["seqr"] = seqr
     if usage_ is not None:
         doc["choices"], doc["usage"] = [], usage_
     return doc
+
+
+def chat_chunk(*, rid: str, model: str, created: int, delta: dict, finish: str | None,
+               seqr: dict | None = None, usage_: dict | None = None) -> dict:
+    return _chunk("chat.completion.chunk", rid=rid, model=model, created=created, seqr=seqr, usage_=usage_,
+                  choice={"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
 
 
 def completion_chunk(*, rid: str, model: str, created: int, text: str, finish: str | None,
                      seqr: dict | None = None, usage_: dict | None = None) -> dict:
-    doc = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-    if seqr is not None:
-        doc["seqr"] = seqr
-    if usage_ is not None:
-        doc["choices"], doc["usage"] = [], usage_
-    return doc
+    return _chunk("text_completion", rid=rid, model=model, created=created, seqr=seqr, usage_=usage_,
+                  choice={"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
 
 
 # ---------------------------------------------------------------------------- stop strings
